@@ -1,0 +1,89 @@
+"""The dense decoder-only language model (Llama / Qwen family), built from ``ModelConfig``.
+
+Blocks live in a ``ModuleDict`` keyed by global layer index, so a pipeline stage can drop the
+ones it does not own while parameter names (and checkpoints, and HF mappings) stay stable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from engine.config import ModelConfig
+from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[T]`` int32 positions counting from 0 at each document start."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return (torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)).int()
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.resolved_head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderBlock(
+                Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, hd, bias=cfg.attention_bias,
+                          qk_norm=cfg.qk_norm, eps=cfg.rms_norm_eps, backend=cfg.attn_backend),
+                SwiGLU(cfg.hidden_size, cfg.intermediate_size),
+                cfg.hidden_size, cfg.rms_norm_eps,
+            )
+            for i in range(cfg.num_layers)
+        })
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                attn_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for packed ``input_ids [T]`` -> ``[T, V]``, or for a batch ``[B, S]`` -> ``[B, S, V]``.
+
+        Packed input takes ``cu_seqlens`` (int32 ``[docs+1]``; default: one document) and
+        ``positions`` (default: counting from each document's start). ``attn_positions`` are
+        handed to the attention kernel when a shard's positions are not contiguous (CP).
+        Under tensor parallelism V is this rank's vocabulary slice.
+        """
+        batch_shape = input_ids.shape
+        ids = input_ids.reshape(-1)
+        total = ids.shape[0]
+        if input_ids.dim() == 2:
+            seq = batch_shape[1]
+            cu_seqlens = torch.arange(0, total + 1, seq, dtype=torch.int32, device=ids.device)
+            max_seqlen = seq
+        elif cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=ids.device)
+            max_seqlen = total
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if positions is None:
+            positions = positions_from_cu_seqlens(cu_seqlens, total)
+        h = self.embed(ids)
+        cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, h.dtype)
+        meta = PackedMeta(cu_seqlens, max_seqlen, cos, sin, attn_positions)
+        for layer in self.layers.values():
+            h = layer(h, meta)
+        logits = self.lm_head(self.norm(h))
+        return logits.view(*batch_shape, -1) if input_ids.dim() == 2 else logits
+
+
+def build_model(cfg: ModelConfig, device=None) -> Transformer:
+    """Build on ``device`` with the current torch RNG state (seed it for identical weights)."""
+    model = Transformer(cfg)
+    return model.to(device) if device is not None else model

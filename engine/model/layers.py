@@ -1,0 +1,133 @@
+"""Decoder building blocks for the Llama / Qwen family. Single-device code: no process groups.
+
+Activations are packed (THD): ``[T, hidden]`` with ``cu_seqlens`` marking documents.
+Tensor parallelism replaces the linears from outside (engine/parallel/parallelize.py); the code
+here reads the local head count from the projection's output size, so it never needs to know.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class PackedMeta:
+    """What attention needs to know about a packed batch.
+
+    ``cos``/``sin``: ``[T, head_dim]`` rotary tables at each token's true position.
+    ``positions``: ``[T]`` int32 positions within documents, passed to the kernel only when they
+    do not simply count from each document's start (a context-parallel shard), else None.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[T, head_dim]`` in HF's rotate-half layout (halves, not interleaved pairs)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: ``[T, heads, head_dim]``; cos/sin: ``[T, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    # Autocast may hand fp32 tables to bf16 activations; keep the activation dtype.
+    return (x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype)
+
+
+class CoreAttention(nn.Module):
+    """Causal attention over packed documents through the kernels' dispatch API.
+
+    q: ``[T, Hq, D]``, k/v: ``[T, Hkv, D]`` -> ``[T, Hq, D]``. Context parallelism swaps this
+    module for its ring / Ulysses version; nothing else in the model changes.
+    """
+
+    def __init__(self, backend: str = "auto", causal: bool = True):
+        super().__init__()
+        self.backend, self.causal = backend, causal
+
+    def forward(self, q, k, v, meta: PackedMeta) -> torch.Tensor:
+        return kernels.attention(
+            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+            causal=self.causal, pos_q=meta.positions, pos_k=meta.positions, backend=self.backend,
+        )
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE and optional q/k-norm (Qwen3) and q/k/v bias (Qwen2)."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, bias: bool = False,
+                 qk_norm: bool = False, eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.core = CoreAttention(backend)
+
+    def forward(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
+        out = self.core(q, k, v, meta)
+        return self.o_proj(out.flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, attn: Attention, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(hidden, eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(hidden, eps)
+        self.mlp = mlp
+
+    def forward(self, h: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), meta)
+        return h + self.mlp(self.mlp_norm(h))

@@ -1,0 +1,116 @@
+"""Bucketed data-parallel gradient reduction, overlapped with backward.
+
+Each parameter's gradient is accumulated into an fp32 ``main_grad`` that lives inside a flat
+bucket buffer (Megatron's layout: mixed precision keeps fp32 gradients whatever the compute
+dtype). When every parameter of a bucket has its gradient for the last microbatch, the bucket's
+all-reduce starts asynchronously while backward goes on. Buckets are launched strictly in order
+so every rank issues the same collectives in the same sequence.
+
+The loss is normalised by the global token count, so the reduction is a plain sum.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.parallel import comm
+
+
+class _Bucket:
+    def __init__(self, params: list[nn.Parameter], device):
+        self.params = params
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        self.ready = 0
+        self.work = None
+
+
+class GradBuffer:
+    """Owns ``param.main_grad`` for every trainable parameter and reduces it over ``dp_group``.
+
+    Usage per step: ``zero()``, then for each microbatch ``set_sync(is_last)`` + backward,
+    then ``finish()``, after which ``param.grad`` is the reduced fp32 gradient.
+    ``tp_group`` also sums the gradients marked ``tp_partial_grad`` (see tensor_parallel.py).
+    """
+
+    def __init__(self, params: list[nn.Parameter], dp_group, tp_group=None, bucket_size_mb: float = 25.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.sync = True
+        self.buckets = self._make_buckets(int(bucket_size_mb * 2**20 / 4))
+        self._next = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def _make_buckets(self, max_numel: int) -> list[_Bucket]:
+        buckets, current, size = [], [], 0
+        # Reverse registration order approximates the order backward produces gradients.
+        for p in reversed(self.params):
+            current.append(p)
+            size += p.numel()
+            if size >= max_numel:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        device = self.params[0].device
+        out = [_Bucket(ps, device) for ps in buckets]
+        for i, bucket in enumerate(out):
+            offset = 0
+            for p in bucket.params:
+                p.main_grad = bucket.buffer[offset:offset + p.numel()].view(p.shape)
+                p._loom_bucket = i
+                offset += p.numel()
+        return out
+
+    def set_sync(self, sync: bool) -> None:
+        """Reduce during the coming backward (the last microbatch) or only accumulate."""
+        self.sync = sync
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if not self.sync:
+            return
+        bucket = self.buckets[param._loom_bucket]
+        bucket.ready += 1
+        self._launch_ready()
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not force and bucket.ready < len(bucket.params):
+                return
+            if comm.group_size(self.dp_group) > 1:
+                bucket.work = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+            self._next += 1
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching those whose parameters got no gradient), then set ``.grad``."""
+        self._launch_ready(force=True)
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+                bucket.work = None
+        self._reduce_partial_over_tp()
+        for p in self.params:
+            p.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
+
+    def _reduce_partial_over_tp(self) -> None:
+        partial = [p for p in self.params if getattr(p, "tp_partial_grad", False)]
+        if not partial or comm.group_size(self.tp_group) == 1:
+            return
+        flat = torch.cat([p.main_grad.reshape(-1) for p in partial])
+        dist.all_reduce(flat, group=self.tp_group)
+        offset = 0
+        for p in partial:
+            p.main_grad.copy_(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+
+    def zero(self) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            bucket.ready = 0
+        for p in self.params:
+            p.grad = None
+        self._next = 0
+        self.sync = True

@@ -1,0 +1,166 @@
+"""Process groups for the parallel dimensions, built from one DeviceMesh.
+
+Rank order follows Megatron: tp fastest, then cp, then dp, then pp. Global rank
+``r = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``. Expert parallelism will
+later fold over the dp x cp ranks, which is why ``dp_cp`` is a group of its own.
+
+There is no module-level state: ``ParallelGroups`` is built once and passed to whoever needs it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
+# Flattened groups: name -> the mesh dims it spans.
+FLAT_GROUPS = {"dp_cp": ("dp", "cp"), "tp_cp": ("cp", "tp"), "mp": ("pp", "tp")}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int = 1
+    cp: int = 1
+    dp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp * self.dp * self.pp
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, d) for d in MESH_DIMS)
+
+
+def group_layout(dims: ParallelDims) -> dict[str, list[list[int]]]:
+    """Every group of every dimension as lists of global ranks, computed without any process group.
+
+    This is the contract that tests pin; ``ParallelGroups`` checks the DeviceMesh against it.
+    """
+    grid = torch.arange(dims.world_size).reshape(dims.shape)
+    layout = {}
+    for name in MESH_DIMS:
+        layout[name] = _groups_over(grid, (name,))
+    for name, span in FLAT_GROUPS.items():
+        layout[name] = _groups_over(grid, span)
+    return layout
+
+
+def _groups_over(grid: torch.Tensor, span: tuple[str, ...]) -> list[list[int]]:
+    keep = [MESH_DIMS.index(d) for d in span]
+    rest = [i for i in range(grid.dim()) if i not in keep]
+    moved = grid.permute(*rest, *keep).reshape(-1, int(torch.tensor([grid.shape[i] for i in keep]).prod()))
+    return sorted(row.tolist() for row in moved)
+
+
+def default_device_and_backend() -> tuple[torch.device, str]:
+    """CUDA + NCCL when a GPU is visible, otherwise CPU + gloo. ``LOOM_DEVICE=cpu`` forces CPU."""
+    if os.environ.get("LOOM_DEVICE", "auto") != "cpu" and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def default_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("LOOM_PG_TIMEOUT_S", "600")))
+
+
+def _backend_options(backend: str, timeout: timedelta):
+    """Per-group options carrying the timeout; DeviceMesh would otherwise use the 30-minute default."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        return backend
+    opts._timeout = timeout
+    return (backend, opts)
+
+
+class ParallelGroups:
+    """The DeviceMesh, one process group per dimension, and this rank's coordinates.
+
+    Attributes ``tp``, ``cp``, ``dp``, ``pp`` and the flattened ``dp_cp`` (gradient reduction),
+    ``tp_cp`` and ``mp`` (tp x pp: the gradient-norm group) are ``ProcessGroup`` objects.
+    """
+
+    def __init__(self, dims: ParallelDims, device: Optional[torch.device] = None,
+                 backend: Optional[str] = None, timeout: Optional[timedelta] = None):
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelGroups needs torch.distributed to be initialised first")
+        if dist.get_world_size() != dims.world_size:
+            raise ValueError(f"world size {dist.get_world_size()} != tp*cp*dp*pp = {dims.world_size}")
+        default_device, default_backend = default_device_and_backend()
+        self.dims = dims
+        self.device = device or default_device
+        backend = backend or dist.get_backend()
+        timeout = timeout or default_timeout()
+        override = {d: _backend_options(backend, timeout) for d in MESH_DIMS}
+        self.mesh: DeviceMesh = init_device_mesh(
+            self.device.type, dims.shape, mesh_dim_names=MESH_DIMS, backend_override=override
+        )
+        self._groups = {d: self.mesh[d].get_group() for d in MESH_DIMS}
+        for name, span in FLAT_GROUPS.items():
+            flat = self.mesh[span]._flatten(name, backend_override=_backend_options(backend, timeout))
+            self._groups[name] = flat.get_group()
+        self.rank = dist.get_rank()
+        self.world_size = dims.world_size
+        coords = self.mesh.get_coordinate()
+        self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = coords
+        self._check_against_layout()
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        return self._groups[name]
+
+    @property
+    def tp(self): return self.group("tp")
+    @property
+    def cp(self): return self.group("cp")
+    @property
+    def dp(self): return self.group("dp")
+    @property
+    def pp(self): return self.group("pp")
+    @property
+    def dp_cp(self): return self.group("dp_cp")
+    @property
+    def tp_cp(self): return self.group("tp_cp")
+    @property
+    def mp(self): return self.group("mp")
+
+    def ranks(self, name: str) -> list[int]:
+        """Global ranks of this rank's group ``name``."""
+        return dist.get_process_group_ranks(self.group(name))
+
+    def _check_against_layout(self) -> None:
+        expected = group_layout(self.dims)
+        for name in expected:
+            mine = self.ranks(name)
+            if sorted(mine) not in expected[name] or self.rank not in mine:
+                raise RuntimeError(f"DeviceMesh built group {name}={mine}, not one of {expected[name]}")
+
+    def destroy(self) -> None:
+        """Destroy the sub-groups (tests build several layouts inside one world)."""
+        for group in self._groups.values():
+            try:
+                dist.destroy_process_group(group)
+            except (ValueError, RuntimeError):
+                pass
+
+
+def init_distributed(timeout: Optional[timedelta] = None) -> tuple[int, int]:
+    """Initialise the default group from torchrun's environment (or a single process). Returns (rank, world)."""
+    if not dist.is_initialized():
+        device, backend = default_device_and_backend()
+        if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend=backend, timeout=timeout or default_timeout())
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,31 @@
+"""Per-step metrics: one JSON object per line in ``run_dir/metrics.jsonl`` and a progress line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.file = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, record: dict, print_line: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if print_line:
+            print(format_line(record), flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def format_line(r: dict) -> str:
+    return (f"step {r['step']:>5} | loss {r['loss']:.4f} | grad_norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} "
+            f"| {r['tokens_per_s']:,.0f} tok/s | {r['step_time_s'] * 1000:.0f} ms")

@@ -1,0 +1,64 @@
+"""AdamW, the warmup + cosine learning rate, and clipping by a global gradient norm."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.config import OptimConfig
+from engine.parallel import comm
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Decay matrices; leave norms and biases (1-D parameters) undecayed, as Megatron does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def global_grad_norm(params: list[nn.Parameter], norm_group, tp_rank: int) -> torch.Tensor:
+    """L2 norm of all gradients across the model-parallel group, counting no parameter twice.
+
+    A TP-sharded parameter contributes its shard on every TP rank; a TP-replicated one only on
+    TP rank 0. DP/CP replicas hold identical (already reduced) gradients and are not summed.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        if getattr(p, "tp_dim", None) is None and tp_rank != 0:
+            continue
+        total += p.grad.float().pow(2).sum()
+    if comm.group_size(norm_group) > 1:
+        dist.all_reduce(total, group=norm_group)
+    return total.sqrt()
+
+
+def clip_grads(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    if max_norm <= 0:
+        return
+    coef = max_norm / (float(norm) + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)

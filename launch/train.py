@@ -1,0 +1,55 @@
+"""Train a Loom model.
+
+    torchrun --nproc-per-node N launch/train.py --config launch/configs/tiny_dense.yaml [a.b=value ...]
+
+The config is read and validated before any process group is built, so a bad key fails fast
+with a message that names it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.validate(world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import torch.distributed as dist
+
+    from engine.parallel.mesh import init_distributed
+    from engine.train.trainer import Trainer, build_groups
+
+    init_distributed()
+    try:
+        groups = build_groups(cfg)
+        trainer = Trainer(cfg, groups)
+        history = trainer.fit()
+        if groups.rank == 0 and history:
+            print(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
+                  f"over {len(history)} steps; metrics in {cfg.train.run_dir}/metrics.jsonl", flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

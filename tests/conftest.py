@@ -1,0 +1,29 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+# Ranks are spawned and import this tree; they find it through PYTHONPATH.
+os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+os.environ.setdefault("LOOM_DEVICE", "cpu")
+
+
+def make_world(size):
+    from tests.harness import World
+
+    world = World(size)
+    yield world
+    world.close()
+
+
+@pytest.fixture(scope="module")
+def world2():
+    yield from make_world(2)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    yield from make_world(4)

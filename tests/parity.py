@@ -1,0 +1,54 @@
+"""Shared parity machinery: train a config under some layout and compare it with world size 1."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
+GRAD_ATOL = 1e-5
+
+
+def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | None:
+    """Run on every rank of the current world; rank 0 returns losses, step-1 grads and final params."""
+    import torch.distributed as dist
+
+    from engine.config import load_config
+    from engine.parallel.parallelize import full_grads, full_state_dict
+    from engine.train.trainer import Trainer, build_groups
+
+    cfg = load_config(os.path.join(ROOT, config), [f"train.steps={steps}", *overrides])
+    groups = build_groups(cfg)
+    trainer = Trainer(cfg, groups)
+    captured = {}
+    forward_backward = trainer.forward_backward
+
+    def capture_first(step):
+        out = forward_backward(step)
+        if step == 0:
+            captured.update(full_grads(trainer.model, groups))
+        return out
+
+    trainer.forward_backward = capture_first
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    params = full_state_dict(trainer.model, groups)
+    groups.destroy()
+    if dist.get_rank() != 0:
+        return None
+    return {"losses": losses, "grads": {k: v.numpy() for k, v in captured.items()},
+            "params": {k: v.numpy() for k, v in params.items()}}
+
+
+def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, param_atol=PARAM_ATOL, grad_atol=GRAD_ATOL) -> None:
+    ref_l, out_l = np.array(ref["losses"]), np.array(out["losses"])
+    rel = np.abs(out_l - ref_l) / np.abs(ref_l)
+    assert rel.max() <= loss_rtol, f"losses differ: ref {ref_l.tolist()} vs {out_l.tolist()} (max rel {rel.max():.2e})"
+    for kind, atol in (("grads", grad_atol), ("params", param_atol)):
+        assert ref[kind].keys() == out[kind].keys(), f"{kind}: names differ"
+        for name, expected in ref[kind].items():
+            got = out[kind][name]
+            assert got.shape == expected.shape, f"{kind} {name}: shape {got.shape} != {expected.shape}"
+            err = float(np.abs(got - expected).max())
+            assert err <= atol, f"{kind} {name}: max abs diff {err:.2e} > {atol}"
