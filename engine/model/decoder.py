@@ -5,7 +5,7 @@ ones it does not own while parameter names (and checkpoints, and HF mappings) st
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -52,18 +52,24 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                attn_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_positions: Optional[torch.Tensor] = None, attn_extra: Any = None) -> torch.Tensor:
         """Logits for packed ``input_ids [T]`` -> ``[T, V]``, or for a batch ``[B, S]`` -> ``[B, S, V]``.
 
         Packed input takes ``cu_seqlens`` (int32 ``[docs+1]``; default: one document) and
         ``positions`` (default: counting from each document's start). ``attn_positions`` are
-        handed to the attention kernel when a shard's positions are not contiguous (CP).
+        handed to the attention kernel when a shard's positions are not contiguous (CP), and
+        ``attn_extra`` to whatever wraps attention (see PackedMeta).
         Under tensor parallelism V is this rank's vocabulary slice.
+
+        A pipeline stage lacks what it does not own (torchtitan style): without ``embed`` the
+        input is the hidden states ``[T, h]`` from the previous stage, and without ``lm_head``
+        the output is the hidden states for the next one.
         """
-        batch_shape = input_ids.shape
-        ids = input_ids.reshape(-1)
-        total = ids.shape[0]
-        if input_ids.dim() == 2:
+        batch_shape = input_ids.shape if self.embed is not None else input_ids.shape[:-1]
+        batched = len(batch_shape) == 2
+        total = int(torch.tensor(batch_shape).prod())
+        ids = input_ids.reshape(total, *input_ids.shape[len(batch_shape):])
+        if batched:
             seq = batch_shape[1]
             cu_seqlens = torch.arange(0, total + 1, seq, dtype=torch.int32, device=ids.device)
             max_seqlen = seq
@@ -74,13 +80,15 @@ class Transformer(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, total)
-        h = self.embed(ids)
+        h = self.embed(ids) if self.embed is not None else ids
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, h.dtype)
-        meta = PackedMeta(cu_seqlens, max_seqlen, cos, sin, attn_positions)
+        meta = PackedMeta(cu_seqlens, max_seqlen, cos, sin, attn_positions, attn_extra)
         for layer in self.layers.values():
             h = layer(h, meta)
+        if self.lm_head is None:
+            return h
         logits = self.lm_head(self.norm(h))
-        return logits.view(*batch_shape, -1) if input_ids.dim() == 2 else logits
+        return logits.view(*batch_shape, -1) if batched else logits
 
 
 def build_model(cfg: ModelConfig, device=None) -> Transformer:

@@ -7,7 +7,7 @@ here reads the local head count from the projection's output size, so it never n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,8 @@ class PackedMeta:
     ``cos``/``sin``: ``[T, head_dim]`` rotary tables at each token's true position.
     ``positions``: ``[T]`` int32 positions within documents, passed to the kernel only when they
     do not simply count from each document's start (a context-parallel shard), else None.
+    ``extra``: opaque to the model; whatever a parallel wrapper of attention needs (the CP shard
+    plan, say), handed in by the trainer through ``Transformer.forward(attn_extra=...)``.
     """
 
     cu_seqlens: torch.Tensor
@@ -45,6 +47,7 @@ class PackedMeta:
     cos: torch.Tensor
     sin: torch.Tensor
     positions: Optional[torch.Tensor] = None
+    extra: Any = None
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
