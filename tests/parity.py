@@ -32,12 +32,13 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
         return out
 
     trainer.forward_backward = capture_first
-    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    records = [trainer.train_step() for _ in range(steps)]
     params = full_state_dict(trainer.model, groups)
     groups.destroy()
     if dist.get_rank() != 0:
         return None
-    return {"losses": losses, "grads": {k: v.numpy() for k, v in captured.items()},
+    return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+            "records": records, "grads": {k: v.numpy() for k, v in captured.items()},
             "params": {k: v.numpy() for k, v in params.items()}}
 
 
@@ -45,6 +46,9 @@ def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, param_atol=PARAM_AT
     ref_l, out_l = np.array(ref["losses"]), np.array(out["losses"])
     rel = np.abs(out_l - ref_l) / np.abs(ref_l)
     assert rel.max() <= loss_rtol, f"losses differ: ref {ref_l.tolist()} vs {out_l.tolist()} (max rel {rel.max():.2e})"
+    ref_n, out_n = np.array(ref["grad_norms"]), np.array(out["grad_norms"])
+    rel_n = np.abs(out_n - ref_n) / np.abs(ref_n)
+    assert rel_n.max() <= loss_rtol, f"grad norms differ: ref {ref_n.tolist()} vs {out_n.tolist()}"
     for kind, atol in (("grads", grad_atol), ("params", param_atol)):
         assert ref[kind].keys() == out[kind].keys(), f"{kind}: names differ"
         for name, expected in ref[kind].items():
