@@ -21,6 +21,65 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts MLPs (engine/model/moe.py); ``num_experts: 0`` keeps the model dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    intermediate_size: Optional[int] = None  # per routed expert; None: model.intermediate_size
+    num_shared_experts: int = 0  # one shared SwiGLU of num_shared_experts * intermediate_size
+    shared_expert_intermediate_size: Optional[int] = None  # overrides that size (Qwen2-MoE)
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
+    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: experts in n_group groups ...
+    topk_group: int = 1  # ... of which each token may use topk_group
+    aux_loss_coeff: float = 0.0
+    aux_loss_type: str = "global"  # global (per microbatch) | seq (per sequence); see moe.py
+    z_loss_coeff: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0: off
+    capacity_factor: Optional[float] = None  # null: dropless
+    first_k_dense: int = 0  # the first k layers keep a dense MLP
+    layer_freq: int = 1  # then every layer_freq-th layer is MoE
+    grouped_gemm: bool = True  # torch._grouped_mm where it runs; false: a loop over experts
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts={self.num_experts} must be >= 0")
+        if self.num_experts == 0:
+            return
+        e = self.num_experts
+        if not 1 <= self.top_k <= e:
+            raise ConfigError(f"model.moe.top_k={self.top_k} must be in [1, model.moe.num_experts={e}]")
+        for key in ("intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be positive")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe.router={self.router!r} must be softmax or sigmoid")
+        if self.aux_loss_type not in ("global", "seq"):
+            raise ConfigError(f"model.moe.aux_loss_type={self.aux_loss_type!r} must be global or seq")
+        for key in ("num_shared_experts", "aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "first_k_dense"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be >= 0")
+        if self.layer_freq < 1:
+            raise ConfigError(f"model.moe.layer_freq={self.layer_freq} must be >= 1")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor={self.capacity_factor} must be positive (or null: dropless)")
+        self.validate_groups()
+
+    def validate_groups(self) -> None:
+        e, g = self.num_experts, self.n_group
+        if g < 1 or e % g:
+            raise ConfigError(f"model.moe.n_group={g} does not divide model.moe.num_experts={e}")
+        if not 1 <= self.topk_group <= g:
+            raise ConfigError(f"model.moe.topk_group={self.topk_group} must be in [1, model.moe.n_group={g}]")
+        if self.top_k > self.topk_group * (e // g):
+            raise ConfigError(f"model.moe.top_k={self.top_k} exceeds the {self.topk_group * (e // g)} experts in "
+                              f"model.moe.topk_group={self.topk_group} groups of {e // g}")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     hidden_size: int = 64
@@ -36,8 +95,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | torch | triton | flash_attn
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def validate(self) -> None:
+        self.moe.validate()
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
@@ -55,6 +116,19 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
+    def is_moe_layer(self, i: int) -> bool:
+        """DeepSeek's rule: after ``first_k_dense`` dense layers, every ``layer_freq``-th layer."""
+        m = self.moe
+        return m.num_experts > 0 and i >= m.first_k_dense and i % m.layer_freq == 0
+
+    @property
+    def moe_intermediate_size(self) -> int:
+        return self.moe.intermediate_size or self.intermediate_size
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        return self.moe.shared_expert_intermediate_size or self.moe.num_shared_experts * self.moe_intermediate_size
+
 
 @dataclass
 class ParallelConfig:
@@ -62,16 +136,40 @@ class ParallelConfig:
     sp: bool = False  # Megatron sequence parallelism over the TP group
     pp: int = 1
     cp: int = 1
+    cp_mode: str = "ring"  # ring | ulysses: how attention spans the context-parallel group
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved (needs vpp > 1) | gpipe
+    vpp: int = 1  # virtual pipeline stages (model chunks) per pp rank
+    pp_layout: Optional[list[int]] = None  # layers per virtual stage, in pipeline order; null: even
     # dp is derived: world_size // (tp * pp * cp); set it only to assert the layout.
     dp: Optional[int] = None
     bucket_size_mb: float = 25.0  # DP gradient bucket size
+    ep: int = 1  # expert parallelism, folded over the dp*cp (and, with etp=1, tp) ranks
+    etp: Optional[int] = None  # tensor parallelism inside each expert: 1 or tp; null: tp (Megatron)
+
+    @property
+    def resolved_etp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def validate(self) -> None:
-        for key in ("tp", "pp", "cp"):
+        for key in ("tp", "pp", "cp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
         if self.sp and self.tp == 1:
             raise ConfigError("parallel.sp=true needs parallel.tp > 1")
+        if self.cp_mode not in ("ring", "ulysses"):
+            raise ConfigError(f"parallel.cp_mode={self.cp_mode!r} must be ring or ulysses")
+        self.validate_pipeline()
+
+    def validate_pipeline(self) -> None:
+        if self.pp_schedule not in ("1f1b", "interleaved", "gpipe"):
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} must be 1f1b, interleaved or gpipe")
+        if self.vpp < 1:
+            raise ConfigError(f"parallel.vpp={self.vpp} must be >= 1")
+        if (self.pp_schedule == "interleaved") != (self.vpp > 1):
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} with parallel.vpp={self.vpp}: "
+                              "the interleaved schedule needs parallel.vpp > 1, the others parallel.vpp=1")
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp > 1")
 
 
 @dataclass
@@ -80,12 +178,36 @@ class DataConfig:
     seq_len: int = 64
     num_tokens: int = 1 << 18  # size of the synthetic corpus
     shuffle: bool = True
+    # Multimodal chat data (engine/data/multimodal.py); train_jsonl replaces source when set.
+    train_jsonl: Optional[str] = None
+    eval_jsonl: Optional[str] = None
+    tokenizer: Optional[str] = None  # sentencepiece .model or an HF tokenizer directory
+    on_bad_sample: str = "error"  # error | skip (skipped samples are counted by reason)
+    pack_window: Optional[int] = None  # samples per first-fit-decreasing window; null: all at once
+    image_backend: str = "auto"  # auto (DALI if installed and on CUDA, else Pillow) | pillow | dali
 
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.source != "synthetic" and not Path(self.source).is_file():
             raise ConfigError(f"data.source={self.source!r}: no such token file")
+        self.validate_multimodal()
+
+    def validate_multimodal(self) -> None:
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_sample={self.on_bad_sample!r} must be error or skip")
+        if self.image_backend not in ("auto", "pillow", "dali"):
+            raise ConfigError(f"data.image_backend={self.image_backend!r} must be auto, pillow or dali")
+        if self.pack_window is not None and self.pack_window < 1:
+            raise ConfigError(f"data.pack_window={self.pack_window} must be >= 1 (or null)")
+        for key in ("train_jsonl", "eval_jsonl"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"data.{key}={path!r}: no such file")
+            if path is not None and self.tokenizer is None:
+                raise ConfigError(f"data.{key} needs data.tokenizer (a sentencepiece .model or HF directory)")
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or directory")
 
 
 @dataclass
@@ -98,6 +220,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_interval: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    save_interval: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: never
+    resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint directory
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: keep all
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
@@ -107,6 +232,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} must be auto, cpu or cuda")
+        for key in ("save_interval", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
 
 
 @dataclass
@@ -168,16 +298,83 @@ def check_layout(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.{key}={getattr(m, key)}")
     if p.sp and cfg.data.seq_len % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide data.seq_len={cfg.data.seq_len} (needed by parallel.sp)")
-    if p.pp > 1:
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1")
     if p.cp > 1:
-        raise ConfigError(f"parallel.cp={p.cp}: context parallelism is not implemented yet; use parallel.cp=1")
+        check_context_parallel(cfg)
     per_step = dp * t.micro_batch_size
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"dp*train.micro_batch_size={dp}*{t.micro_batch_size}"
         )
+    if p.pp > 1:
+        check_pipeline(cfg, dp)
+    check_experts(cfg, dp)
+
+
+def check_experts(cfg: Config, dp: int) -> None:
+    """Expert parallelism folds over the ranks of one pipeline stage (Megatron's MoE parallel folding)."""
+    p, m = cfg.parallel, cfg.model
+    e, etp = m.moe.num_experts, p.resolved_etp
+    if e == 0:
+        if p.ep > 1 or etp != p.tp:
+            raise ConfigError(f"parallel.ep={p.ep} / parallel.etp={p.etp} need model.moe.num_experts > 0")
+        return
+    if e % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide model.moe.num_experts={e}")
+    if etp not in (1, p.tp):
+        raise ConfigError(f"parallel.etp={etp} must be 1 or parallel.tp={p.tp}")
+    if etp == p.tp and (dp * p.cp) % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide dp*cp={dp}*{p.cp}={dp * p.cp}")
+    if etp == 1 and (p.tp * dp * p.cp) % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} does not divide tp*dp*cp={p.tp}*{dp}*{p.cp} (parallel.etp=1)")
+    if m.moe_intermediate_size % etp:
+        raise ConfigError(f"parallel.etp={etp} does not divide model.moe.intermediate_size={m.moe_intermediate_size}")
+    if m.moe.num_shared_experts and m.shared_expert_intermediate_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide the shared expert size "
+                          f"{m.shared_expert_intermediate_size} (model.moe.num_shared_experts*intermediate_size)")
+    if p.tp > 1 and not p.sp:
+        # Megatron's rule too: the router and the dispatch run on each TP rank's token slice.
+        raise ConfigError(f"model.moe.num_experts={e} with parallel.tp={p.tp} needs parallel.sp=true")
+
+
+def check_pipeline(cfg: Config, dp: int) -> None:
+    """The layer split over pp*vpp virtual stages, and enough microbatches to fill the pipeline."""
+    p, t, layers = cfg.parallel, cfg.train, cfg.model.num_layers
+    stages = p.pp * p.vpp
+    if p.pp_layout is None and layers % stages:
+        raise ConfigError(f"model.num_layers={layers} does not split evenly over parallel.pp*parallel.vpp="
+                          f"{p.pp}*{p.vpp}={stages} stages; set parallel.pp_layout (layers per virtual stage)")
+    if p.pp_layout is not None:
+        if len(p.pp_layout) != stages or sum(p.pp_layout) != layers:
+            raise ConfigError(f"parallel.pp_layout={p.pp_layout} must list parallel.pp*parallel.vpp={stages} "
+                              f"layer counts summing to model.num_layers={layers}")
+        # Only the first and last stages may be empty: they still hold the embedding / the head.
+        if min(p.pp_layout) < 0 or 0 in p.pp_layout[1:-1]:
+            raise ConfigError(f"parallel.pp_layout={p.pp_layout}: every stage but the first and last needs >= 1 layer")
+    m = t.global_batch_size // (dp * t.micro_batch_size)
+    where = (f"train.global_batch_size/(dp*train.micro_batch_size) = {t.global_batch_size}/({dp}*"
+             f"{t.micro_batch_size}) = {m} microbatches per rank")
+    if p.pp_schedule == "1f1b" and m < p.pp:
+        raise ConfigError(f"{where}: parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp}")
+    if p.pp_schedule == "interleaved" and m % p.pp:
+        raise ConfigError(f"{where}: parallel.pp_schedule=interleaved needs a multiple of parallel.pp={p.pp}")
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """CP cuts every packed sequence into 2*cp zigzag chunk slots of equal total size (no padding)."""
+    p, m, seq_len = cfg.parallel, cfg.model, cfg.data.seq_len
+    if seq_len % (2 * p.cp):
+        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp={2 * p.cp} "
+                          "(context parallelism splits each sequence into 2*cp zigzag chunks)")
+    if p.sp and seq_len % (2 * p.cp * p.tp):
+        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp*parallel.tp="
+                          f"{2 * p.cp * p.tp} (parallel.sp splits each CP shard over TP)")
+    if p.cp_mode == "ulysses" and (m.num_heads // p.tp) % p.cp:
+        raise ConfigError(f"parallel.cp_mode=ulysses needs model.num_heads/parallel.tp = {m.num_heads}/{p.tp} = "
+                          f"{m.num_heads // p.tp} q heads per TP rank to be divisible by parallel.cp={p.cp}")
+    if p.cp_mode == "ring" and m.attn_backend == "flash_attn":
+        raise ConfigError("parallel.cp_mode=ring needs per-block kernels with a given lse, which "
+                          "model.attn_backend=flash_attn lacks; use triton, torch or auto")
 
 
 # ----------------------------------------------------------------------------- loading

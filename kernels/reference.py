@@ -50,9 +50,9 @@ def _reduce_kv(x: Tensor, group: int) -> Tensor:
     return x if group == 1 else x.unflatten(1, (-1, group)).sum(2)
 
 
-def _masked_scores(qd, kd, pq, pk, causal, scale) -> Tensor:
-    """fp32 scores [H, Lq, Lk] with -inf where the key is not visible."""
-    s = torch.einsum("qhd,khd->hqk", qd.float(), kd.float()) * scale
+def _masked_scores(qd, kd, pq, pk, causal, scale, dtype=torch.float32) -> Tensor:
+    """Scores [H, Lq, Lk] in ``dtype`` with -inf where the key is not visible."""
+    s = torch.einsum("qhd,khd->hqk", qd.to(dtype), kd.to(dtype)) * scale
     if causal:
         s = s.masked_fill(pk[None, None, :] > pq[None, :, None], float("-inf"))
     return s
@@ -71,12 +71,12 @@ def _probs_lse(s: Tensor):
     return p[..., :-1], lse
 
 
-def _doc_forward(qd, kd, vd, pq, pk, causal, scale):
-    """One document: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out fp32 [Lq, Hq, D], lse fp32 [Lq, Hq]."""
+def _doc_forward(qd, kd, vd, pq, pk, causal, scale, dtype):
+    """One document: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> out [Lq, Hq, D], lse [Lq, Hq] in ``dtype``."""
     group = qd.shape[1] // kd.shape[1]
-    s = _masked_scores(qd, _expand_kv(kd, group), pq, pk, causal, scale)
+    s = _masked_scores(qd, _expand_kv(kd, group), pq, pk, causal, scale, dtype)
     p, lse = _probs_lse(s)
-    out = torch.einsum("hqk,khd->qhd", p, _expand_kv(vd, group).float())
+    out = torch.einsum("hqk,khd->qhd", p, _expand_kv(vd, group).to(dtype))
     return out, lse.transpose(0, 1)
 
 
@@ -88,15 +88,15 @@ def _check(q, k, v):
         raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]} and head dims must match")
 
 
-def _forward_fp32(q, k, v, cu_q, cu_k, causal, scale, pos_q, pos_k):
-    """Differentiable fp32 forward: (out [Tq, Hq, D], lse [Tq, Hq])."""
+def _forward_math(q, k, v, cu_q, cu_k, causal, scale, pos_q, pos_k, dtype=torch.float32):
+    """Differentiable forward computed in ``dtype``: (out [Tq, Hq, D], lse [Tq, Hq])."""
     outs, lses = [], []
     for qs, qe, ks, ke in _doc_bounds(cu_q, cu_k):
-        o, l = _doc_forward(q[qs:qe], k[ks:ke], v[ks:ke], pos_q[qs:qe], pos_k[ks:ke], causal, scale)
+        o, l = _doc_forward(q[qs:qe], k[ks:ke], v[ks:ke], pos_q[qs:qe], pos_k[ks:ke], causal, scale, dtype)
         outs.append(o)
         lses.append(l)
     if not outs:
-        return q.float() * 0, q.new_full(q.shape[:2], float("-inf"), dtype=torch.float32)
+        return q.to(dtype) * 0, q.new_full(q.shape[:2], float("-inf"), dtype=dtype)
     return torch.cat(outs), torch.cat(lses)
 
 
@@ -106,7 +106,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     _check(q, k, v)
     scale, pos_q, pos_k = _resolve(q, cu_seqlens_q, cu_seqlens_k, softmax_scale, pos_q, pos_k, k.shape[0])
     with torch.no_grad():
-        out, lse = _forward_fp32(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k)
+        out, lse = _forward_math(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k)
     return out.to(q.dtype), lse
 
 
@@ -149,14 +149,17 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True,
-              softmax_scale=None, pos_q=None, pos_k=None, backend="reference", return_lse=False):
-    """Reference attention, differentiable through q, k, v by plain autograd on the fp32 math.
+              softmax_scale=None, pos_q=None, pos_k=None, backend="reference", return_lse=False,
+              compute_dtype=torch.float32):
+    """Reference attention, differentiable through q, k, v by plain autograd on the explicit math.
 
     Same signature and semantics as ``kernels.attention``; ``backend`` is accepted and ignored.
-    Returns out [Tq, Hq, D] in q.dtype, or (out, lse fp32 [Tq, Hq]) with ``return_lse``.
+    ``compute_dtype`` (default fp32) is the dtype of the math: tests run it in fp16 to measure the
+    rounding error that a half-precision kernel is allowed. Returns out [Tq, Hq, D] in q.dtype, or
+    (out, lse fp32 [Tq, Hq]) with ``return_lse``; lse carries no gradient.
     """
     _check(q, k, v)
     scale, pos_q, pos_k = _resolve(q, cu_seqlens_q, cu_seqlens_k, softmax_scale, pos_q, pos_k, k.shape[0])
-    out, lse = _forward_fp32(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k)
+    out, lse = _forward_math(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k, compute_dtype)
     out = out.to(q.dtype)
-    return (out, lse.detach()) if return_lse else out
+    return (out, lse.detach().float()) if return_lse else out

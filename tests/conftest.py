@@ -27,3 +27,8 @@ def world2():
 @pytest.fixture(scope="module")
 def world4():
     yield from make_world(4)
+
+
+@pytest.fixture(scope="module")
+def world8():
+    yield from make_world(8)

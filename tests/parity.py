@@ -49,6 +49,7 @@ def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, param_atol=PARAM_AT
     ref_n, out_n = np.array(ref["grad_norms"]), np.array(out["grad_norms"])
     rel_n = np.abs(out_n - ref_n) / np.abs(ref_n)
     assert rel_n.max() <= loss_rtol, f"grad norms differ: ref {ref_n.tolist()} vs {out_n.tolist()}"
+    assert_moe_parity(ref["records"], out["records"], loss_rtol)
     for kind, atol in (("grads", grad_atol), ("params", param_atol)):
         assert ref[kind].keys() == out[kind].keys(), f"{kind}: names differ"
         for name, expected in ref[kind].items():
@@ -56,3 +57,16 @@ def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, param_atol=PARAM_AT
             assert got.shape == expected.shape, f"{kind} {name}: shape {got.shape} != {expected.shape}"
             err = float(np.abs(got - expected).max())
             assert err <= atol, f"{kind} {name}: max abs diff {err:.2e} > {atol}"
+
+
+def assert_moe_parity(ref_records: list[dict], out_records: list[dict], rtol: float = LOSS_RTOL) -> None:
+    """MoE runs: every step's aux and z-loss agree, and the expert load and drops are identical."""
+    for step, (ref, out) in enumerate(zip(ref_records, out_records), start=1):
+        assert ("expert_load" in ref) == ("expert_load" in out), f"step {step}: MoE metrics in one run only"
+        if "expert_load" not in ref:
+            continue
+        for key in ("aux_loss", "z_loss"):
+            err = abs(out[key] - ref[key])
+            assert err <= rtol * abs(ref[key]) + 1e-12, f"step {step}: {key} {out[key]} != {ref[key]}"
+        assert out["expert_load"] == ref["expert_load"], f"step {step}: expert load differs"
+        assert out["dropped_tokens"] == ref["dropped_tokens"], f"step {step}: dropped tokens differ"

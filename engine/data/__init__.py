@@ -1,8 +1,15 @@
-"""Text data pipeline: token corpora, packing into fixed windows, layout-independent sampling."""
+"""Data: token corpora, packing, layout-independent sampling; multimodal chat samples."""
 
 from engine.data.packing import IGNORE_INDEX, PackedDataset, Sample
 from engine.data.sampler import GlobalBatchSampler, Microbatch, collate, rank_microbatches
 from engine.data.tokens import TokenCorpus, index_path, load_token_file, synthetic_corpus, write_token_file
+
+# Multimodal chat data (issue #7): tokenizer, chat template, images, sample packing.
+from engine.data.chat import IMAGE_TAG, encode_chat
+from engine.data.images import ImageProcessor, image_token_count, make_image_loader
+from engine.data.multimodal import BAD_SAMPLE_REASONS, MultimodalBatchIterator, MultimodalDataset
+from engine.data.multimodal_packing import PackingPlan, first_fit_decreasing, pack_samples
+from engine.data.tokenizer import SpecialTokens, Tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -17,4 +24,18 @@ __all__ = [
     "rank_microbatches",
     "synthetic_corpus",
     "write_token_file",
+    # multimodal
+    "BAD_SAMPLE_REASONS",
+    "IMAGE_TAG",
+    "ImageProcessor",
+    "MultimodalBatchIterator",
+    "MultimodalDataset",
+    "PackingPlan",
+    "SpecialTokens",
+    "Tokenizer",
+    "encode_chat",
+    "first_fit_decreasing",
+    "image_token_count",
+    "make_image_loader",
+    "pack_samples",
 ]

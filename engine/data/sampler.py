@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,9 @@ class Microbatch:
     labels:     int64 ``[T]``, IGNORE_INDEX (-100) where no loss is taken
     positions:  int32 ``[T]``, restarting at 0 in each document
     cu_seqlens: int32 ``[num_docs + 1]``, 0 .. T, over all documents of all sequences
+    pixel_values:       multimodal only: float32 ``[num_images, 3, H, W]``, in the order of
+                        their placeholder tokens in input_ids (engine/data/multimodal.py)
+    image_token_counts: multimodal only: int64 ``[num_images]``, placeholder tokens per image
     """
 
     input_ids: torch.Tensor
@@ -81,6 +84,8 @@ class Microbatch:
     max_seqlen: int
     num_sequences: int
     num_loss_tokens: int
+    pixel_values: Optional[torch.Tensor] = None
+    image_token_counts: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Microbatch":
         """A copy with every tensor on ``device``."""

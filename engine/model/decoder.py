@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
+from engine.model.moe import GroupedExperts, MoE, Router
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -19,6 +20,13 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     return (torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)).int()
+
+
+def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
+    """Layer ``i``'s MLP: dense SwiGLU, or MoE where ``cfg.is_moe_layer(i)``."""
+    if not cfg.is_moe_layer(i):
+        return SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+    return MoE(cfg.hidden_size, cfg.moe, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size)
 
 
 class Transformer(nn.Module):
@@ -31,7 +39,7 @@ class Transformer(nn.Module):
             str(i): DecoderBlock(
                 Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, hd, bias=cfg.attention_bias,
                           qk_norm=cfg.qk_norm, eps=cfg.rms_norm_eps, backend=cfg.attn_backend),
-                SwiGLU(cfg.hidden_size, cfg.intermediate_size),
+                build_mlp(cfg, i),
                 cfg.hidden_size, cfg.rms_norm_eps,
             )
             for i in range(cfg.num_layers)
@@ -45,6 +53,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for module in self.modules():
+            if isinstance(module, (Router, GroupedExperts)):
+                module.reset_parameters(std)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:

@@ -133,4 +133,6 @@ class DecoderBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), meta)
+        if getattr(self.mlp, "takes_meta", False):  # MoE: its balancing losses need the token layout
+            return h + self.mlp(self.mlp_norm(h), meta)
         return h + self.mlp(self.mlp_norm(h))

@@ -18,8 +18,8 @@ from engine.parallel import comm
 
 
 class _Bucket:
-    def __init__(self, params: list[nn.Parameter], device):
-        self.params = params
+    def __init__(self, params: list[nn.Parameter], device, group):
+        self.params, self.group = params, group
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
         self.ready = 0
         self.work = None
@@ -31,29 +31,35 @@ class GradBuffer:
     Usage per step: ``zero()``, then for each microbatch ``set_sync(is_last)`` + backward,
     then ``finish()``, after which ``param.grad`` is the reduced fp32 gradient.
     ``tp_group`` also sums the gradients marked ``tp_partial_grad`` (see tensor_parallel.py).
+    Expert parameters (``param.is_expert``, see expert_parallel.py) are replicated only over
+    ``expert_dp_group``: they get buckets of their own, reduced over that group.
     """
 
-    def __init__(self, params: list[nn.Parameter], dp_group, tp_group=None, bucket_size_mb: float = 25.0):
+    def __init__(self, params: list[nn.Parameter], dp_group, tp_group=None, bucket_size_mb: float = 25.0,
+                 expert_dp_group=None):
         self.params = [p for p in params if p.requires_grad]
-        self.dp_group, self.tp_group = dp_group, tp_group
+        self.dp_group, self.tp_group, self.expert_dp_group = dp_group, tp_group, expert_dp_group
+        if expert_dp_group is None and comm.group_size(dp_group) > 1 and any(_is_expert(p) for p in self.params):
+            raise ValueError("GradBuffer: expert parameters need expert_dp_group")
         self.sync = True
         self.buckets = self._make_buckets(int(bucket_size_mb * 2**20 / 4))
         self._next = 0
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _make_buckets(self, max_numel: int) -> list[_Bucket]:
-        buckets, current, size = [], [], 0
+        groups = {False: self.dp_group, True: self.expert_dp_group}
+        buckets, current, size = [], {False: [], True: []}, {False: 0, True: 0}
         # Reverse registration order approximates the order backward produces gradients.
         for p in reversed(self.params):
-            current.append(p)
-            size += p.numel()
-            if size >= max_numel:
-                buckets.append(current)
-                current, size = [], 0
-        if current:
-            buckets.append(current)
+            kind = _is_expert(p)
+            current[kind].append(p)
+            size[kind] += p.numel()
+            if size[kind] >= max_numel:
+                buckets.append((current[kind], groups[kind]))
+                current[kind], size[kind] = [], 0
+        buckets += [(current[kind], groups[kind]) for kind in (False, True) if current[kind]]
         device = self.params[0].device
-        out = [_Bucket(ps, device) for ps in buckets]
+        out = [_Bucket(ps, device, group) for ps, group in buckets]
         for i, bucket in enumerate(out):
             offset = 0
             for p in bucket.params:
@@ -80,8 +86,8 @@ class GradBuffer:
             bucket = self.buckets[self._next]
             if not force and bucket.ready < len(bucket.params):
                 return
-            if comm.group_size(self.dp_group) > 1:
-                bucket.work = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+            if comm.group_size(bucket.group) > 1:
+                bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True)
             self._next += 1
 
     def finish(self) -> None:
@@ -114,3 +120,7 @@ class GradBuffer:
             p.grad = None
         self._next = 0
         self.sync = True
+
+
+def _is_expert(param: nn.Parameter) -> bool:
+    return bool(getattr(param, "is_expert", False))

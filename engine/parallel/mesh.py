@@ -1,8 +1,16 @@
 """Process groups for the parallel dimensions, built from one DeviceMesh.
 
 Rank order follows Megatron: tp fastest, then cp, then dp, then pp. Global rank
-``r = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``. Expert parallelism will
-later fold over the dp x cp ranks, which is why ``dp_cp`` is a group of its own.
+``r = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``.
+
+Expert layers fold over the same ranks differently (Megatron's "MoE parallel folding"): a
+second mesh ``(pp, edp, ep, etp)``, etp fastest, so inside a pipeline stage the tp*cp*dp ranks
+are ``edp x ep x etp`` with ``r = ((pp_rank * edp + edp_rank) * ep + ep_rank) * etp + etp_rank``
+(Megatron's expert RankGenerator, order tp-ep-dp-pp). With etp = tp the ep ranks are dp/cp
+ranks; with etp = 1 they may span tp ranks too (each holds its own sequence-parallel tokens).
+Expert weights are reduced over ``edp``; ``ep_etp`` is the token-dispatch group and ``emp``
+(pp x ep x etp) the expert gradient-norm group. With ep = 1 and etp = tp these are the dense
+groups (tp, dp_cp, tp, mp) and no second mesh is built.
 
 There is no module-level state: ``ParallelGroups`` is built once and passed to whoever needs it.
 """
@@ -20,6 +28,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
 # Flattened groups: name -> the mesh dims it spans.
 FLAT_GROUPS = {"dp_cp": ("dp", "cp"), "tp_cp": ("cp", "tp"), "mp": ("pp", "tp")}
+EXPERT_DIMS = ("pp", "edp", "ep", "etp")
+EXPERT_FLAT_GROUPS = {"ep_etp": ("ep", "etp"), "emp": ("pp", "ep", "etp")}
+# Without folding (ep = 1, etp = tp) each expert group is a dense one (ep: this rank alone).
+EXPERT_ALIASES = {"edp": "dp_cp", "etp": "tp", "ep_etp": "tp", "emp": "mp"}
 
 
 @dataclass(frozen=True)
@@ -28,10 +40,29 @@ class ParallelDims:
     cp: int = 1
     dp: int = 1
     pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None  # None: tp
 
     @property
     def world_size(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
+
+    @property
+    def resolved_etp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def edp(self) -> int:
+        return self.tp * self.cp * self.dp // (self.ep * self.resolved_etp)
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        return (self.pp, self.edp, self.ep, self.resolved_etp)
+
+    @property
+    def experts_folded(self) -> bool:
+        """Whether the expert groups differ from the dense ones (and need a mesh of their own)."""
+        return self.ep > 1 or self.resolved_etp != self.tp
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -52,8 +83,20 @@ def group_layout(dims: ParallelDims) -> dict[str, list[list[int]]]:
     return layout
 
 
-def _groups_over(grid: torch.Tensor, span: tuple[str, ...]) -> list[list[int]]:
-    keep = [MESH_DIMS.index(d) for d in span]
+def expert_group_layout(dims: ParallelDims) -> dict[str, list[list[int]]]:
+    """The expert groups (ep, etp, edp, ep_etp, emp) as lists of global ranks; see the module docstring."""
+    if (dims.tp * dims.cp * dims.dp) % (dims.ep * dims.resolved_etp):
+        raise ValueError(f"ep*etp = {dims.ep}*{dims.resolved_etp} does not divide tp*cp*dp = "
+                         f"{dims.tp}*{dims.cp}*{dims.dp}")
+    grid = torch.arange(dims.world_size).reshape(dims.expert_shape)
+    layout = {name: _groups_over(grid, (name,), EXPERT_DIMS) for name in ("ep", "etp", "edp")}
+    for name, span in EXPERT_FLAT_GROUPS.items():
+        layout[name] = _groups_over(grid, span, EXPERT_DIMS)
+    return layout
+
+
+def _groups_over(grid: torch.Tensor, span: tuple[str, ...], names: tuple[str, ...] = MESH_DIMS) -> list[list[int]]:
+    keep = [names.index(d) for d in span]
     rest = [i for i in range(grid.dim()) if i not in keep]
     moved = grid.permute(*rest, *keep).reshape(-1, int(torch.tensor([grid.shape[i] for i in keep]).prod()))
     return sorted(row.tolist() for row in moved)
@@ -114,7 +157,24 @@ class ParallelGroups:
         self.world_size = dims.world_size
         coords = self.mesh.get_coordinate()
         self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = coords
+        self._build_expert_groups(backend, timeout)
         self._check_against_layout()
+
+    def _build_expert_groups(self, backend: str, timeout: timedelta) -> None:
+        self.expert_mesh: Optional[DeviceMesh] = None
+        if not self.dims.experts_folded:
+            self._groups.update({name: self._groups[dense] for name, dense in EXPERT_ALIASES.items()}, ep=None)
+            self.edp_rank, self.ep_rank, self.etp_rank = self.dp_rank * self.dims.cp + self.cp_rank, 0, self.tp_rank
+            return
+        override = {d: _backend_options(backend, timeout) for d in EXPERT_DIMS}
+        self.expert_mesh = init_device_mesh(self.device.type, self.dims.expert_shape, mesh_dim_names=EXPERT_DIMS,
+                                            backend_override=override)
+        for name in ("edp", "ep", "etp"):
+            self._groups[name] = self.expert_mesh[name].get_group()
+        for name, span in EXPERT_FLAT_GROUPS.items():
+            flat = self.expert_mesh[span]._flatten(name, backend_override=_backend_options(backend, timeout))
+            self._groups[name] = flat.get_group()
+        _, self.edp_rank, self.ep_rank, self.etp_rank = self.expert_mesh.get_coordinate()
 
     def group(self, name: str) -> dist.ProcessGroup:
         return self._groups[name]
@@ -133,13 +193,24 @@ class ParallelGroups:
     def tp_cp(self): return self.group("tp_cp")
     @property
     def mp(self): return self.group("mp")
+    @property
+    def ep(self): return self.group("ep")
+    @property
+    def etp(self): return self.group("etp")
+    @property
+    def edp(self): return self.group("edp")
+    @property
+    def ep_etp(self): return self.group("ep_etp")
+    @property
+    def emp(self): return self.group("emp")
 
     def ranks(self, name: str) -> list[int]:
         """Global ranks of this rank's group ``name``."""
-        return dist.get_process_group_ranks(self.group(name))
+        group = self.group(name)
+        return [self.rank] if group is None else dist.get_process_group_ranks(group)
 
     def _check_against_layout(self) -> None:
-        expected = group_layout(self.dims)
+        expected = {**group_layout(self.dims), **expert_group_layout(self.dims)}
         for name in expected:
             mine = self.ranks(name)
             if sorted(mine) not in expected[name] or self.rank not in mine:
@@ -147,7 +218,7 @@ class ParallelGroups:
 
     def destroy(self) -> None:
         """Destroy the sub-groups (tests build several layouts inside one world)."""
-        for group in self._groups.values():
+        for group in {id(g): g for g in self._groups.values() if g is not None}.values():
             try:
                 dist.destroy_process_group(group)
             except (ValueError, RuntimeError):

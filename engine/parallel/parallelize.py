@@ -3,7 +3,13 @@
 ``parallelize(model, groups, cfg)`` swaps the single-device linears and embedding for their
 tensor-parallel versions, slicing the weights the model was built with (every rank builds it
 from the same seed, so any layout starts from identical weights), and marks the parameters
-whose gradients need a reduction over TP.
+whose gradients need a reduction over TP. Under context parallelism it also swaps every
+``CoreAttention`` for ``ContextParallelAttention`` (ring or Ulysses). MoE layers get their
+expert shards, the EP dispatcher and the balancing scope from expert_parallel.py; their shared
+expert is tensor-parallel like a dense MLP.
+
+``parallelize_stages`` first cuts the model into this rank's pipeline stages (pipeline.py), then
+parallelizes each; a stage lacks the embedding / final norm / head it does not own.
 """
 from __future__ import annotations
 
@@ -13,8 +19,13 @@ import torch.nn as nn
 
 from engine.config import Config
 from engine.model.decoder import Transformer
+from engine.model.moe import MoE
 from engine.parallel import comm
+from engine.parallel.context_parallel import CommStats, ContextParallelAttention
+from engine.parallel.expert_parallel import parallelize_moe
 from engine.parallel.mesh import ParallelGroups
+from engine.parallel.pipeline import split_stages
+from engine.parallel.sharding import shard_spec
 from engine.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -28,22 +39,42 @@ def parallelize(model: Transformer, groups: ParallelGroups, cfg: Config) -> Tran
     tp, sp = groups.tp, cfg.parallel.sp
     for param in model.parameters():
         mark(param)
+    _parallelize_context(model, groups, cfg)
+    parallelize_moe(model, groups, cfg)
     if comm.group_size(tp) == 1:
         return model
     enter = "gather" if sp else "copy"
-    model.embed = VocabParallelEmbedding.from_embedding(model.embed, tp, sequence_parallel=sp)
+    if model.embed is not None:
+        model.embed = VocabParallelEmbedding.from_embedding(model.embed, tp, sequence_parallel=sp)
     for block in model.layers.values():
         _parallelize_attention(block.attn, tp, sp)
-        _parallelize_mlp(block.mlp, tp, sp)
+        if not isinstance(block.mlp, MoE):
+            _parallelize_mlp(block.mlp, tp, sp)
+        elif block.mlp.shared_expert is not None:
+            _parallelize_mlp(block.mlp.shared_expert, tp, sp)
         if sp:  # norms run on this rank's token slice
             mark(block.attn_norm.weight, partial=True)
             mark(block.mlp_norm.weight, partial=True)
-    if sp:
+    if sp and model.norm is not None:
         mark(model.norm.weight, partial=True)
-    model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, tp, input_mode=enter)
-    if cfg.model.tie_embeddings:
+    if model.lm_head is not None:
+        model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, tp, input_mode=enter)
+    if cfg.model.tie_embeddings and model.embed is not None and model.lm_head is not None:
         model.lm_head.weight = model.embed.weight
     return model
+
+
+def parallelize_stages(model: Transformer, groups: ParallelGroups, cfg: Config) -> list[Transformer]:
+    """This rank's model chunks, each parallelized: ``[model]``, or its virtual pipeline stages.
+
+    The split comes first, on the plain module; with tied embeddings the last stage's head
+    starts from the same weight as the first stage's embedding (pipeline.py keeps them equal).
+    """
+    p = cfg.parallel
+    if p.pp == 1:
+        return [parallelize(model, groups, cfg)]
+    chunks = split_stages(model, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
+    return [parallelize(chunk, groups, cfg) for chunk in chunks]
 
 
 def _enter_once(module: nn.Module, group, sp: bool) -> None:
@@ -73,28 +104,55 @@ def _parallelize_mlp(mlp: nn.Module, tp, sp: bool) -> None:
     _enter_once(mlp, tp, sp)
 
 
+def _parallelize_context(model: Transformer, groups: ParallelGroups, cfg: Config) -> None:
+    """Under CP every attention spans the CP group; the layers share one CommStats (``.stats``)."""
+    if comm.group_size(groups.cp) == 1:
+        return
+    stats = CommStats()
+    for block in model.layers.values():
+        core = block.attn.core
+        block.attn.core = ContextParallelAttention(core.backend, core.causal, groups.cp, cfg.parallel.cp_mode, stats)
+
+
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
-    """Every parameter at its full (unsharded) shape, identical on all ranks. Collective over TP."""
+    """Every parameter at its full (unsharded) shape, identical on all ranks. Collective over TP and PP."""
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        tensor = param.detach()
-        dim = getattr(param, "tp_dim", None)
-        if dim is not None:
-            tensor = comm.all_gather(tensor, groups.tp, dim)
-        out[name] = tensor.clone()
-    return out
+        out[name] = _unshard(param.detach(), param, groups).clone()
+    return _union_over_stages(out, groups)
 
 
 def full_grads(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
-    """Like ``full_state_dict`` but for ``param.grad`` (after the gradient reductions)."""
+    """Like ``full_state_dict`` but for ``param.grad`` (after the gradient reductions).
+
+    A tied weight is listed once, as at world size 1: the last stage's copy is skipped.
+    """
     out = {}
     for name, param in model.named_parameters():
-        grad = param.grad.detach()
-        dim = getattr(param, "tp_dim", None)
-        if dim is not None:
-            grad = comm.all_gather(grad, groups.tp, dim)
-        out[name] = grad.clone()
-    return out
+        if getattr(param, "pp_tied_replica", False):
+            continue
+        out[name] = _unshard(param.grad.detach(), param, groups).clone()
+    return _union_over_stages(out, groups)
+
+
+def _unshard(tensor: torch.Tensor, param: nn.Parameter, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of a TP shard (``tp_dim``) or of an expert shard (its shard spec: etp, then ep)."""
+    dim = getattr(param, "tp_dim", None)
+    if dim is not None:
+        return comm.all_gather(tensor, groups.tp, dim)
+    if getattr(param, "is_expert", False):
+        for split_dim, group in reversed(shard_spec(param)):
+            tensor = comm.all_gather(tensor, group, split_dim)
+    return tensor
+
+
+def _union_over_stages(local: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Merge the stages' disjoint name -> tensor dicts (on CPU) over the pp group."""
+    if comm.group_size(groups.pp) == 1:
+        return local
+    parts = [None] * comm.group_size(groups.pp)
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=groups.pp)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def check_replicas_in_sync(model: nn.Module, group, atol: float = 0.0) -> None:

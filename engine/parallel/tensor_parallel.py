@@ -6,6 +6,8 @@ Parameters carry two marks that the rest of the engine reads:
 - ``param.tp_partial_grad``: a replicated parameter whose gradient is only partial on each TP
   rank (norms under SP see a slice of the tokens; q/k-norm sees a slice of the heads), so its
   gradient is summed over TP before the optimizer.
+Sharded parameters also get a ``(tp_dim, group)`` split in their shard spec (see sharding.py),
+which is what checkpoints read to save global shapes.
 """
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.parallel import comm
+from engine.parallel.sharding import add_split
 
 
-def mark(param: nn.Parameter, tp_dim=None, partial=False) -> nn.Parameter:
+def mark(param: nn.Parameter, tp_dim=None, partial=False, group=None) -> nn.Parameter:
     param.tp_dim = tp_dim
     param.tp_partial_grad = partial
+    if tp_dim is not None and group is not None:
+        add_split(param, tp_dim, group)
     return param
 
 
@@ -51,8 +56,8 @@ class ColumnParallelLinear(nn.Module):
         if input_mode not in ("copy", "gather", "none"):
             raise ValueError(f"input_mode={input_mode!r} must be copy, gather or none")
         self.group, self.input_mode, self.gather_output = group, input_mode, gather_output
-        self.weight = mark(nn.Parameter(weight), tp_dim=0)
-        self.bias = mark(nn.Parameter(bias), tp_dim=0) if bias is not None else None
+        self.weight = mark(nn.Parameter(weight), tp_dim=0, group=group)
+        self.bias = mark(nn.Parameter(bias), tp_dim=0, group=group) if bias is not None else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "ColumnParallelLinear":
@@ -74,7 +79,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias, group, sequence_parallel=False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = mark(nn.Parameter(weight), tp_dim=1)
+        self.weight = mark(nn.Parameter(weight), tp_dim=1, group=group)
         # Added after the reduction, so replicated; under SP each rank adds it to its token slice.
         self.bias = mark(nn.Parameter(bias), partial=sequence_parallel) if bias is not None else None
 
@@ -103,7 +108,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.vocab_start = vocab_start
-        self.weight = mark(nn.Parameter(weight), tp_dim=0)
+        self.weight = mark(nn.Parameter(weight), tp_dim=0, group=group)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group, **kw) -> "VocabParallelEmbedding":

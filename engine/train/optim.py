@@ -35,23 +35,34 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def global_grad_norm(params: list[nn.Parameter], norm_group, tp_rank: int) -> torch.Tensor:
+def global_grad_norm(params: list[nn.Parameter], norm_group, tp_rank: int, expert_group=None) -> torch.Tensor:
     """L2 norm of all gradients across the model-parallel group, counting no parameter twice.
 
     A TP-sharded parameter contributes its shard on every TP rank; a TP-replicated one only on
     TP rank 0. DP/CP replicas hold identical (already reduced) gradients and are not summed.
+    A tied embedding held by the first and last pipeline stages counts on the first only.
+    Expert parameters (``is_expert``) are disjoint shards over ``expert_group`` (pp x ep x etp)
+    and replicated over the expert-data-parallel ranks: summed over that group instead.
     """
     device = params[0].device if params else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
+    experts = torch.zeros((), dtype=torch.float32, device=device)
     for p in params:
         if p.grad is None:
             continue
+        if getattr(p, "is_expert", False):
+            experts += p.grad.float().pow(2).sum()
+            continue
         if getattr(p, "tp_dim", None) is None and tp_rank != 0:
+            continue
+        if getattr(p, "pp_tied_replica", False):
             continue
         total += p.grad.float().pow(2).sum()
     if comm.group_size(norm_group) > 1:
         dist.all_reduce(total, group=norm_group)
-    return total.sqrt()
+    if comm.group_size(expert_group) > 1:
+        dist.all_reduce(experts, group=expert_group)
+    return (total + experts).sqrt()
 
 
 def clip_grads(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -12,10 +13,14 @@ from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
 from engine.model.decoder import build_model
 from engine.parallel import comm
+from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
+from engine.parallel.expert_parallel import finish_moe_step
 from engine.parallel.mesh import ParallelDims, ParallelGroups
-from engine.parallel.parallelize import parallelize
+from engine.parallel.parallelize import parallelize_stages
+from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
 from engine.parallel.tensor_parallel import vocab_parallel_cross_entropy
+from engine.train.checkpoint import Checkpointer
 from engine.train.metrics import MetricsLogger
 from engine.train.optim import build_optimizer, clip_grads, global_grad_norm, lr_at, set_lr
 
@@ -24,7 +29,7 @@ def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
     cfg.validate(world)
     p = cfg.parallel
-    return ParallelGroups(ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp))
+    return ParallelGroups(ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp))
 
 
 def build_dataset(cfg: Config) -> PackedDataset:
@@ -41,15 +46,19 @@ class Trainer:
         self.device = groups.device
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and layout
         model = build_model(cfg.model).to(self.device)
-        self.model = parallelize(model, groups, cfg)
+        self.chunks = parallelize_stages(model, groups, cfg)  # this rank's pipeline stages; [model] without PP
+        self.model = join_chunks(self.chunks)  # all of them, under their world-size-1 parameter names
+        self.pipeline = Pipeline(self.chunks, groups, cfg) if cfg.parallel.pp > 1 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.grads = GradBuffer(self.params, groups.dp_cp, groups.tp, cfg.parallel.bucket_size_mb)
+        self.grads = GradBuffer(self.params, groups.dp_cp, groups.tp, cfg.parallel.bucket_size_mb,
+                                expert_dp_group=groups.edp)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.dataset = build_dataset(cfg)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
                                           shuffle=cfg.data.shuffle)
-        self.step = 0
-        self.metrics = MetricsLogger(Path(cfg.train.run_dir), enabled=groups.rank == 0)
+        self.checkpoints = Checkpointer(cfg)
+        self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
+        self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -71,45 +80,75 @@ class Trainer:
         if microbatches is None:
             microbatches = self.microbatches(step)
         num_tokens = self._global_count(sum(mb.num_loss_tokens for mb in microbatches))
-        loss_sum = torch.zeros((), device=self.device)
         self.grads.zero()
+        if self.pipeline is not None:
+            return self._pipeline_forward_backward(microbatches, num_tokens)
+        loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(microbatches):
             self.grads.set_sync(i == len(microbatches) - 1)
+            inputs, labels = self.model_inputs(mb)
             with self._autocast():
-                logits = self.model(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
-                                    max_seqlen=mb.max_seqlen)
-            loss = self.loss(logits, mb.labels).sum()
+                logits = self.model(**inputs)
+            loss = self.loss(logits, labels).sum()
             (loss / num_tokens).backward()
             loss_sum += loss.detach()
         self.grads.finish()
         return comm.all_reduce(loss_sum, self.groups.dp_cp) / num_tokens, num_tokens
+
+    def _pipeline_forward_backward(self, microbatches, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """forward_backward under PP: the schedule runs the stages, and every stage learns the loss."""
+        shards = [self.model_inputs(mb) for mb in microbatches]
+        forward = functools.partial(self._stage_forward, num_tokens=num_tokens)
+        stats = self.pipeline.run(shards, forward, grad_sync=self.grads.set_sync)
+        self.grads.finish()
+        self.pipeline.sync_tied_grads()
+        return comm.all_reduce(stats["loss_sum"], self.groups.dp_cp) / num_tokens, num_tokens
+
+    def _stage_forward(self, chunk: int, hidden, shard, num_tokens: int) -> StageOutput:
+        """Chunk ``chunk`` on one microbatch; ``hidden`` is the previous stage's output (None on the first)."""
+        inputs, labels = shard
+        stage = self.chunks[chunk]
+        if hidden is not None:
+            inputs = {**inputs, "input_ids": hidden}
+        with self._autocast():
+            out = stage(**inputs)
+        if stage.lm_head is None:
+            return StageOutput(out, None, {})
+        loss = self.loss(out, labels).sum()
+        return StageOutput(None, loss / num_tokens, {"loss_sum": loss.detach()})
 
     def train_step(self) -> dict:
         start = time.perf_counter()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         loss, num_loss_tokens = self.forward_backward(self.step)
         grad_norm = self.optimizer_step(lr)
+        moe = finish_moe_step(self.model, self.cfg.model, self.device)  # {} for a dense model
         self.step += 1
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         return {"step": self.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": tokens, "loss_tokens": num_loss_tokens, "step_time_s": elapsed,
-                "tokens_per_s": tokens / elapsed}
+                "tokens_per_s": tokens / elapsed, **moe}
 
     def optimizer_step(self, lr: float) -> torch.Tensor:
         """Clip by the global norm, then step. Returns the norm before clipping."""
-        grad_norm = global_grad_norm(self.params, self.groups.mp, self.groups.tp_rank)
+        grad_norm = global_grad_norm(self.params, self.groups.mp, self.groups.tp_rank, expert_group=self.groups.emp)
         clip_grads(self.params, grad_norm, self.cfg.optim.clip_grad)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         return grad_norm
 
-    def fit(self) -> list[dict]:
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule)."""
         history = []
-        while self.step < self.cfg.train.steps:
+        while self.step < (self.cfg.train.steps if until is None else until):
             record = self.train_step()
             self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
             history.append(record)
+            if self.checkpoints.should_save(self.step):
+                self.checkpoints.save(self.step, self.model, self.optimizer)
+        if self.checkpoints.should_save(self.step, final=True):
+            self.checkpoints.save(self.step, self.model, self.optimizer)
         self.metrics.close()
         return history
 
@@ -120,9 +159,19 @@ class Trainer:
         vocab_start = self.groups.tp_rank * logits.shape[-1]
         return vocab_parallel_cross_entropy(logits, labels, self.groups.tp, vocab_start)
 
+    def model_inputs(self, mb) -> tuple[dict, torch.Tensor]:
+        """(``Transformer.forward`` keyword arguments, labels) of this rank: under CP, its zigzag shard."""
+        cp = comm.group_size(self.groups.cp)
+        if cp > 1:
+            return shard_microbatch(mb, cp, self.groups.cp_rank)
+        inputs = dict(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
+                      max_seqlen=mb.max_seqlen)
+        return inputs, mb.labels
+
     def _global_count(self, local: int) -> int:
+        # Every CP (and TP) rank of a DP replica holds the same microbatches: count over dp only.
         count = torch.tensor(float(local), device=self.device)
-        return int(comm.all_reduce(count, self.groups.dp_cp).item())
+        return int(comm.all_reduce(count, self.groups.dp).item())
 
     def _autocast(self):
         if self.cfg.train.dtype == "bf16":

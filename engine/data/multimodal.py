@@ -1,0 +1,319 @@
+"""Packed multimodal (image + chat) dataset, its microbatches and a resumable batch iterator.
+
+A JSONL line is one sample::
+
+    {"messages": [{"role": "user", "content": "<image>What colour is the shape?"},
+                  {"role": "assistant", "content": "red"}],
+     "images": ["img/0001.png"], "question_type": "colour"}
+
+Image paths are relative to the JSONL file's directory. Preparation (``from_jsonl``) reads
+every line, checks it, tokenizes it and decodes every image once, so bad data surfaces before
+training, never mid-run. Each bad sample is either a ``ValueError`` naming file and line
+(``train.jsonl:17: image img/0007.png is missing``) or, with ``on_bad_sample="skip"``,
+dropped and counted by reason (``bad_sample_counts``). The samples are then packed whole
+into ``seq_len`` sequences (engine/data/multimodal_packing.py), and the text
+GlobalBatchSampler picks sequences, so a step's global batch is independent of the layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.data.chat import check_messages, count_image_tags, encode_chat
+from engine.data.images import image_problem, image_token_count, make_image_loader
+from engine.data.multimodal_packing import PackingPlan, pack_samples
+from engine.data.packing import IGNORE_INDEX, Sample
+from engine.data.sampler import GlobalBatchSampler, Microbatch, collate
+from engine.data.tokenizer import Tokenizer
+
+BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image")
+
+
+@dataclass
+class ChatSample:
+    """One prepared sample.
+
+    input_ids: int64 ``[L]`` with N placeholder ids per image; labels: int64 ``[L]`` (chat.py)
+    images:    absolute image paths, in placeholder order
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    images: list[str]
+    question_type: Optional[str]
+    file: str
+    line: int
+
+
+@dataclass
+class BadSample:
+    file: str
+    line: int
+    reason: str  # one of BAD_SAMPLE_REASONS
+    message: str  # "file:line: what is wrong"
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class MultimodalSequence(Sample):
+    """A packed sequence (numpy): the text ``Sample`` fields plus its images.
+
+    doc_lens:    int32 ``[k]`` one per sample, plus one trailing padding document when the
+                 samples do not fill ``seq_len`` (pad tokens never carry labels)
+    image_paths: this sequence's images in placeholder order
+    sample_ids:  int64 ``[num_samples_in_sequence]`` dataset sample indices, in order
+    """
+
+    image_paths: list[str]
+    sample_ids: np.ndarray
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_tokens: int) -> tuple:
+    """Check and encode one JSONL line: (EncodedChat, image paths, question_type).
+
+    Raises _Bad(reason, detail). Cheap checks run first; decoding the images runs last.
+    """
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _Bad("malformed", f"not valid UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise _Bad("malformed", f"not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise _Bad("malformed", "a sample must be a JSON object")
+    problem = check_messages(record.get("messages"))
+    images = record.get("images", [])
+    if problem is None and not (isinstance(images, list) and all(isinstance(p, str) for p in images)):
+        problem = '"images" must be a list of paths'
+    if problem:
+        raise _Bad("malformed", problem)
+    messages = record["messages"]
+    tags = count_image_tags(messages)
+    if tags != len(images):
+        raise _Bad("placeholder_mismatch", f"{tags} <image> tags in the messages but {len(images)} images")
+    encoded = encode_chat(messages, tok, image_tokens)
+    if len(encoded.input_ids) > seq_len:
+        raise _Bad("too_long", f"sample is {len(encoded.input_ids)} tokens ({len(images)} images x "
+                               f"{image_tokens} image tokens), longer than data.seq_len={seq_len}")
+    paths = [os.path.join(base_dir, p) for p in images]
+    for rel, path in zip(images, paths):
+        bad = image_problem(path)
+        if bad:
+            raise _Bad(bad[0], f"image {rel} {bad[1]}")
+    return encoded, paths, record.get("question_type")
+
+
+def read_chat_jsonl(path: str, tok: Tokenizer, seq_len: int, image_tokens: int,
+                    on_bad_sample: str = "error") -> tuple[list[ChatSample], list[BadSample]]:
+    """Prepare every line of one JSONL file (blank lines are ignored).
+
+    Returns (good samples, bad samples); with on_bad_sample="error" the first bad one raises
+    ``ValueError("path:line: ...")`` instead.
+    """
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSONL file not found: {path}")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    good, bad = [], []
+    with open(path, "rb") as f:  # bytes: a line of bad UTF-8 is one bad sample, not a crash
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                encoded, images, question_type = _parse_line(raw, base_dir, tok, seq_len, image_tokens)
+            except _Bad as e:
+                message = f"{path}:{line_no}: {e.detail}"
+                if on_bad_sample == "error":
+                    raise ValueError(message) from None
+                bad.append(BadSample(path, line_no, e.reason, message))
+                continue
+            good.append(ChatSample(encoded.input_ids, encoded.labels, images, question_type, path, line_no))
+    return good, bad
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class MultimodalDataset:
+    """Prepared chat samples packed into ``seq_len`` sequences; ``len`` = number of sequences.
+
+    ``dataset[s]`` is a MultimodalSequence of exactly ``seq_len`` tokens, so microbatch shapes
+    stay fixed (what sequence and context parallelism need).
+    """
+
+    def __init__(self, samples: list[ChatSample], seq_len: int, tokenizer: Tokenizer, image_tokens: int,
+                 image_loader: Callable[[Sequence[str]], torch.Tensor], seed: int,
+                 pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = ()):
+        if not samples:
+            where = f" ({len(bad_samples)} bad samples skipped)" if bad_samples else ""
+            raise ValueError(f"the multimodal dataset has no usable samples{where}")
+        self.samples, self.seq_len = samples, int(seq_len)
+        self.pad_id, self.image_id = tokenizer.pad_id, tokenizer.image_id
+        self.image_tokens, self.image_loader = int(image_tokens), image_loader
+        self.bad_samples = list(bad_samples)
+        self.plan: PackingPlan = pack_samples([len(s.input_ids) for s in samples], seq_len, seed, pack_window)
+
+    @classmethod
+    def from_jsonl(cls, paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *, image_size: int,
+                   patch_size: int, merge: bool, seed: int, on_bad_sample: str = "error",
+                   pack_window: Optional[int] = None, image_backend: str = "pillow") -> "MultimodalDataset":
+        """Read, check and pack one or more JSONL files (samples concatenated in file order).
+
+        image_size/patch_size/merge come from the vision encoder config and fix N, the
+        placeholder tokens per image (engine.data.images.image_token_count).
+        """
+        n_image = image_token_count(image_size, patch_size, merge)
+        samples, bad = [], []
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            good_k, bad_k = read_chat_jsonl(os.fspath(path), tokenizer, seq_len, n_image, on_bad_sample)
+            samples += good_k
+            bad += bad_k
+        loader = make_image_loader(image_size, image_backend)
+        return cls(samples, seq_len, tokenizer, n_image, loader, seed, pack_window, bad)
+
+    @classmethod
+    def from_config(cls, data_cfg, split: str, *, image_size: int, patch_size: int, merge: bool,
+                    seed: int) -> "MultimodalDataset":
+        """The ``train`` or ``eval`` split named by ``data.train_jsonl`` / ``data.eval_jsonl``."""
+        path = getattr(data_cfg, f"{split}_jsonl")
+        if path is None:
+            raise ValueError(f"data.{split}_jsonl is not set")
+        return cls.from_jsonl(path, Tokenizer.load(data_cfg.tokenizer), data_cfg.seq_len, image_size=image_size,
+                              patch_size=patch_size, merge=merge, seed=seed, on_bad_sample=data_cfg.on_bad_sample,
+                              pack_window=data_cfg.pack_window, image_backend=data_cfg.image_backend)
+
+    def __len__(self) -> int:
+        return self.plan.num_sequences
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens over slots (padding is the rest)."""
+        return self.plan.efficiency
+
+    @property
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Skipped samples by reason; every reason is present, zeros included."""
+        counts = Counter(b.reason for b in self.bad_samples)
+        return {reason: counts.get(reason, 0) for reason in BAD_SAMPLE_REASONS}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for metrics.jsonl: packing efficiency and skipped samples per reason."""
+        out: dict[str, float] = {"data/packing_efficiency": self.packing_efficiency,
+                                 "data/samples": len(self.samples), "data/sequences": len(self)}
+        out.update({f"data/skipped_{r}": n for r, n in self.bad_sample_counts.items()})
+        return out
+
+    def __getitem__(self, s: int) -> MultimodalSequence:
+        n = len(self)
+        if not -n <= s < n:
+            raise IndexError(f"MultimodalDataset index {s} out of range for {n} sequences")
+        ids = self.plan.sequence(int(s) % n)
+        docs = [self.samples[i] for i in ids]
+        lens = [len(d.input_ids) for d in docs]
+        pad = self.seq_len - sum(lens)
+        doc_lens = lens + ([pad] if pad else [])
+        input_ids = np.concatenate([d.input_ids for d in docs] + [np.full(pad, self.pad_id, np.int64)])
+        labels = np.concatenate([d.labels for d in docs] + [np.full(pad, IGNORE_INDEX, np.int64)])
+        positions = np.concatenate([np.arange(k, dtype=np.int32) for k in doc_lens])
+        return MultimodalSequence(input_ids=input_ids, labels=labels, positions=positions,
+                                  doc_lens=np.asarray(doc_lens, np.int32),
+                                  image_paths=[p for d in docs for p in d.images], sample_ids=ids.copy())
+
+    def collate(self, sequences: Sequence[MultimodalSequence]) -> Microbatch:
+        """Text fields as ``sampler.collate``, plus (images in placeholder order)
+
+        pixel_values:       float32 ``[num_images, 3, H, W]``
+        image_token_counts: int64 ``[num_images]``, placeholder tokens of each image
+        """
+        mb = collate(sequences)
+        paths = [p for s in sequences for p in s.image_paths]
+        return dataclasses.replace(mb, pixel_values=self.image_loader(paths),
+                                   image_token_counts=torch.full((len(paths),), self.image_tokens, dtype=torch.int64))
+
+    def microbatches(self, global_indices: Sequence[int], dp_rank: int, dp_size: int,
+                     micro_batch_size: int) -> list[Microbatch]:
+        """This DP rank's microbatches of a global batch; same slicing as ``rank_microbatches``."""
+        mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
+        return [self.collate([self[int(i)] for i in mine[k:k + micro_batch_size]])
+                for k in range(0, len(mine), micro_batch_size)]
+
+
+def rank_slice(global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[int]:
+    """The contiguous slice of a global batch that DP rank ``dp_rank`` owns."""
+    g = len(global_indices)
+    if dp_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"dp_size={dp_size} and micro_batch_size={micro_batch_size} must be >= 1")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    if g % (dp_size * micro_batch_size):
+        raise ValueError(f"global batch of {g} sequences is not divisible by dp_size={dp_size} * "
+                         f"micro_batch_size={micro_batch_size}")
+    n = g // dp_size
+    return [int(i) for i in global_indices[dp_rank * n:(dp_rank + 1) * n]]
+
+
+# ----------------------------------------------------------------------------- resumable iterator
+
+
+class MultimodalBatchIterator:
+    """Step after step, this rank's microbatches of the global batch; exactly resumable.
+
+    The state is the step (the sampler is a pure function of it) plus what the step means:
+    seed, batch size, shuffle and the packing fingerprint, checked on load so a resume against
+    a differently prepared dataset fails loudly. The DP layout is deliberately not part of the
+    state: a run may resume under another layout and see the same global batches.
+    """
+
+    def __init__(self, dataset: MultimodalDataset, global_batch_size: int, seed: int, *, dp_rank: int = 0,
+                 dp_size: int = 1, micro_batch_size: int = 1, shuffle: bool = True):
+        self.dataset = dataset
+        self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed, shuffle=shuffle)
+        self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
+        self.step = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.sampler.steps_per_epoch
+
+    def __iter__(self) -> "MultimodalBatchIterator":
+        return self
+
+    def __next__(self) -> list[Microbatch]:
+        indices = self.sampler.indices(self.step)
+        mbs = self.dataset.microbatches(indices, self.dp_rank, self.dp_size, self.micro_batch_size)
+        self.step += 1
+        return mbs
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"step": self.step, "seed": s.seed, "global_batch_size": s.global_batch_size,
+                "shuffle": s.shuffle, "num_sequences": s.num_samples,
+                "packing": self.dataset.plan.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in mine:
+            if key not in state:
+                raise ValueError(f"data iterator state lacks {key!r}")
+        diffs = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in mine if k != "step" and state[k] != mine[k]]
+        if diffs:
+            raise ValueError("data iterator state does not match this dataset/sampler: " + "; ".join(diffs))
+        if int(state["step"]) < 0:
+            raise ValueError(f"data iterator state has step={state['step']}")
+        self.step = int(state["step"])

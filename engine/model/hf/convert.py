@@ -1,0 +1,224 @@
+"""HF directory <-> Loom checkpoint, streaming: one tensor (on export, one output shard) in memory.
+
+Import reads ``config.json``, indexes every tensor from the safetensors headers alone, checks the
+names and shapes against a Loom model of that config, then writes a weights-only Loom checkpoint
+(``kind: model``, step 0) whose tensors DCP pulls from the safetensors files one at a time. They
+keep their stored dtype, so an export reproduces them bit for bit. ``config.json`` and the
+tokenizer files go to the checkpoint's ``hf/`` and travel with every checkpoint trained from it.
+
+Export plans the output shards from the checkpoint's metadata, then per shard reads its Loom
+tensors from DCP, splits stacked experts, casts, and writes the shard; then ``config.json``
+(the imported one updated from the Loom config, or one built from it), the index and ``hf/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.config import ModelConfig, build
+from engine.model.hf import family_for, family_for_model
+from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, weight_map
+from engine.train import checkpoint_io as io
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+HfIndex = dict[str, tuple[tuple[int, ...], torch.dtype, Path]]  # HF name -> (shape, dtype, file)
+
+
+# ----------------------------------------------------------------------------- reading an HF directory
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def index_hf_dir(hf_dir: Path) -> HfIndex:
+    """Every tensor of the directory's safetensors files, from their headers (no tensor data is read)."""
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        others = [p.name for p in Path(hf_dir).iterdir() if p.suffix in _WEIGHT_FILES]
+        raise ConversionError(f"{hf_dir}: no .safetensors files" + (f" (found {others}; only safetensors is read, "
+                                                                     "never pickled weights)" if others else ""))
+    index: HfIndex = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    if name in index:
+                        raise ConversionError(f"{hf_dir}: weight {name!r} is in both {index[name][2].name} and {file.name}")
+                    index[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()], file)
+        except (OSError, ValueError, RuntimeError) as e:  # a truncated or corrupt file
+            if isinstance(e, ConversionError):
+                raise
+            raise ConversionError(f"{file}: cannot read safetensors header ({e})") from e
+    return index
+
+
+def read_hf_tensor(index: HfIndex, name: str) -> torch.Tensor:
+    with safe_open(str(index[name][2]), "pt") as f:
+        return f.get_tensor(name)
+
+
+def read_loom_tensor(index: HfIndex, wmap: WeightMap, loom: str) -> torch.Tensor:
+    """Loom tensor ``loom`` assembled from its HF tensors (stacked experts), in the stored dtype."""
+    pieces = [read_hf_tensor(index, n) for n in wmap.loom_to_hf[loom]]
+    return torch.stack(pieces) if loom in wmap.stacked else pieces[0]
+
+
+def hf_model_plan(hf_dir: Path):
+    """(family, ModelConfig, WeightMap, HfIndex) of an HF directory, all names and shapes checked."""
+    hf = read_hf_config(hf_dir)
+    family = family_for(hf)
+    cfg = family.config_from_hf(hf)
+    cfg.validate()
+    wmap = weight_map(family, cfg)
+    index = index_hf_dir(hf_dir)
+    check_hf_names(wmap, {k: v for k, v in index.items()}, cfg.tie_embeddings, str(hf_dir))
+    return family, cfg, wmap, index
+
+
+def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
+    """Fill a single-device Loom model from an HF directory, one tensor at a time (``plan``: hf_model_plan's)."""
+    from engine.train.checkpoint import named_tensors
+
+    _, _, wmap, index = plan or hf_model_plan(hf_dir)
+    own = named_tensors(model, model.cfg.tie_embeddings)
+    with torch.no_grad():
+        for loom in wmap.loom_to_hf:
+            own[loom].copy_(read_loom_tensor(index, wmap, loom))
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_hf(hf_dir: Path, out_dir: Path) -> Path:
+    """Convert an HF directory into a weights-only Loom checkpoint at ``out_dir``."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    family, cfg, wmap, index = hf_model_plan(hf_dir)
+    state, sources = {}, {}
+    for loom, hf_names in wmap.loom_to_hf.items():
+        dtype = index[hf_names[0]][1]
+        state[f"model/{loom}"] = torch.empty(wmap.shapes[loom], dtype=dtype, device="meta")
+        sources[f"model/{loom}"] = lambda loom=loom: read_loom_tensor(index, wmap, loom)
+    marker = {"kind": "model", "step": 0, "config": {"model": dataclasses.asdict(cfg)},
+              "source": {"hf_dir": str(hf_dir), "family": family.name}}
+    io.write_checkpoint(out_dir, state, {}, marker, sources=sources, no_dist=True,
+                        side_files=lambda path: copy_side_files(hf_dir, path / "hf"))
+    return out_dir
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """config.json, tokenizer, generation config...: every file that is not a weight or a weight index."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.suffix not in _WEIGHT_FILES and not f.name.endswith(".index.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def checkpoint_model_config(marker: dict, path: Path) -> ModelConfig:
+    model = (marker.get("config") or {}).get("model")
+    if model is None:
+        raise io.CheckpointError(f"checkpoint {path}: {io.MARKER} has no config.model")
+    return build(ModelConfig, model, "model.")
+
+
+def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: Optional[str] = None,
+              max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF directory (safetensors shards, config.json, tokenizer files) from a Loom checkpoint.
+
+    ``dtype``: fp32 / bf16 / fp16; by default each tensor keeps its stored dtype (an imported
+    checkpoint round-trips bit for bit; a trained one is fp32). ``arch`` overrides the family.
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    marker = io.read_marker(ckpt_dir)
+    cfg = checkpoint_model_config(marker, ckpt_dir)
+    base = read_hf_config(ckpt_dir / "hf") if (ckpt_dir / "hf" / "config.json").is_file() else {}
+    family = family_for_model(cfg, arch) if arch or not base else family_for(base)
+    hf_cfg = family.config_to_hf(cfg, base)
+    wmap = weight_map(family, cfg)
+    stored = _stored_dtypes(ckpt_dir, wmap)
+    cast = DTYPE_NAMES[dtype] if dtype else None
+    shards = _plan_shards(wmap, stored, cast, max_shard_bytes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_index = {}
+    for i, looms in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _read_shard(ckpt_dir, wmap, looms, stored, cast)
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        weight_index.update({k: name for k in tensors})
+        del tensors
+    _write_hf_side(ckpt_dir, out_dir, hf_cfg, weight_index, shards, wmap, stored, cast)
+    return out_dir
+
+
+def _stored_dtypes(ckpt_dir: Path, wmap: WeightMap) -> dict[str, torch.dtype]:
+    saved = io.saved_tensors(ckpt_dir)
+    out = {}
+    for loom, shape in wmap.shapes.items():
+        entry = saved.get(f"model/{loom}")
+        if entry is None:
+            raise io.CheckpointError(f"checkpoint {ckpt_dir} lacks tensor model/{loom}")
+        if tuple(entry[0]) != tuple(shape):
+            raise io.CheckpointError(f"checkpoint {ckpt_dir}: model/{loom} has shape {entry[0]}, the config says {shape}")
+        out[loom] = entry[1]
+    return out
+
+
+def _plan_shards(wmap: WeightMap, stored, cast, max_bytes: int) -> list[list[str]]:
+    """Loom tensors grouped into output shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards, current, size = [], [], 0
+    for loom, shape in wmap.shapes.items():
+        nbytes = torch.Size(shape).numel() * (cast or stored[loom]).itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(loom)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def _read_shard(ckpt_dir: Path, wmap: WeightMap, looms: list[str], stored, cast) -> dict[str, torch.Tensor]:
+    state = {f"model/{loom}": torch.empty(wmap.shapes[loom], dtype=stored[loom]) for loom in looms}
+    io.read_checkpoint(ckpt_dir, state, {}, no_dist=True)
+    out = {}
+    for loom in looms:
+        tensor = state.pop(f"model/{loom}")
+        tensor = tensor.to(cast) if cast is not None else tensor
+        pieces = tensor.unbind(0) if loom in wmap.stacked else [tensor]
+        out.update({n: p.contiguous() for n, p in zip(wmap.loom_to_hf[loom], pieces)})
+    return out
+
+
+def _write_hf_side(ckpt_dir, out_dir, hf_cfg, weight_index, shards, wmap, stored, cast) -> None:
+    if (ckpt_dir / "hf").is_dir():
+        copy_side_files(ckpt_dir / "hf", out_dir)
+    dtypes = {str(cast or stored[loom]).removeprefix("torch.") for loom in wmap.shapes}
+    if len(dtypes) == 1:
+        hf_cfg["dtype"] = hf_cfg["torch_dtype"] = dtypes.pop()
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    if len(shards) > 1:
+        total = sum(torch.Size(wmap.shapes[loom]).numel() * (cast or stored[loom]).itemsize for loom in wmap.shapes)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_index.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

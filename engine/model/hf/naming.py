@@ -1,0 +1,121 @@
+"""How a family of HF checkpoints names Loom's tensors, and the checks both directions share.
+
+A family is a list of rules ``(Loom regex, HF template)``. The template is formatted with the
+regex groups; a template containing ``{e}`` names one HF tensor per expert, and the Loom tensor
+is their stack along dim 0 (HF keeps one ``[out, in]`` per expert, Loom ``[E, out, in]``).
+Loom keeps HF's layouts otherwise (rotate-half RoPE, separate q/k/v and gate/up), so no rule
+transposes or permutes anything.
+
+The expected set of names always comes from a Loom model built for the config (on the meta
+device), so a weight that is missing or unexpected is found before any data is read.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.config import ModelConfig
+
+# HF names that carry no weights (derived buffers some exporters wrote).
+IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq")
+
+# Attention, norms, embedding and head: the same in every family here.
+COMMON_RULES = [
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"layers\.(\d+)\.attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)", "model.layers.{0}.self_attn.{1}.{2}"),
+    (r"layers\.(\d+)\.attn\.(q_norm|k_norm)\.weight", "model.layers.{0}.self_attn.{1}.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", "model.layers.{0}.input_layernorm.weight"),
+    (r"layers\.(\d+)\.mlp_norm\.weight", "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+]
+DENSE_MLP_RULES = [
+    (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "model.layers.{0}.mlp.{1}.weight"),
+]
+
+
+class ConversionError(ValueError):
+    """An HF checkpoint or config Loom cannot convert; the message names the weight, key or file."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF architecture family: its names, and its config in both directions."""
+
+    name: str
+    architectures: tuple[str, ...]
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig, dict], dict]  # (cfg, base HF config or {}) -> HF config
+    rules: list = field(default_factory=list)
+
+    def hf_names(self, loom_name: str, shape) -> tuple[list[str], bool]:
+        """(the HF tensors that make up Loom tensor ``loom_name``, whether they stack along dim 0)."""
+        for pattern, template in self.rules:
+            m = re.fullmatch(pattern, loom_name)
+            if m:
+                if "{e}" in template:
+                    return [template.format(*m.groups(), e=e) for e in range(shape[0])], True
+                return [template.format(*m.groups())], False
+        raise ConversionError(f"Loom tensor {loom_name!r} has no {self.name} name (architectures "
+                              f"{', '.join(self.architectures)})")
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Loom name -> meta tensor for every tensor a model of ``cfg`` has, named as checkpoints name them."""
+    from engine.model.decoder import build_model
+    from engine.train.checkpoint import named_tensors
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {k: v.detach() for k, v in named_tensors(model, cfg.tie_embeddings).items()}
+
+
+@dataclass
+class WeightMap:
+    """Loom tensor -> the HF tensors it is made of, for one config, with the reverse lookup."""
+
+    loom_to_hf: dict[str, list[str]]
+    stacked: set[str]  # Loom tensors that are a stack of per-expert HF tensors
+    shapes: dict[str, tuple[int, ...]]  # Loom shapes
+
+    @property
+    def hf_to_loom(self) -> dict[str, tuple[str, int]]:
+        """HF name -> (Loom name, position in the stack, -1 when not stacked)."""
+        return {name: (loom, i if loom in self.stacked else -1)
+                for loom, hf in self.loom_to_hf.items() for i, name in enumerate(hf)}
+
+    def hf_shape(self, loom: str, index: int) -> tuple[int, ...]:
+        shape = self.shapes[loom]
+        return shape[1:] if index >= 0 else shape
+
+
+def weight_map(family: Family, cfg: ModelConfig) -> WeightMap:
+    loom_to_hf, stacked, shapes = {}, set(), {}
+    for name, tensor in expected_tensors(cfg).items():
+        loom_to_hf[name], is_stack = family.hf_names(name, tensor.shape)
+        shapes[name] = tuple(tensor.shape)
+        if is_stack:
+            stacked.add(name)
+    return WeightMap(loom_to_hf, stacked, shapes)
+
+
+def check_hf_names(wmap: WeightMap, found: dict[str, tuple], tie_embeddings: bool, where: str) -> None:
+    """Every HF tensor expected and none unexpected, with the right shapes; errors name the weight."""
+    reverse = wmap.hf_to_loom
+    for name, (shape, _dtype, _file) in found.items():
+        if IGNORED_HF.fullmatch(name) or (tie_embeddings and name == "lm_head.weight"):
+            continue
+        if name not in reverse:
+            raise ConversionError(f"{where}: unexpected weight {name!r} (no Loom tensor takes it)")
+        loom, index = reverse[name]
+        want = wmap.hf_shape(loom, index)
+        if tuple(shape) != want:
+            raise ConversionError(f"{where}: weight {name!r} has shape {tuple(shape)}, expected {want} "
+                                  f"(Loom {loom})")
+    missing = [n for n in reverse if n not in found]
+    if missing:
+        raise ConversionError(f"{where}: missing weight {missing[0]!r}"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))

@@ -1,0 +1,245 @@
+"""Expert parallelism: the all-to-all token dispatcher, expert sharding, and the MoE step statistics.
+
+The model's ``MoE`` layer (engine/model/moe.py) stays single-device code; ``parallelize_moe``
+gives each one this rank's slice of the experts, an ``ExpertParallelDispatcher`` over the
+``ep x etp`` group, and a ``ShardedBalanceScope`` that knows which ranks share a microbatch.
+
+Expert weights ``[E, F, h]`` / ``[E, h, F]`` are split over ep along E (rank ``ep_rank`` holds
+experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)``) and over etp along F. They are marked
+``param.is_expert``: their gradients are reduced over the expert-data-parallel group only, and
+the gradient norm sums them over the expert-model-parallel group (see mesh.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, permute, unpermute
+from engine.parallel import comm
+from engine.parallel.context_parallel import CPShard
+from engine.parallel.sharding import add_split
+from engine.parallel.tensor_parallel import mark
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _all_to_all(x: torch.Tensor, group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
+                           group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Exchange variable-size blocks of rows over ``group`` (size n).
+
+    forward: ``x [sum(in_splits), ...]`` whose j-th block of ``in_splits[j]`` rows goes to rank j
+    -> ``[sum(out_splits), ...]`` whose j-th block of ``out_splits[j]`` rows came from rank j.
+    backward: the same exchange with the splits swapped, so each gradient block returns to the
+    rank that sent the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        return _all_to_all(x, group, out_splits, in_splits)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
+
+
+def exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
+    """``send [n, c]`` (row j for rank j) -> ``[n, c]`` (row j from rank j). Not differentiable."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    return recv
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(s, s + n)`` for each (s, n); int64."""
+    total = int(lengths.sum())
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
+    return torch.arange(total, device=starts.device) + shift
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+
+class ExpertParallelDispatcher:
+    """Tokens to the ranks that hold their experts and back, over the ``ep x etp`` ``group``.
+
+    Dispatch rank ``d = ep_rank * etp + etp_rank`` (etp fastest, as in the expert mesh) holds
+    experts ``[ep_rank * E_l, (ep_rank + 1) * E_l)``, ``E_l = E / ep``, each split over the etp
+    ranks along F. Per rank, with ``T`` local tokens, ``N`` kept assignments and ``R`` rows received:
+      1. permute ``x [T, h] -> [N, h]``, grouped by global expert;
+      2. exchange the rows per (destination, local expert): ``counts [n, E_l]``;
+      3. all-to-all the rows, each ep slot's rows to every etp rank of it: ``[R, h]`` in
+         (source, expert) order, regrouped to (expert, source) for the grouped GEMM;
+      4. local experts ``[R, h] -> [R, h]`` (partial sums over F under etp > 1);
+      5. the mirror: regroup back, all-to-all back ``[N * etp, h]``, sum the etp partials ``[N, h]``;
+      6. unpermute weighted by the routing weights: ``[T, h]``.
+    Backward runs the same exchanges in reverse (``AllToAll``); copies sent to several etp
+    ranks get their gradients summed by the duplication's backward.
+    """
+
+    def __init__(self, group, num_experts: int, ep: int, etp: int):
+        if num_experts % ep:
+            raise ValueError(f"ep={ep} does not divide num_experts={num_experts}")
+        if comm.group_size(group) != ep * etp:
+            raise ValueError(f"the dispatch group has {comm.group_size(group)} ranks, not ep*etp = {ep}*{etp}")
+        self.group, self.num_experts, self.ep, self.etp = group, num_experts, ep, etp
+        self.local_experts = num_experts // ep
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+        xp, perm = permute(x, routing.experts, self.num_experts)
+        per_slot = perm.counts.view(self.ep, self.local_experts)
+        send_counts = per_slot.repeat_interleave(self.etp, dim=0)
+        recv_counts = exchange_counts(send_counts, self.group)
+        in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        copies = None
+        if self.etp > 1:  # every etp rank of an ep slot gets that slot's rows
+            rows = per_slot.sum(1)
+            starts = torch.cumsum(rows, 0) - rows
+            copies = _ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp))
+            xp = xp.index_select(0, copies)
+        received = AllToAll.apply(xp, self.group, out_splits, in_splits)
+        order = self._expert_major(recv_counts)
+        out = experts(received.index_select(0, order), recv_counts.sum(0))
+        out = out.index_select(0, torch.argsort(order))
+        back = AllToAll.apply(out, self.group, in_splits, out_splits)
+        if copies is not None:
+            back = back.new_zeros((perm.token.numel(), back.shape[-1])).index_add(0, copies, back)
+        return unpermute(back, perm, routing.weights).to(x.dtype)
+
+    @staticmethod
+    def _expert_major(counts: torch.Tensor) -> torch.Tensor:
+        """Rows laid out in (source, expert) blocks of ``counts [n, E_l]`` -> the (expert, source) order."""
+        flat = counts.reshape(-1)
+        starts = (torch.cumsum(flat, 0) - flat).view_as(counts)
+        return _ranges(starts.T.reshape(-1), counts.T.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- balancing scope
+
+
+class ShardedBalanceScope(BalanceScope):
+    """Balancing units of a trainer microbatch whose tokens are split over ``shard_group``
+    (the tp x cp ranks: SP slices ``sp_group``'s share contiguously, CP takes a zigzag shard).
+
+    A token's unit is found from its index in the whole microbatch: under CP from the
+    microbatch's ``CPShard`` (``meta.extra``), then this TP rank's contiguous slice.
+    """
+
+    def __init__(self, seq_len: int, sequences_per_step: int, micro_batch_size: int, sp_group, shard_group):
+        self.seq_len, self.sequences_per_step, self.micro_batch_size = seq_len, sequences_per_step, micro_batch_size
+        self.sp_group, self.shard_group = sp_group, shard_group
+
+    def token_index(self, num_tokens: int, meta) -> torch.Tensor:
+        sp = comm.group_size(self.sp_group)
+        extra = getattr(meta, "extra", None)
+        if isinstance(extra, CPShard):
+            index = extra.plan.index(extra.rank)
+        else:
+            index = torch.arange(num_tokens * sp, device=meta.cu_seqlens.device if meta is not None else None)
+        return comm.split(index, self.sp_group, 0) if sp > 1 else index
+
+    def units(self, num_tokens: int, meta, kind: str) -> tuple[torch.Tensor, int]:
+        if kind != "seq":
+            return super().units(num_tokens, meta, kind)
+        total = num_tokens * comm.group_size(self.shard_group)
+        return self.token_index(num_tokens, meta) // self.seq_len, max(1, total // self.seq_len)
+
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(t, self.shard_group)
+
+    def units_per_step(self, kind: str, units_here: int) -> int:
+        if kind == "seq":
+            return self.sequences_per_step
+        return self.sequences_per_step // self.micro_batch_size
+
+    def tokens_per_step(self, num_tokens: int) -> int:
+        return self.sequences_per_step * self.seq_len
+
+
+# ----------------------------------------------------------------------------- parallelize
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoE]:
+    """This rank's MoE layers by global layer index."""
+    return {int(name): block.mlp for name, block in model.layers.items() if isinstance(block.mlp, MoE)}
+
+
+def parallelize_moe(model: nn.Module, groups, cfg) -> None:
+    """Shard the experts over ep x etp and swap in the EP dispatcher and the sharded scope.
+
+    The shared expert is tensor-parallel like a dense MLP (parallelize.py does that); the router
+    and the shared-expert gate see this TP rank's token slice, so their gradients are partial.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return
+    scope = ShardedBalanceScope(cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                groups.tp, groups.tp_cp)
+    ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
+    tp_split = comm.group_size(groups.tp) > 1
+    for moe in layers.values():
+        moe.scope = scope
+        if ep * etp > 1:
+            moe.dispatcher = ExpertParallelDispatcher(groups.ep_etp, cfg.model.moe.num_experts, ep, etp)
+        shard_experts(moe.experts, groups)
+        if tp_split:
+            mark(moe.gate.weight, partial=True)
+            if moe.shared_expert_gate is not None:
+                mark(moe.shared_expert_gate.weight, partial=True)
+
+
+def shard_experts(experts: GroupedExperts, groups) -> None:
+    """Keep this rank's experts (over ep, dim 0) and its slice of F (over etp); mark them as expert params."""
+    ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
+    local = experts.num_experts // ep
+    for name, f_dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+        full = getattr(experts, name).detach()
+        shard = full[groups.ep_rank * local:(groups.ep_rank + 1) * local].chunk(etp, dim=f_dim)[groups.etp_rank]
+        param = mark(nn.Parameter(shard.clone()))
+        param.is_expert = True
+        for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
+            if size > 1:
+                add_split(param, dim, group)
+        setattr(experts, name, param)
+    experts.num_experts = local
+
+
+# ----------------------------------------------------------------------------- step statistics
+
+
+def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=None) -> dict:
+    """Sum the step's MoE statistics over ``group``, update the correction biases, reset the stats.
+
+    ``group`` must cover every rank that holds tokens or layers of the step; None is the whole
+    world (the statistics are per rank and disjoint: SP/CP/DP ranks hold different tokens, pipeline
+    stages different layers, EP ranks are DP/CP ranks). Every replica then applies the same bias
+    update. Returns the metrics record fields: ``aux_loss`` and ``z_loss`` (as added to the
+    objective, summed over layers), ``dropped_tokens`` (assignments) and ``expert_load``
+    ``{layer: [assignments per expert]}``.
+    """
+    indices = [i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i)]
+    if not indices:
+        return {}
+    e = model_cfg.moe.num_experts
+    local = moe_layers(model)
+    table = torch.zeros(len(indices), e + 3, dtype=torch.float64, device=device)
+    for row, i in enumerate(indices):
+        if i in local:
+            table[row] = local[i].stats.vector(device).double()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(table, group=group)
+    for row, i in enumerate(indices):
+        if i in local:
+            local[i].update_bias(table[row, :e])
+            local[i].stats.reset()
+    table = table.cpu()
+    return {"aux_loss": float(table[:, e + 1].sum()), "z_loss": float(table[:, e + 2].sum()),
+            "dropped_tokens": int(table[:, e].sum()),
+            "expert_load": {str(i): [int(c) for c in table[row, :e].tolist()] for row, i in enumerate(indices)}}

@@ -1,0 +1,292 @@
+"""Pipeline parallelism: stage split with stable parameter names, p2p, and one table executor.
+
+- ``split_stages`` cuts the single-device model into this rank's virtual stages. Each is a copy
+  of the model skeleton that keeps only its blocks (``model.layers`` is keyed by global layer
+  index) and sets ``embed`` / ``norm`` / ``lm_head`` to None where it does not own them, so
+  parameter names are those of the whole model and checkpoints never see stage-local names.
+- ``PipelineExecutor`` runs one rank's schedule table (pipeline_schedule.py): forward steps
+  through a callback, backward steps with autograd, p2p steps with ``batch_isend_irecv`` over
+  the pp group. It knows nothing of the schedule that built the table.
+- ``Pipeline`` is what the trainer holds: tables per microbatch count, the boundary shape,
+  the loss made known on every rank, and the tied embedding / LM head gradient sum.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.parallel.mesh import ParallelGroups, default_timeout, group_layout
+from engine.parallel.pipeline_schedule import (
+    B, F, RECV_F, SEND_B, SEND_F, Action, Table, build_table, last_backward_steps, peer_of,
+)
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int = 1, layout: Optional[Sequence[int]] = None) -> list[range]:
+    """Global layer indices of every virtual stage, in pipeline order (stage s = chunk * pp + rank)."""
+    stages = pp * vpp
+    if layout is None:
+        if num_layers % stages:
+            raise ValueError(f"{num_layers} layers do not split evenly over pp*vpp={pp}*{vpp} stages")
+        layout = [num_layers // stages] * stages
+    if len(layout) != stages or sum(layout) != num_layers or min(layout) < 0:
+        raise ValueError(f"layout {list(layout)} must give {stages} stages of >= 0 layers summing to {num_layers}")
+    starts = [0, *itertools.accumulate(layout)]
+    return [range(starts[s], starts[s + 1]) for s in range(stages)]
+
+
+def split_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int = 1,
+                 layout: Optional[Sequence[int]] = None) -> list[nn.Module]:
+    """This rank's chunks: virtual stages ``pp_rank, pp_rank + pp, ...`` (Megatron order).
+
+    Parameters are moved, not copied: each chunk shares its tensors with ``model``, which the
+    caller drops. Run this before tensor parallelism so every chunk is a plain module.
+    """
+    stages = stage_layers(len(model.layers), pp, vpp, layout)
+    chunks = []
+    for chunk in range(vpp):
+        stage = chunk * pp + pp_rank
+        chunks.append(_stage_module(model, stages[stage], first=stage == 0, last=stage == pp * vpp - 1))
+    return chunks
+
+
+def _stage_module(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    stage = copy.deepcopy(model, memo=keep)  # new modules around the same tensors
+    for name in list(stage.layers.keys()):
+        if int(name) not in layers:
+            del stage.layers[name]
+    if not first:
+        stage.embed = None
+    if not last:
+        stage.norm = None
+        stage.lm_head = None
+    return stage
+
+
+def join_chunks(chunks: list[nn.Module]) -> nn.Module:
+    """One module holding every chunk's submodules (the same objects) under their global names.
+
+    What the optimizer, gradient buffers and checkpoints see: this rank's whole share of the
+    model, with the names it has at world size 1. Not for forward (chunks are not contiguous).
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    reuse = {id(m): m for chunk in chunks for m in chunk.modules() if m is not chunk}
+    joined = copy.deepcopy(chunks[0], memo=reuse)
+    layers = sorted(((k, v) for chunk in chunks for k, v in chunk.layers.items()), key=lambda kv: int(kv[0]))
+    joined.layers = nn.ModuleDict(layers)
+    joined.norm, joined.lm_head = chunks[-1].norm, chunks[-1].lm_head
+    return joined
+
+
+def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
+    """(this rank's tied weight, the first+last stage group) or (None, None).
+
+    With tied embeddings the first stage holds ``embed.weight`` and the last ``lm_head.weight``,
+    two copies of one weight. Their gradients are summed over the pair so both copies take the
+    same step; the last stage's copy is marked ``pp_tied_replica`` so the gradient norm and
+    gathered gradients count the weight once. Collective: every rank builds every pair's group.
+    """
+    if not tie or groups.dims.pp == 1:
+        return None, None
+    mine = None
+    for ranks in group_layout(groups.dims)["pp"]:  # sorted: ranks[0] is stage 0, ranks[-1] the last
+        pair = [ranks[0], ranks[-1]]
+        group = dist.new_group(pair, timeout=default_timeout())
+        if groups.rank in pair:
+            mine = group
+    weight = None
+    if chunks[0].embed is not None:
+        weight = chunks[0].embed.weight
+    elif chunks[-1].lm_head is not None:
+        weight = chunks[-1].lm_head.weight
+        weight.pp_tied_replica = True
+    return weight, mine
+
+
+# ----------------------------------------------------------------------------- executor
+
+
+class StageOutput(NamedTuple):
+    """What a stage's forward of one microbatch hands the executor.
+
+    output: activations for the next stage ``[T_local, h]``; None on the last stage.
+    objective: scalar to backpropagate from this stage (the normalised loss on the last stage,
+        an auxiliary loss on any stage), or None.
+    stats: detached scalars summed over microbatches, chunks and stages, e.g. ``loss_sum``.
+    """
+
+    output: Optional[torch.Tensor]
+    objective: Optional[torch.Tensor]
+    stats: dict
+
+
+ForwardFn = Callable[[int, Optional[torch.Tensor], Any], StageOutput]
+
+
+class _RunState:
+    """Tensors alive during one run, keyed by (microbatch, chunk)."""
+
+    def __init__(self, microbatches, forward_fn, boundary, stat_names, device):
+        self.microbatches, self.forward_fn, self.boundary = microbatches, forward_fn, boundary
+        self.stat_names = list(stat_names)
+        self.totals = torch.zeros(len(stat_names), dtype=torch.float32, device=device)
+        self.inputs: dict = {}  # received activations, inputs of forward steps
+        self.saved: dict = {}  # (input, StageOutput) kept from forward to backward
+        self.out_grads: dict = {}  # received gradients of this rank's outputs
+        self.outbox: dict = {}  # (kind, mb, chunk) -> tensor awaiting its send step
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+
+class PipelineExecutor:
+    """Runs one rank's schedule table over the pp ``group``; the same code for every schedule."""
+
+    def __init__(self, group, device: torch.device):
+        self.group, self.device = group, device
+        self.peers = dist.get_process_group_ranks(group)
+        self.pp, self.rank = len(self.peers), dist.get_rank(group)
+        self.peak_in_flight = 0
+        self.trace: Optional[list] = None  # set to a list to record (action, start, end) per compute
+        # NCCL builds communicators lazily and the first batched p2p on a group must involve
+        # all its ranks; one collective here makes the communicator exist everywhere.
+        dist.barrier(group=group)
+
+    def run(self, table: Table, microbatches: Sequence, forward_fn: ForwardFn,
+            boundary: Callable[[Any], tuple], grad_sync: Optional[Callable[[bool], None]] = None,
+            stat_names: Sequence[str] = ("loss_sum",)) -> dict[str, torch.Tensor]:
+        """Run ``table``; return the stats summed over microbatches and the whole pipeline.
+
+        ``boundary(mb)`` gives ``(shape, dtype)`` of the activations crossing stages for ``mb``
+        (known from the config and the microbatch, so no shape handshake). ``grad_sync(last)``
+        is called before each backward, with True on each chunk's last one (its gradients are
+        then final and may be reduced over DP).
+        """
+        state = _RunState(microbatches, forward_fn, boundary, stat_names, self.device)
+        last_backward = set(last_backward_steps(table).values())
+        for index, step in enumerate(table):
+            action = step[0]
+            if action.kind == F:
+                self._timed(action, self._forward, state, action)
+            elif action.kind == B:
+                if grad_sync is not None:
+                    grad_sync(index in last_backward)
+                self._timed(action, self._backward, state, action)
+            else:
+                self._communicate(state, step)
+        if state.saved or state.outbox or state.inputs or state.out_grads:
+            raise RuntimeError("pipeline table left tensors behind: it is not a complete schedule")
+        self.peak_in_flight = state.peak_in_flight
+        dist.all_reduce(state.totals, group=self.group)  # the last stage's loss, known on every rank
+        return dict(zip(state.stat_names, state.totals))
+
+    def _timed(self, action: Action, fn, *args) -> None:
+        start = time.perf_counter()
+        fn(*args)
+        if self.trace is not None:
+            self.trace.append((action, start, time.perf_counter()))
+
+    def _forward(self, state: _RunState, a: Action) -> None:
+        x = state.inputs.pop((a.mb, a.chunk), None)  # None: the first stage reads the microbatch
+        out = state.forward_fn(a.chunk, x, state.microbatches[a.mb])
+        for name, value in out.stats.items():
+            if name not in state.stat_names:
+                raise KeyError(f"stage stat {name!r} is not among the pipeline's stat_names {state.stat_names}")
+            state.totals[state.stat_names.index(name)] += value.detach().float()
+        if out.output is not None:
+            state.outbox[(SEND_F, a.mb, a.chunk)] = self._checked(out.output.detach(), state, a)
+        state.saved[(a.mb, a.chunk)] = (x, out)
+        state.in_flight += 1
+        state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+
+    def _backward(self, state: _RunState, a: Action) -> None:
+        x, out = state.saved.pop((a.mb, a.chunk))
+        roots, grads = [], []
+        if out.output is not None:
+            roots.append(out.output)
+            grads.append(state.out_grads.pop((a.mb, a.chunk)))
+        if out.objective is not None and out.objective.requires_grad:
+            roots.append(out.objective)
+            grads.append(None)  # a scalar: d objective / d objective = 1
+        if roots:
+            torch.autograd.backward(roots, grads)
+        if x is not None:
+            grad = x.grad if x.grad is not None else torch.zeros_like(x)
+            state.outbox[(SEND_B, a.mb, a.chunk)] = grad
+        state.in_flight -= 1
+
+    def _checked(self, tensor: torch.Tensor, state: _RunState, a: Action) -> torch.Tensor:
+        shape, dtype = state.boundary(state.microbatches[a.mb])
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise RuntimeError(f"stage output of microbatch {a.mb} chunk {a.chunk} is {tuple(tensor.shape)} "
+                               f"{tensor.dtype}, but the next stage receives {tuple(shape)} {dtype}")
+        return tensor.contiguous()
+
+    def _communicate(self, state: _RunState, step: tuple) -> None:
+        ops, received = [], []
+        for a in step:
+            peer = self.peers[peer_of(a, self.rank, self.pp)]
+            if a.kind in (SEND_F, SEND_B):
+                ops.append(dist.P2POp(dist.isend, state.outbox.pop((a.kind, a.mb, a.chunk)), peer, self.group))
+            else:
+                shape, dtype = state.boundary(state.microbatches[a.mb])
+                buffer = torch.empty(shape, dtype=dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group))
+                received.append((a, buffer))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        for a, buffer in received:
+            if a.kind == RECV_F:
+                state.inputs[(a.mb, a.chunk)] = buffer.requires_grad_()
+            else:
+                state.out_grads[(a.mb, a.chunk)] = buffer
+
+
+# ----------------------------------------------------------------------------- the trainer's handle
+
+
+class Pipeline:
+    """This rank's part of the pipeline: schedule tables, executor, tied-embedding sync."""
+
+    def __init__(self, chunks: list[nn.Module], groups: ParallelGroups, cfg):
+        p = cfg.parallel
+        self.schedule, self.pp, self.vpp, self.pp_rank = p.pp_schedule, p.pp, p.vpp, groups.pp_rank
+        self.hidden = cfg.model.hidden_size
+        # Under SP the residual stream between blocks is this TP rank's slice of the tokens.
+        self.token_divisor = p.tp if p.sp else 1
+        # The residual stream keeps the parameters' dtype: autocast never downcasts the adds.
+        self.dtype = next(itertools.chain.from_iterable(c.parameters() for c in chunks)).dtype
+        self.executor = PipelineExecutor(groups.pp, groups.device)
+        self.tied_weight, self.tied_group = tied_embedding(chunks, groups, cfg.model.tie_embeddings)
+        self._tables: dict[int, Table] = {}
+
+    def table(self, num_microbatches: int) -> Table:
+        if num_microbatches not in self._tables:
+            self._tables[num_microbatches] = build_table(self.schedule, self.pp, self.vpp, num_microbatches,
+                                                         self.pp_rank)
+        return self._tables[num_microbatches]
+
+    def boundary(self, shard) -> tuple[tuple[int, int], torch.dtype]:
+        """Activations between stages: ``[T_local, h]``. ``shard`` is ``(model inputs, labels)``
+        (Trainer.model_inputs), so T_local is the (CP-local) token count, divided by tp under SP."""
+        inputs, _ = shard
+        return (inputs["input_ids"].shape[0] // self.token_divisor, self.hidden), self.dtype
+
+    def run(self, shards: Sequence, forward_fn: ForwardFn, grad_sync=None,
+            stat_names: Sequence[str] = ("loss_sum",)) -> dict[str, torch.Tensor]:
+        """Forward and backward of every microbatch ``(model inputs, labels)``; see PipelineExecutor.run."""
+        return self.executor.run(self.table(len(shards)), shards, forward_fn, self.boundary,
+                                 grad_sync, stat_names)
+
+    def sync_tied_grads(self) -> None:
+        """Sum the tied embedding and LM head gradients (after the DP reduction finished)."""
+        if self.tied_group is not None:
+            dist.all_reduce(self.tied_weight.grad, group=self.tied_group)

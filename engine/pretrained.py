@@ -1,0 +1,66 @@
+"""``engine.from_pretrained(path)``: a world-size-1 model from a Loom checkpoint or an HF directory.
+
+    model = engine.from_pretrained("runs/x/checkpoints/step_00001000")   # or an HF model directory
+    logits = model(input_ids)                                          # [batch, seq] -> [batch, seq, vocab]
+
+A Loom checkpoint of any layout loads here: its tensors are stored at global shapes. A VLM
+(``model(input_ids, pixel_values=...)``) will dispatch on its config here once Loom has one; today
+an HF LLaVA directory is refused by name like any other unsupported architecture.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from engine.config import ModelConfig
+from engine.model.decoder import build_model
+from engine.train import checkpoint_io as io
+
+
+def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, None] = None,
+                    dtype: Optional[torch.dtype] = None, attn_backend: Optional[str] = None) -> nn.Module:
+    """The model in eval mode, on ``device`` (default CPU) in ``dtype`` (default: fp32)."""
+    path = Path(path)
+    if (path / io.MARKER).is_file() or (path / ".metadata").is_file():
+        cfg, fill = _loom_checkpoint(path)
+    elif (path / "config.json").is_file():
+        cfg, fill = _hf_directory(path)
+    else:
+        raise FileNotFoundError(f"{path}: neither a Loom checkpoint ({io.MARKER}) nor a Hugging Face "
+                                "directory (config.json)")
+    if attn_backend is not None:
+        cfg.attn_backend = attn_backend
+    with torch.device("meta"):  # no random init: every tensor is filled from the files
+        model = build_model(cfg)
+    transient = [name for name, _ in model.named_buffers() if name not in model.state_dict()]
+    if transient:  # to_empty would leave them uninitialised, and no file holds them
+        raise NotImplementedError(f"from_pretrained cannot build non-persistent buffers {transient}")
+    model.to_empty(device=device or "cpu")
+    if cfg.tie_embeddings:  # leaving the meta device gives each module its own tensor: tie again
+        model.lm_head.weight = model.embed.weight
+    fill(model)
+    return model.to(dtype or torch.float32).eval()
+
+
+def _loom_checkpoint(path: Path):
+    from engine.model.hf.convert import checkpoint_model_config
+    from engine.train.checkpoint import named_tensors
+
+    marker = io.read_marker(path)
+    cfg: ModelConfig = checkpoint_model_config(marker, path)
+
+    def fill(model):
+        state = {f"model/{k}": v.detach() for k, v in named_tensors(model, cfg.tie_embeddings).items()}
+        io.read_checkpoint(path, state, {}, no_dist=True)
+
+    return cfg, fill
+
+
+def _hf_directory(path: Path):
+    from engine.model.hf.convert import hf_model_plan, load_hf_dir
+
+    plan = hf_model_plan(path)
+    return plan[1], lambda model: load_hf_dir(model, path, plan)

@@ -1,0 +1,297 @@
+"""Checkpoint storage: DCP reads and writes at global shapes, the completion marker, discovery.
+
+A checkpoint is a directory:
+
+    .metadata, __R_K.distcp   torch.distributed.checkpoint files; every tensor at its global shape
+    checkpoint.json           the completion marker: written last, by rank 0, via tmp + os.replace;
+                              holds the step, the configs, and every file's size
+    hf/                       optional Hugging Face side files (config.json, tokenizer) from an import
+
+Ranks hand DCP their *local* tensors plus a placement ``name -> (global_shape, offsets)`` (see
+engine/parallel/sharding.py); the planners below turn those into DCP chunks. Replicated tensors
+(DP replicas, TP-replicated norms) are written once: DCP deduplicates chunks with the same key and
+offset. Loading reads, for each local tensor, exactly the saved chunks it overlaps, so any layout
+loads any other. Nothing here unpickles user data: tensors come back through DCP's reader
+(``torch.load(weights_only=True)``), side files are JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+MARKER = "checkpoint.json"
+FORMAT = "loom-checkpoint"
+VERSION = 1
+_STEP_DIR = re.compile(r"step_(\d{8})")
+
+Placement = tuple[tuple[int, ...], tuple[int, ...]]  # (global_shape, offsets)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model; names the file."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------- planners
+
+
+class _SavePlanner(dcp.DefaultSavePlanner):
+    """Writes each local tensor as the chunk ``placements[name]`` of its global tensor."""
+
+    def __init__(self, placements: dict[str, Placement], sources: Optional[dict[str, Callable]] = None):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.placements = placements
+        self.sources = sources or {}  # name -> () -> tensor: read lazily, one tensor in memory at a time
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        items = [self._place(item) for item in plan.items]
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def _place(self, item: WriteItem) -> WriteItem:
+        fqn = item.index.fqn
+        if fqn not in self.placements or item.tensor_data is None:
+            return item
+        shape, offsets = self.placements[fqn]
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=item.tensor_data.chunk.sizes)
+        data = TensorWriteData(chunk=chunk, properties=item.tensor_data.properties, size=torch.Size(shape))
+        return WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD, tensor_data=data)
+
+    def lookup_object(self, index: MetadataIndex):
+        if index.fqn in self.sources:
+            return self.sources[index.fqn]()
+        return self.state_dict[index.fqn]  # a local tensor, whatever its global offset
+
+
+class _LoadPlanner(dcp.DefaultLoadPlanner):
+    """Fills each local tensor with the region ``placements[name]`` of the saved global tensor."""
+
+    def __init__(self, placements: dict[str, Placement], where: str):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.placements, self.where = placements, where
+
+    def create_local_plan(self) -> LoadPlan:
+        saved = self.metadata.state_dict_metadata
+        missing = sorted(set(self.state_dict) - set(saved))
+        if missing:
+            raise CheckpointError(f"{self.where} lacks {len(missing)} tensor(s) the model needs: {missing[:8]}")
+        requests = []
+        for fqn, tensor in self.state_dict.items():
+            md = saved[fqn]
+            shape, offsets = self.placements.get(fqn, (tuple(tensor.shape), (0,) * tensor.dim()))
+            if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(shape):
+                got = tuple(md.size) if isinstance(md, TensorStorageMetadata) else "bytes"
+                raise CheckpointError(f"{self.where}: tensor {fqn!r} has global shape {got}, the model needs {shape}")
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.size())
+            requests += create_read_items_for_chunk_list(fqn, md, [chunk])
+        return LoadPlan(requests)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+# ----------------------------------------------------------------------------- write
+
+
+@contextlib.contextmanager
+def _single_process(no_dist: bool):
+    """DCP warns when it runs without a process group; that is what we asked for."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier(no_dist: bool) -> None:
+    if not no_dist and _is_dist():
+        dist.barrier()
+
+
+def write_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dict[str, Placement],
+                     marker: dict, *, sources: Optional[dict[str, Callable]] = None,
+                     side_files: Optional[Callable[[Path], None]] = None, no_dist: bool = False) -> None:
+    """Write ``state`` (local tensors) to ``path`` and mark it complete. Collective unless ``no_dist``.
+
+    ``sources`` maps names to loaders called while writing (streaming conversion); ``side_files``
+    is called on rank 0 to add files (e.g. ``hf/``) before the marker seals the directory.
+    """
+    path = Path(path)
+    no_dist = no_dist or not _is_dist()
+    rank0 = no_dist or dist.get_rank() == 0
+    if rank0:
+        _clear(path)
+        path.mkdir(parents=True)
+    _barrier(no_dist)
+    with _single_process(no_dist):
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), planner=_SavePlanner(placements, sources),
+                 no_dist=no_dist)
+    if rank0 and side_files is not None:
+        side_files(path)
+    _barrier(no_dist)  # every rank's files are written (and fsynced) before the marker
+    if rank0:
+        write_marker(path, marker)
+    _barrier(no_dist)
+
+
+def _clear(path: Path) -> None:
+    """Remove a stale directory of the same name; its marker first, so it never looks complete."""
+    if not path.exists():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (path / MARKER).unlink()
+    shutil.rmtree(path)
+
+
+def write_marker(path: Path, marker: dict) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+    body = {"format": FORMAT, "version": VERSION, **marker, "files": files}
+    tmp = path / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_checkpoint(path: Path) -> None:
+    _clear(Path(path))
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def read_marker(path: Path, check_files: bool = True) -> dict:
+    """The marker of a complete checkpoint; CheckpointError naming what is missing or truncated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    marker_path = path / MARKER
+    if not marker_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {MARKER} is missing (the save did not finish)")
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {MARKER} is not valid JSON ({e})") from None
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: {MARKER} is not a Loom checkpoint marker")
+    if check_files:
+        _check_files(path, marker.get("files", {}))
+    return marker
+
+
+def _check_files(path: Path, files: dict[str, int]) -> None:
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: file {name} is missing")
+        actual = f.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint {path} is corrupt: file {name} has {actual} bytes, "
+                                  f"{size} were written (truncated or overwritten)")
+
+
+def saved_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor name in the checkpoint with its global shape and stored dtype."""
+    try:
+        md = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - DCP raises many kinds; the message names the file
+        raise CheckpointError(f"checkpoint {path}: cannot read DCP metadata {path / '.metadata'} ({e})") from e
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def read_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dict[str, Placement],
+                    no_dist: bool = False) -> None:
+    """Fill the local tensors of ``state`` in place from ``path``. Collective unless ``no_dist``."""
+    no_dist = no_dist or not _is_dist()
+    try:
+        with _single_process(no_dist):
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)),
+                     planner=_LoadPlanner(placements, f"checkpoint {path}"), no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps rank failures; keep the checkpoint's name on top
+        inner = _find_checkpoint_error(e)
+        if inner is not None:
+            raise inner from None
+        raise CheckpointError(f"checkpoint {path}: loading failed: {e}") from e
+
+
+def _find_checkpoint_error(e: BaseException) -> Optional[CheckpointError]:
+    """DCP wraps per-rank exceptions in CheckpointException; surface ours unchanged."""
+    for value in getattr(e, "failures", {}).values():
+        if isinstance(value, CheckpointError):
+            return value
+        if isinstance(getattr(value, "exc", None), CheckpointError):
+            return value.exc
+    return e if isinstance(e, CheckpointError) else None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of every ``step_NNNNNNNN`` directory under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def latest_checkpoint(root: Path, warn: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``; newer incomplete ones are skipped with a warning."""
+    for step, path in reversed(list_checkpoints(root)):
+        if is_complete(path):
+            return path
+        if warn:
+            warnings.warn(f"ignoring incomplete checkpoint {path} (no {MARKER}; a save that did not finish)",
+                          stacklevel=2)
+    return None
+
+
+def prune(root: Path, keep: int, newest: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (0: all); drop incomplete ones older than ``newest``."""
+    entries = list_checkpoints(root)
+    complete = [p for _, p in entries if is_complete(p)]
+    doomed = complete[:-keep] if keep > 0 else []
+    doomed += [p for s, p in entries if s < newest and not is_complete(p)]
+    for path in doomed:
+        remove_checkpoint(path)

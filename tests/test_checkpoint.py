@@ -1,0 +1,223 @@
+"""Checkpoints: exact resume in one layout, resharding resume across layouts, atomicity and corruption.
+
+Every run records the tokens each rank consumed, so "identical sample order" is checked on the
+real microbatches, not on the sampler alone.
+"""
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.harness import RankError
+from tests.parity import ROOT
+
+CONFIG = "launch/configs/tiny_dense.yaml"
+MOE_CONFIG = "launch/configs/tiny_moe.yaml"
+BASE = ["train.dtype=fp32", "model.attn_backend=torch", "train.steps=10", "train.log_interval=100"]
+LOSS_RTOL = 1e-5
+
+
+def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
+    """One rank: train (saving as configured) to ``until``; return what this rank saw."""
+    import torch
+
+    from engine.config import load_config
+    from engine.train.trainer import Trainer, build_groups
+
+    cfg = load_config(os.path.join(ROOT, config), [*BASE, f"train.run_dir={run_dir}", *overrides])
+    groups = build_groups(cfg)
+    trainer = Trainer(cfg, groups)
+    start, seen = trainer.step, {}
+    microbatches = trainer.microbatches
+
+    def record(step):
+        mbs = microbatches(step)
+        seen[step] = torch.cat([mb.input_ids for mb in mbs]).numpy()
+        return mbs
+
+    trainer.microbatches = record
+    if crash_rank == groups.rank:
+        _crash_while_writing()
+    history = trainer.fit(until)
+    out = {"start": start, "losses": [r["loss"] for r in history], "tokens": seen,
+           "dp_rank": groups.dp_rank, "replica_lead": groups.tp_rank == 0 and groups.cp_rank == 0}
+    groups.destroy()
+    return out
+
+
+def _crash_while_writing():
+    """Die (like a killed process) right after this rank wrote its data file, before the marker."""
+    import torch.distributed.checkpoint as dcp
+
+    write_data = dcp.FileSystemWriter.write_data
+
+    def write_then_die(self, plan, planner):
+        write_data(self, plan, planner).wait()
+        os._exit(17)
+
+    dcp.FileSystemWriter.write_data = write_then_die
+
+
+def _global_tokens(results):
+    """step -> the global batch's tokens, assembled from the replica leads in DP order."""
+    leads = sorted((r for r in results if r["replica_lead"]), key=lambda r: r["dp_rank"])
+    return {step: np.concatenate([r["tokens"][step] for r in leads]) for step in leads[0]["tokens"]}
+
+
+def _assert_same_stream(got, ref):
+    for step, tokens in got.items():
+        assert np.array_equal(tokens, ref[step]), f"step {step}: the resumed run consumed other samples"
+
+
+def _ckpt(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
+
+
+@pytest.fixture(scope="module")
+def reference(world4, tmp_path_factory):
+    """10 uninterrupted steps at TP2 x DP2, and the same run stopped after 5 (checkpoint at step 5)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    full = world4.run(_train, str(root / "full"), ["parallel.tp=2"])
+    stopped_dir = str(root / "stopped")
+    stopped = world4.run(_train, stopped_dir, ["parallel.tp=2", "train.save_interval=5"], until=5)
+    return {"root": root, "losses": full[0]["losses"], "tokens": _global_tokens(full),
+            "stopped_dir": stopped_dir, "stopped": stopped[0]}
+
+
+def test_resume_same_layout_is_bit_exact(world4, reference):
+    stopped_dir = reference["stopped_dir"]
+    assert os.path.isfile(os.path.join(_ckpt(stopped_dir, 5), "checkpoint.json"))
+    out = world4.run(_train, stopped_dir, ["parallel.tp=2", "train.save_interval=5"])  # resume: auto
+    assert out[0]["start"] == 5
+    losses = reference["stopped"]["losses"] + out[0]["losses"]
+    assert losses == reference["losses"], f"{losses} != {reference['losses']}"
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+
+
+@pytest.mark.parametrize("nranks,overrides", [
+    (4, []),  # TP2 x DP2 -> DP4
+    (1, ["train.micro_batch_size=4"]),  # TP2 x DP2 -> DP1 with 2 microbatches
+], ids=["tp2dp2_to_dp4", "tp2dp2_to_dp1_2mb"])
+def test_resume_other_layout(world4, reference, nranks, overrides):
+    run_dir = str(reference["root"] / f"other_{nranks}")
+    out = world4.run(_train, run_dir, [f"train.resume={_ckpt(reference['stopped_dir'], 5)}", *overrides],
+                     nranks=nranks)
+    assert out[0]["start"] == 5
+    ref, got = np.array(reference["losses"][5:]), np.array(out[0]["losses"])
+    assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+
+
+def _assert_close(got, ref):
+    got, ref = np.array(got), np.array(ref)
+    assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
+
+
+def test_resume_tp2_pp2_to_dp4(world4, reference):
+    """Pipeline stages own disjoint names; the resumed DP4 run reads every stage's tensors."""
+    run_dir = str(reference["root"] / "tp2pp2")
+    first = world4.run(_train, run_dir, ["parallel.tp=2", "parallel.pp=2", "train.save_interval=5"], until=5)
+    _assert_close(first[0]["losses"], reference["losses"][:5])
+    out = world4.run(_train, str(reference["root"] / "tp2pp2_dp4"), [f"train.resume={_ckpt(run_dir, 5)}"])
+    assert out[0]["start"] == 5
+    _assert_close(out[0]["losses"], reference["losses"][5:])
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+
+
+def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
+    """Experts sharded over EP2 (two expert-data-parallel replicas) reload sharded over EP4."""
+    full = world4.run(_train, str(tmp_path / "full"), ["parallel.ep=2"], config=MOE_CONFIG)
+    run_dir = str(tmp_path / "ep2")
+    world4.run(_train, run_dir, ["parallel.ep=2", "train.save_interval=5"], until=5, config=MOE_CONFIG)
+    out = world4.run(_train, str(tmp_path / "ep4"), ["parallel.ep=4", f"train.resume={_ckpt(run_dir, 5)}"],
+                     config=MOE_CONFIG)
+    assert out[0]["start"] == 5
+    _assert_close(out[0]["losses"], full[0]["losses"][5:])
+    _assert_same_stream(_global_tokens(out), _global_tokens(full))
+
+
+def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
+    run_dir = str(reference["root"] / "dp2")
+    first = world4.run(_train, run_dir, ["train.save_interval=5"], until=5, nranks=2)
+    out = world4.run(_train, str(reference["root"] / "dp1"),
+                     [f"train.resume={_ckpt(run_dir, 5)}", "train.micro_batch_size=4"], nranks=1)
+    losses = np.array(first[0]["losses"] + out[0]["losses"])
+    ref = np.array(reference["losses"])
+    assert np.abs(losses / ref - 1).max() <= LOSS_RTOL, f"{losses.tolist()} vs {ref.tolist()}"
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def _resume_error(run_dir, overrides):
+    """One rank: build a trainer that must refuse its checkpoint; return the error text.
+
+    Every rank raises before DCP's first collective, so catching it keeps the world alive.
+    """
+    from engine.train.checkpoint_io import CheckpointError
+
+    try:
+        _train(run_dir, overrides, until=0)
+    except CheckpointError as e:
+        return str(e)
+    raise AssertionError("the trainer accepted the checkpoint")
+
+
+def test_truncated_shard_is_a_clear_error(world4, tmp_path):
+    from engine.train import checkpoint_io as io
+
+    run_dir = str(tmp_path / "run")
+    world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=2)
+    path = _ckpt(run_dir, 1)
+    shard = os.path.join(path, "__1_0.distcp")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    expected = rf"checkpoint .*step_00000001 is corrupt: file __1_0.distcp has {size // 2} bytes, {size} were written"
+    with pytest.raises(io.CheckpointError, match=expected):
+        io.read_marker(path)
+    errors = world4.run(_resume_error, run_dir, ["train.resume=auto"], nranks=2)
+    assert all(re.search(expected, e) for e in errors), errors
+
+
+def test_resume_refuses_a_changed_data_stream(world4, tmp_path):
+    run_dir = str(tmp_path / "run")
+    world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=1)
+    (error,) = world4.run(_resume_error, run_dir, ["train.global_batch_size=4"], nranks=1)
+    assert "train.global_batch_size=8; this run has train.global_batch_size=4" in error
+
+
+def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
+    """Last in the module: the killed rank takes the world down, and nothing here needs it again."""
+    from engine.train import checkpoint_io as io
+
+    run_dir = str(tmp_path / "run")
+    save_every = ["train.save_interval=1", "train.keep_checkpoints=2"]
+    world4.run(_train, run_dir, save_every, until=3, nranks=2)
+    root = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in io.list_checkpoints(root)] == [2, 3], "keep_checkpoints=2 keeps the newest two"
+
+    with pytest.raises(RankError):  # rank 1 died; rank 0 may report the broken connection first
+        world4.run(_train, run_dir, save_every, until=4, nranks=2, crash_rank=1, timeout=120)
+    step4 = _ckpt(run_dir, 4)
+    assert os.path.isfile(os.path.join(step4, "__1_0.distcp")), "rank 1 should have died after writing"
+    assert not io.is_complete(step4)
+    with pytest.warns(UserWarning, match="incomplete checkpoint .*step_00000004"):
+        assert io.latest_checkpoint(root) == root / "step_00000003"
+    with pytest.raises(io.CheckpointError, match=r"step_00000004 is incomplete: checkpoint.json is missing"):
+        io.read_marker(step4)
+    io.read_marker(root / "step_00000003")  # complete, every file intact
+
+
+def test_config_rejects_a_missing_resume_path(tmp_path):
+    from engine.config import ConfigError, load_config
+
+    cfg = load_config(os.path.join(ROOT, CONFIG), [f"train.resume={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="train.resume="):
+        cfg.validate(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(os.path.join(ROOT, CONFIG), ["train.resume=none"]).validate(1)

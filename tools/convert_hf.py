@@ -1,0 +1,58 @@
+"""Convert between Hugging Face model directories and Loom checkpoints.
+
+    python tools/convert_hf.py import --hf HF_DIR --out LOOM_DIR
+    python tools/convert_hf.py export --ckpt LOOM_DIR --out HF_DIR [--dtype bf16] [--arch Qwen2ForCausalLM]
+
+Both directions stream: one tensor (export: one output shard) is in memory at a time, so a
+checkpoint converts on a machine with less memory than the model. Import writes a weights-only
+checkpoint that ``train.resume=LOOM_DIR`` or ``engine.from_pretrained(LOOM_DIR)`` loads; export
+writes safetensors shards, config.json and the tokenizer files carried since the import.
+Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF directory -> Loom checkpoint")
+    imp.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
+    imp.add_argument("--out", required=True, help="Loom checkpoint directory to write")
+    exp = sub.add_parser("export", help="Loom checkpoint -> HF directory")
+    exp.add_argument("--ckpt", required=True, help="Loom checkpoint directory (with checkpoint.json)")
+    exp.add_argument("--out", required=True, help="HF directory to write")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="output dtype (default: as stored; imported weights round-trip bit for bit)")
+    exp.add_argument("--arch", default=None, help="HF architecture to write (default: the imported one, "
+                                                  "else inferred from the model config)")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.model.hf.convert import export_hf, import_hf
+    from engine.model.hf.naming import ConversionError
+    from engine.train.checkpoint_io import CheckpointError
+
+    try:
+        if args.command == "import":
+            out = import_hf(args.hf, args.out)
+        else:
+            out = export_hf(args.ckpt, args.out, dtype=args.dtype, arch=args.arch,
+                            max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ConversionError, CheckpointError) as e:
+        print(f"convert_hf: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
