@@ -80,6 +80,48 @@ class MoEConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The ViT image encoder and its projector (engine/model/vision.py); off by default."""
+
+    enabled: bool = False
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    norm: str = "layernorm"  # layernorm (CLIP/SigLIP) | rmsnorm
+    mlp: str = "gelu"  # gelu (CLIP/SigLIP) | swiglu
+    merge: bool = False  # 2x2 patch merging in the projector: 4x fewer image tokens
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        for key in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.vision.{key}={getattr(self, key)} must be positive")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.vision.patch_size={self.patch_size} does not divide "
+                              f"model.vision.image_size={self.image_size}")
+        if self.merge and (self.image_size // self.patch_size) % 2:
+            raise ConfigError(f"model.vision.merge=true needs an even patch grid, got "
+                              f"model.vision.image_size/model.vision.patch_size={self.image_size // self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.vision.num_heads={self.num_heads} does not divide "
+                              f"model.vision.hidden_size={self.hidden_size}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.vision.norm={self.norm!r} must be layernorm or rmsnorm")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ConfigError(f"model.vision.mlp={self.mlp!r} must be gelu or swiglu")
+
+    @property
+    def tokens_per_image(self) -> int:
+        grid = self.image_size // self.patch_size
+        return grid * grid // (4 if self.merge else 1)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     hidden_size: int = 64
@@ -96,9 +138,11 @@ class ModelConfig:
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | torch | triton | flash_attn
     moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> None:
         self.moe.validate()
+        self.vision.validate()
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
@@ -223,6 +267,7 @@ class TrainConfig:
     save_interval: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: never
     resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint directory
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: keep all
+    freeze: list[str] = field(default_factory=list)  # any of vision, projector, llm: no grads, no optimizer state
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
@@ -235,6 +280,11 @@ class TrainConfig:
         for key in ("save_interval", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
+        for part in self.freeze:
+            if part not in ("vision", "projector", "llm"):
+                raise ConfigError(f"train.freeze entry {part!r} must be vision, projector or llm")
+        if set(self.freeze) == {"vision", "projector", "llm"}:
+            raise ConfigError(f"train.freeze={self.freeze} leaves nothing to train")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
 
@@ -309,6 +359,21 @@ def check_layout(cfg: Config, world_size: int) -> None:
     if p.pp > 1:
         check_pipeline(cfg, dp)
     check_experts(cfg, dp)
+    check_vision(cfg)
+
+
+def check_vision(cfg: Config) -> None:
+    """The vision tower is TP-sharded like the LLM and lives on the first pipeline stage."""
+    p, v = cfg.parallel, cfg.model.vision
+    if not v.enabled:
+        if cfg.train.freeze:
+            raise ConfigError(f"train.freeze={cfg.train.freeze} needs model.vision.enabled=true")
+        return
+    for key in ("num_heads", "intermediate_size"):
+        if getattr(v, key) % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide model.vision.{key}={getattr(v, key)}")
+    if p.vpp > 1:
+        raise ConfigError(f"parallel.vpp={p.vpp}: model.vision.enabled=true supports one pipeline chunk per rank")
 
 
 def check_experts(cfg: Config, dp: int) -> None:

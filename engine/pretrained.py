@@ -4,8 +4,10 @@
     logits = model(input_ids)                                          # [batch, seq] -> [batch, seq, vocab]
 
 A Loom checkpoint of any layout loads here: its tensors are stored at global shapes. A VLM
-(``model(input_ids, pixel_values=...)``) will dispatch on its config here once Loom has one; today
-an HF LLaVA directory is refused by name like any other unsupported architecture.
+checkpoint (``model.vision.enabled``) gives a ``VisionLanguageModel``:
+``model(input_ids, pixel_values=[num_images, 3, H, W])`` fills the ``<image>`` placeholders in
+order, with the placeholder id saved in the checkpoint. An HF LLaVA directory is refused by name
+(Loom's vision tower lacks CLIP's class token, pre-norm and penultimate-layer features).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 from engine.model.decoder import build_model
+from engine.model.vlm import build_vlm
 from engine.train import checkpoint_io as io
 
 
@@ -24,8 +27,9 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
                     dtype: Optional[torch.dtype] = None, attn_backend: Optional[str] = None) -> nn.Module:
     """The model in eval mode, on ``device`` (default CPU) in ``dtype`` (default: fp32)."""
     path = Path(path)
+    image_token_id = None
     if (path / io.MARKER).is_file() or (path / ".metadata").is_file():
-        cfg, fill = _loom_checkpoint(path)
+        cfg, fill, image_token_id = _loom_checkpoint(path)
     elif (path / "config.json").is_file():
         cfg, fill = _hf_directory(path)
     else:
@@ -34,13 +38,14 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
     if attn_backend is not None:
         cfg.attn_backend = attn_backend
     with torch.device("meta"):  # no random init: every tensor is filled from the files
-        model = build_model(cfg)
+        model = build_vlm(cfg, image_token_id) if cfg.vision.enabled else build_model(cfg)
     transient = [name for name, _ in model.named_buffers() if name not in model.state_dict()]
     if transient:  # to_empty would leave them uninitialised, and no file holds them
         raise NotImplementedError(f"from_pretrained cannot build non-persistent buffers {transient}")
     model.to_empty(device=device or "cpu")
     if cfg.tie_embeddings:  # leaving the meta device gives each module its own tensor: tie again
-        model.lm_head.weight = model.embed.weight
+        text = model.llm if cfg.vision.enabled else model
+        text.lm_head.weight = text.embed.weight
     fill(model)
     return model.to(dtype or torch.float32).eval()
 
@@ -56,7 +61,7 @@ def _loom_checkpoint(path: Path):
         state = {f"model/{k}": v.detach() for k, v in named_tensors(model, cfg.tie_embeddings).items()}
         io.read_checkpoint(path, state, {}, no_dist=True)
 
-    return cfg, fill
+    return cfg, fill, marker.get("image_token_id")
 
 
 def _hf_directory(path: Path):

@@ -42,7 +42,8 @@ def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
         _crash_while_writing()
     history = trainer.fit(until)
     out = {"start": start, "losses": [r["loss"] for r in history], "tokens": seen,
-           "dp_rank": groups.dp_rank, "replica_lead": groups.tp_rank == 0 and groups.cp_rank == 0}
+           "dp_rank": groups.dp_rank,
+           "replica_lead": groups.tp_rank == 0 and groups.cp_rank == 0 and groups.pp_rank == 0}
     groups.destroy()
     return out
 
@@ -69,6 +70,11 @@ def _global_tokens(results):
 def _assert_same_stream(got, ref):
     for step, tokens in got.items():
         assert np.array_equal(tokens, ref[step]), f"step {step}: the resumed run consumed other samples"
+
+
+def _assert_close(got, ref):
+    got, ref = np.array(got), np.array(ref)
+    assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
 
 
 def _ckpt(run_dir, step):
@@ -105,14 +111,8 @@ def test_resume_other_layout(world4, reference, nranks, overrides):
     out = world4.run(_train, run_dir, [f"train.resume={_ckpt(reference['stopped_dir'], 5)}", *overrides],
                      nranks=nranks)
     assert out[0]["start"] == 5
-    ref, got = np.array(reference["losses"][5:]), np.array(out[0]["losses"])
-    assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
+    _assert_close(out[0]["losses"], reference["losses"][5:])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
-
-
-def _assert_close(got, ref):
-    got, ref = np.array(got), np.array(ref)
-    assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
 
 
 def test_resume_tp2_pp2_to_dp4(world4, reference):
@@ -141,12 +141,18 @@ def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
 def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
     run_dir = str(reference["root"] / "dp2")
     first = world4.run(_train, run_dir, ["train.save_interval=5"], until=5, nranks=2)
-    out = world4.run(_train, str(reference["root"] / "dp1"),
-                     [f"train.resume={_ckpt(run_dir, 5)}", "train.micro_batch_size=4"], nranks=1)
-    losses = np.array(first[0]["losses"] + out[0]["losses"])
-    ref = np.array(reference["losses"])
-    assert np.abs(losses / ref - 1).max() <= LOSS_RTOL, f"{losses.tolist()} vs {ref.tolist()}"
+    dp1_dir = str(reference["root"] / "dp1")
+    out = world4.run(_train, dp1_dir, [f"train.resume={_ckpt(run_dir, 5)}", "train.micro_batch_size=4",
+                                       "train.save_interval=5"], nranks=1)
+    _assert_close(first[0]["losses"] + out[0]["losses"], reference["losses"])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
+    # DP replicas are written once: the DP2 checkpoint is no bigger than the world-size-1 one.
+    dp2_bytes, dp1_bytes = _data_bytes(_ckpt(run_dir, 5)), _data_bytes(_ckpt(dp1_dir, 10))
+    assert dp2_bytes <= 1.05 * dp1_bytes, (dp2_bytes, dp1_bytes)
+
+
+def _data_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
 
 
 # ----------------------------------------------------------------------------- faults
@@ -210,6 +216,70 @@ def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
     with pytest.raises(io.CheckpointError, match=r"step_00000004 is incomplete: checkpoint.json is missing"):
         io.read_marker(step4)
     io.read_marker(root / "step_00000003")  # complete, every file intact
+
+
+def test_world1_round_trip_restores_model_adam_and_rng(tmp_path):
+    """In one process (no process group): every saved piece of state comes back after being disturbed."""
+    import torch
+
+    from engine.config import load_config
+    from engine.model.decoder import build_model
+    from engine.train import checkpoint
+    from engine.train.optim import build_optimizer
+
+    cfg = load_config(os.path.join(ROOT, CONFIG), ["model.tie_embeddings=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    model(torch.randint(0, 256, (2, 8))).square().mean().backward()
+    optimizer.step()
+    torch.rand(3)
+    rng = torch.get_rng_state()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = [(p, st["exp_avg_sq"].clone(), st["step"].clone()) for p, st in optimizer.state.items()]
+    checkpoint.save(tmp_path / "ck", model, optimizer, 7, cfg)
+    assert "model/lm_head.weight" not in checkpoint.train_state(model, optimizer, True)[0], "tied: stored once"
+
+    torch.rand(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for st in optimizer.state.values():
+        st["exp_avg_sq"].zero_()
+    assert checkpoint.load(tmp_path / "ck", model, optimizer, cfg) == 7
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in params.items())
+    assert model.lm_head.weight is model.embed.weight
+    for p, exp_avg_sq, step in adam:
+        assert torch.equal(optimizer.state[p]["exp_avg_sq"], exp_avg_sq) and torch.equal(optimizer.state[p]["step"], step)
+
+
+def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):
+    """A VLM checkpoint comes back as a model taking ``(input_ids, pixel_values=[N, 3, H, W])``."""
+    import torch
+
+    import engine
+    from engine.config import load_config
+    from engine.model.vlm import build_vlm
+    from engine.train import checkpoint
+    from engine.train.optim import build_optimizer
+
+    cfg = load_config(os.path.join(ROOT, CONFIG), ["model.vision.enabled=true", "model.vision.image_size=16",
+                                                   "model.vision.patch_size=8", "model.attn_backend=torch",
+                                                   "model.tie_embeddings=true"])
+    torch.manual_seed(0)
+    model = build_vlm(cfg.model, image_token_id=5).eval()
+    checkpoint.save(tmp_path / "vlm", model, build_optimizer(model, cfg.optim), 0, cfg)
+    loaded = engine.from_pretrained(tmp_path / "vlm")
+    ids = torch.randint(6, 256, (1, 14))
+    ids[0, 2:6] = ids[0, 8:12] = 5  # two images of 4 tokens each
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want, got = model(ids, pixel_values=pixels), loaded(ids, pixel_values=pixels)
+        swapped = loaded(ids, pixel_values=pixels.flip(0))
+    assert got.shape == (1, 14, 256)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (swapped[0, 6:8] - got[0, 6:8]).abs().max() > 1e-4, "images are placed in order"
 
 
 def test_config_rejects_a_missing_resume_path(tmp_path):

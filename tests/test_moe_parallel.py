@@ -44,8 +44,12 @@ def references(world4):
     return get
 
 
-@pytest.mark.parametrize("router", sorted(ROUTERS))
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# Every layout with both routers; the etp=1 folding variant with one.
+CASES = [(layout, router) for layout in LAYOUTS for router in sorted(ROUTERS)
+         if not (layout.endswith("etp1") and router != "softmax")]
+
+
+@pytest.mark.parametrize("layout,router", CASES, ids=[f"{a}-{b}" for a, b in CASES])
 def test_moe_parity(world4, references, layout, router):
     nranks, overrides = LAYOUTS[layout]
     ref = references(ROUTERS[router])
@@ -77,8 +81,17 @@ def test_aux_loss_is_layout_invariant(world4, references, layout, router):
     """The balancing losses (value and what they add to the gradient) equal world size 1's at TP2, CP2, EP2, PP2."""
     nranks, overrides = AUX_LAYOUTS[layout]
     ref = references(ROUTERS[router])
-    out = world4.run(train_layout, CONFIG, BASE + ROUTERS[router] + overrides, nranks=nranks, steps=2)[0]
-    assert_moe_parity(ref["records"][:2], out["records"])
+    out = world4.run(train_layout, CONFIG, BASE + ROUTERS[router] + overrides, nranks=nranks, steps=1)[0]
+    assert_moe_parity(ref["records"][:1], out["records"])
     for name, grad in ref["grads"].items():
         if name.endswith("mlp.gate.weight"):  # the router gradient is mostly the balancing losses' here
             assert abs(out["grads"][name] - grad).max() <= 1e-5, name
+
+
+def test_bf16_ep2_tp2_sp_tracks_fp32(world4, references):
+    """bf16 (experts and the all-to-all in bf16, fp32 master weights) stays close to fp32 at world size 1."""
+    ref = references(ROUTERS["softmax"])
+    overrides = ["train.dtype=bf16", "parallel.ep=2", "parallel.tp=2", "parallel.sp=true"]
+    out = world4.run(train_layout, CONFIG, BASE + overrides, nranks=4, steps=3)[0]
+    for a, b in zip(ref["records"], out["records"]):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 2e-2 and abs(a["aux_loss"] - b["aux_loss"]) < 1e-3 * a["aux_loss"] * 20

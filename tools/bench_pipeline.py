@@ -1,6 +1,6 @@
 """Pipeline bubble and activation memory: measured on real ranks against the theory.
 
-    python tools/bench_pipeline.py [--t-forward-ms 50] [--repeats 1]
+    python tools/bench_pipeline.py [--t-forward-ms 50] [--repeats 2]
 
 For p in {2, 4} stages, m in {4, 8} microbatches and v in {1, 2} chunks per rank (1F1B for
 v = 1, interleaved for v = 2), spawns p gloo ranks that run Loom's pipeline executor on its
@@ -129,7 +129,7 @@ def measure(t_forward: float, repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--t-forward-ms", type=float, default=50.0, help="forward time of one full stage")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per config (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per config (the best is kept)")
     args = parser.parse_args(argv)
 
     from engine.parallel.pipeline_schedule import in_flight_bound, theoretical_bubble

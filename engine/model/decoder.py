@@ -62,7 +62,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                attn_positions: Optional[torch.Tensor] = None, attn_extra: Any = None) -> torch.Tensor:
+                attn_positions: Optional[torch.Tensor] = None, attn_extra: Any = None,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for packed ``input_ids [T]`` -> ``[T, V]``, or for a batch ``[B, S]`` -> ``[B, S, V]``.
 
         Packed input takes ``cu_seqlens`` (int32 ``[docs+1]``; default: one document) and
@@ -73,7 +74,8 @@ class Transformer(nn.Module):
 
         A pipeline stage lacks what it does not own (torchtitan style): without ``embed`` the
         input is the hidden states ``[T, h]`` from the previous stage, and without ``lm_head``
-        the output is the hidden states for the next one.
+        the output is the hidden states for the next one. ``inputs_embeds`` (``[*input_ids.shape, h]``)
+        replaces the embedding lookup (a VLM splices image features into it first).
         """
         batch_shape = input_ids.shape if self.embed is not None else input_ids.shape[:-1]
         batched = len(batch_shape) == 2
@@ -90,7 +92,10 @@ class Transformer(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if positions is None:
             positions = positions_from_cu_seqlens(cu_seqlens, total)
-        h = self.embed(ids) if self.embed is not None else ids
+        if inputs_embeds is not None:
+            h = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+        else:
+            h = self.embed(ids) if self.embed is not None else ids
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, h.dtype)
         meta = PackedMeta(cu_seqlens, max_seqlen, cos, sin, attn_positions, attn_extra)
         for layer in self.layers.values():

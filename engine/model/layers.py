@@ -105,7 +105,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
+        if meta.cos is not None:  # None: no rotary positions (a ViT adds learned ones to its input)
+            q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
         out = self.core(q, k, v, meta)
         return self.o_proj(out.flatten(-2))
 

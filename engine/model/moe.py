@@ -94,7 +94,8 @@ def route(logits: torch.Tensor, cfg, bias: Optional[torch.Tensor] = None) -> Rou
     softmax: weights are the softmax probabilities of the chosen experts (Mixtral, Qwen-MoE).
     sigmoid: weights are the sigmoid scores (DeepSeek-V3). Either way the correction ``bias``
     and the group limit affect which experts are chosen, never the weights; then optional
-    renormalisation over the k choices and the routed scaling factor.
+    renormalisation over the k choices (k > 1 only: a single choice keeps its probability, as
+    in Switch, so the LM loss still trains the router) and the routed scaling factor.
     """
     if cfg.router == "softmax":
         probs = torch.softmax(logits, dim=-1)
@@ -145,6 +146,8 @@ def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> int:
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    """Assignments each expert accepts from the ``num_tokens`` this layer sees on this rank (as Megatron:
+    under SP or CP that is a shard of the microbatch, so dropping then depends on the layout)."""
     return math.ceil(factor * num_tokens * top_k / num_experts)
 
 
@@ -222,7 +225,8 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on, else ``x``'s."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -247,7 +251,7 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(w, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         if self.use_grouped_mm(x.device, dtype):
             return self._grouped(x.to(dtype), counts, dtype)
         return self._loop(x, counts)
@@ -268,15 +272,16 @@ class GroupedExperts(nn.Module):
         return mm(hidden, self.down_proj)
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # unbind: one backward that stacks the per-expert gradients (indexing would zero-fill E times)
+        weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
         outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
+        for (w1, w3, w2), n in zip(weights, counts.tolist()):
             rows = x[start:start + n]
             start += n
             if n:
-                hidden = F.silu(F.linear(rows, self.gate_proj[e])) * F.linear(rows, self.up_proj[e])
-                outs.append(F.linear(hidden, self.down_proj[e]))
+                outs.append(F.linear(F.silu(F.linear(rows, w1)) * F.linear(rows, w3), w2))
         if not outs:  # stay in the graph: every EP rank must run the backward collectives
-            return (x * 0).to(_compute_dtype(x))
+            return (x * 0).to(compute_dtype(x))
         return torch.cat(outs)
 
 

@@ -11,11 +11,13 @@ the gradient norm sums them over the expert-model-parallel group (see mesh.py).
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, permute, unpermute
+from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, unpermute
 from engine.parallel import comm
 from engine.parallel.context_parallel import CPShard
 from engine.parallel.sharding import add_split
@@ -67,6 +69,18 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- dispatcher
 
 
+class _Plan(NamedTuple):
+    """One dispatch: rows sent to / received from each rank, the etp copies (None: etp = 1), the
+    (source, expert) -> (expert, source) order of the received rows and its inverse, rows per local expert."""
+
+    send_splits: list
+    recv_splits: list
+    copies: Optional[torch.Tensor]
+    order: torch.Tensor
+    inverse: torch.Tensor
+    local_counts: torch.Tensor
+
+
 class ExpertParallelDispatcher:
     """Tokens to the ranks that hold their experts and back, over the ``ep x etp`` ``group``.
 
@@ -94,24 +108,29 @@ class ExpertParallelDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         xp, perm = permute(x, routing.experts, self.num_experts)
-        per_slot = perm.counts.view(self.ep, self.local_experts)
-        send_counts = per_slot.repeat_interleave(self.etp, dim=0)
-        recv_counts = exchange_counts(send_counts, self.group)
-        in_splits, out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        plan = self._plan(perm.counts)
+        xp = xp.to(compute_dtype(x))  # under autocast the experts run in bf16: send bf16
+        if plan.copies is not None:
+            xp = xp.index_select(0, plan.copies)
+        received = AllToAll.apply(xp, self.group, plan.recv_splits, plan.send_splits)
+        out = experts(received.index_select(0, plan.order), plan.local_counts)
+        back = AllToAll.apply(out.index_select(0, plan.inverse), self.group, plan.send_splits, plan.recv_splits)
+        if plan.copies is not None:  # sum the etp ranks' partial outputs
+            back = back.new_zeros((perm.token.numel(), back.shape[-1])).index_add(0, plan.copies, back)
+        return unpermute(back, perm, routing.weights).to(x.dtype)
+
+    def _plan(self, counts: torch.Tensor) -> _Plan:
+        """Exchange the per-expert row counts ``[E]`` and derive the splits and reorderings."""
+        per_slot = counts.view(self.ep, self.local_experts)
+        send = per_slot.repeat_interleave(self.etp, dim=0)  # row d: what dispatch rank d gets
+        recv = exchange_counts(send, self.group)  # row s: what source s sends, per local expert
         copies = None
         if self.etp > 1:  # every etp rank of an ep slot gets that slot's rows
             rows = per_slot.sum(1)
             starts = torch.cumsum(rows, 0) - rows
             copies = _ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp))
-            xp = xp.index_select(0, copies)
-        received = AllToAll.apply(xp, self.group, out_splits, in_splits)
-        order = self._expert_major(recv_counts)
-        out = experts(received.index_select(0, order), recv_counts.sum(0))
-        out = out.index_select(0, torch.argsort(order))
-        back = AllToAll.apply(out, self.group, in_splits, out_splits)
-        if copies is not None:
-            back = back.new_zeros((perm.token.numel(), back.shape[-1])).index_add(0, copies, back)
-        return unpermute(back, perm, routing.weights).to(x.dtype)
+        order = self._expert_major(recv)
+        return _Plan(send.sum(1).tolist(), recv.sum(1).tolist(), copies, order, torch.argsort(order), recv.sum(0))
 
     @staticmethod
     def _expert_major(counts: torch.Tensor) -> torch.Tensor:
@@ -149,7 +168,7 @@ class ShardedBalanceScope(BalanceScope):
         if kind != "seq":
             return super().units(num_tokens, meta, kind)
         total = num_tokens * comm.group_size(self.shard_group)
-        return self.token_index(num_tokens, meta) // self.seq_len, max(1, total // self.seq_len)
+        return self.token_index(num_tokens, meta) // self.seq_len, -(-total // self.seq_len)
 
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         return comm.all_reduce(t, self.shard_group)
@@ -221,8 +240,9 @@ def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=Non
     world (the statistics are per rank and disjoint: SP/CP/DP ranks hold different tokens, pipeline
     stages different layers, EP ranks are DP/CP ranks). Every replica then applies the same bias
     update. Returns the metrics record fields: ``aux_loss`` and ``z_loss`` (as added to the
-    objective, summed over layers), ``dropped_tokens`` (assignments) and ``expert_load``
-    ``{layer: [assignments per expert]}``.
+    objective, summed over layers), ``dropped_tokens`` (token-expert assignments dropped by
+    capacity, all layers; ``dropped_by_layer`` per layer) and ``expert_load``
+    ``{layer: [assignments per expert]}``, which per layer sums to tokens * top_k - dropped.
     """
     indices = [i for i in range(model_cfg.num_layers) if model_cfg.is_moe_layer(i)]
     if not indices:
@@ -242,4 +262,5 @@ def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=Non
     table = table.cpu()
     return {"aux_loss": float(table[:, e + 1].sum()), "z_loss": float(table[:, e + 2].sum()),
             "dropped_tokens": int(table[:, e].sum()),
+            "dropped_by_layer": {str(i): int(table[row, e]) for row, i in enumerate(indices)},
             "expert_load": {str(i): [int(c) for c in table[row, :e].tolist()] for row, i in enumerate(indices)}}

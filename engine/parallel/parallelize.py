@@ -20,6 +20,8 @@ import torch.nn as nn
 from engine.config import Config
 from engine.model.decoder import Transformer
 from engine.model.moe import MoE
+from engine.model.vision import GeluMLP
+from engine.model.vlm import VisionLanguageModel
 from engine.parallel import comm
 from engine.parallel.context_parallel import CommStats, ContextParallelAttention
 from engine.parallel.expert_parallel import parallelize_moe
@@ -71,10 +73,56 @@ def parallelize_stages(model: Transformer, groups: ParallelGroups, cfg: Config) 
     starts from the same weight as the first stage's embedding (pipeline.py keeps them equal).
     """
     p = cfg.parallel
+    if isinstance(model, VisionLanguageModel):  # the vision tower rides with the first stage
+        if p.pp == 1:
+            return [parallelize_vlm(model, groups, cfg)]
+        chunks = split_stages(model.llm, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
+        return [parallelize_vlm(model.pipeline_stage(chunk), groups, cfg) for chunk in chunks]
     if p.pp == 1:
         return [parallelize(model, groups, cfg)]
     chunks = split_stages(model, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
     return [parallelize(chunk, groups, cfg) for chunk in chunks]
+
+
+def parallelize_vlm(model: VisionLanguageModel, groups: ParallelGroups, cfg: Config) -> VisionLanguageModel:
+    """The LLM as ``parallelize``; the vision tower TP-sharded with the same helpers but without SP.
+
+    Image tokens are spliced into the full-sequence embeddings, so under SP the LLM embedding
+    stays unsplit (all-reduce) and ``seq_shard`` cuts the spliced result into this rank's slice.
+    The vision tower and projector are replicated over CP and DP, and their gradients are
+    reduced over dp x cp like every other replicated parameter. Under CP the trainer hands
+    ``image_slots`` so each rank splices the features of its own placeholder tokens.
+    """
+    parallelize(model.llm, groups, cfg)
+    if model.vision is None:  # a later pipeline stage
+        return model
+    for param in (*model.vision.parameters(), *model.projector.parameters()):
+        mark(param)
+    tp = groups.tp
+    if comm.group_size(tp) == 1:
+        return model
+    for block in model.vision.layers.values():
+        _parallelize_attention(block.attn, tp, sp=False)
+        if isinstance(block.mlp, GeluMLP):
+            block.mlp.fc1 = ColumnParallelLinear.from_linear(block.mlp.fc1, tp, input_mode="copy")
+            block.mlp.fc2 = RowParallelLinear.from_linear(block.mlp.fc2, tp)
+        else:
+            _parallelize_mlp(block.mlp, tp, sp=False)
+    if cfg.parallel.sp:
+        model.llm.embed.sequence_parallel = False
+        model.seq_shard = _ScatterToSequence(tp)
+    return model
+
+
+class _ScatterToSequence(nn.Module):
+    """``[T, h] -> [T/tp, h]``: this rank's SP slice of the spliced embeddings (all-gather backward)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return comm.scatter_to_sequence(x, self.group)
 
 
 def _enter_once(module: nn.Module, group, sp: bool) -> None:
@@ -129,7 +177,7 @@ def full_grads(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tens
     """
     out = {}
     for name, param in model.named_parameters():
-        if getattr(param, "pp_tied_replica", False):
+        if getattr(param, "pp_tied_replica", False) or not param.requires_grad:  # frozen: no grad
             continue
         out[name] = _unshard(param.grad.detach(), param, groups).clone()
     return _union_over_stages(out, groups)

@@ -42,20 +42,23 @@ def named_tensors(modules: Modules, tie_embeddings: bool) -> dict[str, torch.Ten
     """Stable name -> local tensor for every parameter and persistent buffer, each tensor once.
 
     Pipeline chunks keep global names, so several modules simply merge. A tied output layer is
-    keyed ``embed.weight`` even on a stage that holds only the head, so its copy dedups with
-    the embedding's.
+    keyed ``embed.weight`` (``llm.embed.weight`` in a VLM) even on a stage that holds only the
+    head, so its copy dedups with the embedding's.
     """
-    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     out, seen = {}, set()
-    for module in modules:
+    for module in _as_list(modules):
         for name, tensor in module.state_dict(keep_vars=True).items():
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            if tie_embeddings and name == "lm_head.weight":
-                name = "embed.weight"
+            if tie_embeddings and (name == "lm_head.weight" or name.endswith(".lm_head.weight")):
+                name = name[: -len("lm_head.weight")] + "embed.weight"
             out[name] = tensor
     return out
+
+
+def _as_list(modules: Modules) -> list[nn.Module]:
+    return [modules] if isinstance(modules, nn.Module) else list(modules)
 
 
 def placement(name: str, tensor: torch.Tensor) -> Optional[Placement]:
@@ -126,6 +129,9 @@ def save(path: Path, modules: Modules, optimizer, step: int, cfg, hf_assets: Opt
     state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings)
     world = dist.get_world_size() if dist.is_initialized() else 1
     marker = {"kind": "train", "step": int(step), "world_size": world, "config": cfg.to_dict()}
+    image_token_id = next((m.image_token_id for m in _as_list(modules) if hasattr(m, "image_token_id")), None)
+    if image_token_id is not None:  # a VLM's <image> id comes from the tokenizer, not the config
+        marker["image_token_id"] = int(image_token_id)
     io.write_checkpoint(path, state, placements, marker, side_files=_copier(hf_assets))
 
 

@@ -134,8 +134,10 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dic
                      side_files: Optional[Callable[[Path], None]] = None, no_dist: bool = False) -> None:
     """Write ``state`` (local tensors) to ``path`` and mark it complete. Collective unless ``no_dist``.
 
-    ``sources`` maps names to loaders called while writing (streaming conversion); ``side_files``
-    is called on rank 0 to add files (e.g. ``hf/``) before the marker seals the directory.
+    ``sources`` maps names to loaders called while writing (streaming conversion): then each
+    tensor gets its own file, because DCP's writer keeps every tensor of a file alive until the
+    file is closed. ``side_files`` is called on rank 0 to add files (e.g. ``hf/``) before the
+    marker seals the directory.
     """
     path = Path(path)
     no_dist = no_dist or not _is_dist()
@@ -145,8 +147,8 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dic
         path.mkdir(parents=True)
     _barrier(no_dist)
     with _single_process(no_dist):
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), planner=_SavePlanner(placements, sources),
-                 no_dist=no_dist)
+        writer = dcp.FileSystemWriter(str(path), single_file_per_rank=not sources)
+        dcp.save(state, storage_writer=writer, planner=_SavePlanner(placements, sources), no_dist=no_dist)
     if rank0 and side_files is not None:
         side_files(path)
     _barrier(no_dist)  # every rank's files are written (and fsynced) before the marker
@@ -243,7 +245,7 @@ def read_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dict
                      planner=_LoadPlanner(placements, f"checkpoint {path}"), no_dist=no_dist)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps rank failures; keep the checkpoint's name on top
+    except (Exception, dcp.CheckpointException) as e:  # noqa: BLE001 - keep the checkpoint's name on top
         inner = _find_checkpoint_error(e)
         if inner is not None:
             raise inner from None
@@ -251,13 +253,12 @@ def read_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dict
 
 
 def _find_checkpoint_error(e: BaseException) -> Optional[CheckpointError]:
-    """DCP wraps per-rank exceptions in CheckpointException; surface ours unchanged."""
+    """DCP wraps each rank's exception as ``(exception, traceback)`` in CheckpointException; surface ours."""
     for value in getattr(e, "failures", {}).values():
-        if isinstance(value, CheckpointError):
-            return value
-        if isinstance(getattr(value, "exc", None), CheckpointError):
-            return value.exc
-    return e if isinstance(e, CheckpointError) else None
+        exc = value[0] if isinstance(value, tuple) else value
+        if isinstance(exc, CheckpointError):
+            return exc
+    return None
 
 
 # ----------------------------------------------------------------------------- discovery

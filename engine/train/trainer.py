@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
-from engine.model.decoder import build_model
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
@@ -22,6 +21,8 @@ from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
 from engine.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from engine.train.checkpoint import Checkpointer
 from engine.train.metrics import MetricsLogger
+from engine.train.multimodal import (MultimodalDataset, build_any_model, build_multimodal_dataset, freeze,
+                                     text_model, vision_inputs)
 from engine.train.optim import build_optimizer, clip_grads, global_grad_norm, lr_at, set_lr
 
 
@@ -32,7 +33,9 @@ def build_groups(cfg: Config) -> ParallelGroups:
     return ParallelGroups(ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp))
 
 
-def build_dataset(cfg: Config) -> PackedDataset:
+def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
+    if cfg.data.train_jsonl is not None:
+        return build_multimodal_dataset(cfg)
     if cfg.data.source == "synthetic":
         corpus = synthetic_corpus(cfg.model.vocab_size, cfg.data.num_tokens, seed=cfg.train.seed)
     else:
@@ -44,16 +47,17 @@ class Trainer:
     def __init__(self, cfg: Config, groups: ParallelGroups):
         self.cfg, self.groups = cfg, groups
         self.device = groups.device
+        self.dataset = build_dataset(cfg)  # first: a VLM takes its <image> id from the data's tokenizer
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and layout
-        model = build_model(cfg.model).to(self.device)
+        model = build_any_model(cfg, self.dataset).to(self.device)
         self.chunks = parallelize_stages(model, groups, cfg)  # this rank's pipeline stages; [model] without PP
         self.model = join_chunks(self.chunks)  # all of them, under their world-size-1 parameter names
-        self.pipeline = Pipeline(self.chunks, groups, cfg) if cfg.parallel.pp > 1 else None
+        freeze(self.model, cfg)  # train.freeze; after parallelize, which makes new Parameters
+        self.pipeline = Pipeline([text_model(c) for c in self.chunks], groups, cfg) if cfg.parallel.pp > 1 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grads = GradBuffer(self.params, groups.dp_cp, groups.tp, cfg.parallel.bucket_size_mb,
                                 expert_dp_group=groups.edp)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.dataset = build_dataset(cfg)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
                                           shuffle=cfg.data.shuffle)
         self.checkpoints = Checkpointer(cfg)
@@ -68,6 +72,10 @@ class Trainer:
     def microbatches(self, step: int):
         """This rank's share of the global batch of ``step`` (the batch itself ignores the layout)."""
         indices = self.sampler.indices(step)
+        if isinstance(self.dataset, MultimodalDataset):
+            mbs = self.dataset.microbatches(indices, self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
+                                            self.cfg.train.micro_batch_size)
+            return [mb.to(self.device) for mb in mbs]
         mbs = rank_microbatches(self.dataset, indices, self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
                                 self.cfg.train.micro_batch_size)
         return [mb.to(self.device) for mb in mbs]
@@ -112,7 +120,7 @@ class Trainer:
             inputs = {**inputs, "input_ids": hidden}
         with self._autocast():
             out = stage(**inputs)
-        if stage.lm_head is None:
+        if text_model(stage).lm_head is None:
             return StageOutput(out, None, {})
         loss = self.loss(out, labels).sum()
         return StageOutput(None, loss / num_tokens, {"loss_sum": loss.detach()})
@@ -122,7 +130,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         loss, num_loss_tokens = self.forward_backward(self.step)
         grad_norm = self.optimizer_step(lr)
-        moe = finish_moe_step(self.model, self.cfg.model, self.device)  # {} for a dense model
+        moe = finish_moe_step(text_model(self.model), self.cfg.model, self.device)  # {} for a dense model
         self.step += 1
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
@@ -162,10 +170,12 @@ class Trainer:
     def model_inputs(self, mb) -> tuple[dict, torch.Tensor]:
         """(``Transformer.forward`` keyword arguments, labels) of this rank: under CP, its zigzag shard."""
         cp = comm.group_size(self.groups.cp)
+        images = vision_inputs(self.model, mb, cp, self.groups.cp_rank)  # {} for text
         if cp > 1:
-            return shard_microbatch(mb, cp, self.groups.cp_rank)
+            inputs, labels = shard_microbatch(mb, cp, self.groups.cp_rank)
+            return {**inputs, **images}, labels
         inputs = dict(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
-                      max_seqlen=mb.max_seqlen)
+                      max_seqlen=mb.max_seqlen, **images)
         return inputs, mb.labels
 
     def _global_count(self, local: int) -> int:

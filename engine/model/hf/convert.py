@@ -92,7 +92,7 @@ def hf_model_plan(hf_dir: Path):
     cfg.validate()
     wmap = weight_map(family, cfg)
     index = index_hf_dir(hf_dir)
-    check_hf_names(wmap, {k: v for k, v in index.items()}, cfg.tie_embeddings, str(hf_dir))
+    check_hf_names(wmap, index, cfg.tie_embeddings, str(hf_dir))
     return family, cfg, wmap, index
 
 

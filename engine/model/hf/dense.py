@@ -56,10 +56,18 @@ def common_to_hf(cfg: ModelConfig, base: dict, arch: str, model_type: str) -> di
 
 
 def refuse(cfg: ModelConfig, family: str, **wrong) -> None:
-    """Raise if ``cfg`` has a feature ``family`` cannot express; ``wrong`` maps key -> offending value."""
+    """Raise if ``cfg`` has a feature ``family`` cannot express.
+
+    ``wrong`` maps a model key (dots spelled ``__``: ``moe__top_k``) to whether its value is one
+    the family lacks; the error names the key and its value.
+    """
     for key, bad in wrong.items():
         if bad:
-            raise ConversionError(f"model.{key.replace('__', '.')} is not expressible as {family}")
+            name = key.replace("__", ".")
+            value = cfg
+            for part in name.split("."):
+                value = getattr(value, part)
+            raise ConversionError(f"model.{name}={value!r} is not expressible as {family}")
 
 
 def _dense_only(cfg: ModelConfig, family: str) -> None:

@@ -103,7 +103,11 @@ def weight_map(family: Family, cfg: ModelConfig) -> WeightMap:
 
 
 def check_hf_names(wmap: WeightMap, found: dict[str, tuple], tie_embeddings: bool, where: str) -> None:
-    """Every HF tensor expected and none unexpected, with the right shapes; errors name the weight."""
+    """Every HF tensor expected and none unexpected, with the right shapes; errors name the weight.
+
+    ``found``: HF name -> (shape, dtype, file). A tied model ignores a stored ``lm_head.weight``
+    (some exporters write the tied copy; transformers ignores it too).
+    """
     reverse = wmap.hf_to_loom
     for name, (shape, _dtype, _file) in found.items():
         if IGNORED_HF.fullmatch(name) or (tie_embeddings and name == "lm_head.weight"):

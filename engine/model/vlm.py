@@ -1,0 +1,129 @@
+"""Vision-language model: a ViT, a projector, and the text Transformer, with image features
+spliced into the LLM's input embeddings at the ``<image>`` placeholder tokens, in order.
+
+Single-device code. Parallel layouts plug in from outside (engine/parallel/parallelize.py):
+``seq_shard`` (identity here) turns the full spliced embeddings into this rank's sequence-parallel
+slice, and ``image_slots`` (from the trainer under context parallelism) says which image-feature
+row each local token takes when this rank holds only a shard of the sequence.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from engine.config import ModelConfig
+from engine.model.decoder import Transformer
+from engine.model.vision import Projector, VisionEncoder
+
+
+def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """int64 ``[T]``: the image-feature row each placeholder takes (the k-th placeholder takes row k), -1 for text."""
+    mask = input_ids.reshape(-1) == image_token_id
+    return torch.where(mask, torch.cumsum(mask, 0) - 1, -1)
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_token_id: Optional[int] = None):
+        super().__init__()
+        if not cfg.vision.enabled:
+            raise ValueError("VisionLanguageModel needs model.vision.enabled=true")
+        self.cfg, self.image_token_id = cfg, image_token_id
+        self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
+        self.projector = Projector(cfg.vision, cfg.hidden_size)
+        self.llm = Transformer(cfg)
+        self.seq_shard: Optional[nn.Module] = None  # set by parallelize under sequence parallelism
+        self._init_vision(cfg.init_std)
+
+    def _init_vision(self, std: float) -> None:
+        for module in (*self.vision.modules(), *self.projector.modules()):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias) if module.bias is not None else None
+        nn.init.normal_(self.vision.pos_embed, mean=0.0, std=std)
+
+    def pipeline_stage(self, llm: Transformer) -> "VisionLanguageModel":
+        """A shell around one pipeline stage of the LLM (pipeline.py's split of ``self.llm``).
+
+        The stage that owns the embedding keeps the vision tower and projector; the others get
+        None there, so every parameter keeps its world-size-1 name (``llm.layers.N.*``).
+        """
+        stage = copy.copy(self)
+        stage._modules = {**self._modules, "llm": llm}
+        if llm.embed is None:
+            stage._modules.update(vision=None, projector=None, seq_shard=None)
+        return stage
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.cfg.vision.tokens_per_image
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> ``[N * tokens_per_image, llm hidden]``, images in order."""
+        feats = self.projector(self.vision(pixel_values))
+        return feats.reshape(-1, feats.shape[-1])
+
+    def check_placeholders(self, input_ids: torch.Tensor, num_images: int, image_token_id: int,
+                           image_token_counts: Optional[torch.Tensor] = None) -> None:
+        """Raise unless the placeholders match ``num_images`` x tokens_per_image (and the data's counts)."""
+        n = self.tokens_per_image
+        v = self.cfg.vision
+        if image_token_counts is not None and bool((image_token_counts != n).any()):
+            raise ValueError(f"the data has {image_token_counts.tolist()} placeholder tokens per image, but the "
+                             f"vision encoder makes {n} (model.vision.image_size={v.image_size}, "
+                             f"model.vision.patch_size={v.patch_size}, model.vision.merge={v.merge})")
+        found = int((input_ids == image_token_id).sum())
+        if found != num_images * n:
+            raise ValueError(f"input_ids hold {found} image placeholder tokens (id {image_token_id}) but "
+                             f"pixel_values has {num_images} images x {n} tokens per image = {num_images * n}")
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, attn_positions: Optional[torch.Tensor] = None,
+                attn_extra: Any = None, image_token_id: Optional[int] = None,
+                image_token_counts: Optional[torch.Tensor] = None,
+                image_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits, as ``Transformer.forward``; ``pixel_values [N, 3, S, S]`` fill the placeholders in order.
+
+        ``image_slots`` (int64 ``[T]``, see ``image_slots()``) is given when ``input_ids`` is a shard
+        of the sequence (CP); the placeholder count is then checked by the caller on the full batch.
+        """
+        if self.llm.embed is None:  # a later pipeline stage: input_ids are the hidden states
+            return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra)
+        h = self.llm.embed(input_ids)
+        token_id = self.image_token_id if image_token_id is None else image_token_id
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            h = self._splice(input_ids, h, pixel_values, token_id, image_token_counts, image_slots)
+        elif token_id is not None and image_slots is None:  # placeholders without images
+            self.check_placeholders(input_ids, 0, token_id)
+        if self.seq_shard is not None:
+            h = self.seq_shard(h.reshape(-1, h.shape[-1]))
+        return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra, inputs_embeds=h)
+
+    def _splice(self, input_ids, h, pixel_values, token_id, image_token_counts, slots) -> torch.Tensor:
+        if token_id is None:
+            raise ValueError("pass image_token_id (the tokenizer's <image> id) to the model or its forward")
+        if slots is None:
+            self.check_placeholders(input_ids, pixel_values.shape[0], token_id, image_token_counts)
+            slots = image_slots(input_ids, token_id)
+        feats = self.image_features(pixel_values).to(h.dtype)
+        flat = h.reshape(-1, h.shape[-1])
+        # A gather + where keeps autograd simple: each feature row's gradient is its token's.
+        spliced = torch.where((slots >= 0).unsqueeze(-1), feats[slots.clamp(min=0)], flat)
+        return spliced.reshape(h.shape)
+
+
+def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=None) -> VisionLanguageModel:
+    """Build with the current torch RNG state (seed it for identical weights on every rank)."""
+    model = VisionLanguageModel(cfg, image_token_id)
+    return model.to(device) if device is not None else model
+
+
+def apply_freeze(model: nn.Module, parts: list[str]) -> None:
+    """``train.freeze``: the named parts (vision, projector, llm) get no gradients and no optimizer state."""
+    for part in parts:
+        module = getattr(model, part)  # None on a pipeline stage without the vision tower
+        for param in module.parameters() if module is not None else ():
+            param.requires_grad_(False)

@@ -1,0 +1,64 @@
+"""What the trainer adds for a vision-language run: the model, the dataset and the image inputs.
+
+Kept apart from trainer.py so the text step stays short; every function here is a no-op or a
+plain pass-through for a text-only config.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from engine.config import Config
+from engine.data.multimodal import MultimodalDataset
+from engine.model.decoder import build_model
+from engine.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
+from engine.parallel.context_parallel import ZigzagPlan
+
+
+def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
+    v = cfg.model.vision
+    if not v.enabled:
+        raise ValueError("data.train_jsonl (multimodal data) needs model.vision.enabled=true")
+    return MultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
+                                         merge=v.merge, seed=cfg.train.seed)
+
+
+def build_any_model(cfg: Config, dataset) -> nn.Module:
+    """The VLM when ``model.vision.enabled`` (its <image> id from the dataset's tokenizer), else the LLM."""
+    if not cfg.model.vision.enabled:
+        return build_model(cfg.model)
+    return build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None))
+
+
+def freeze(model: nn.Module, cfg: Config) -> None:
+    """``train.freeze``, after parallelize (which builds new sharded Parameters)."""
+    if not cfg.train.freeze:
+        return
+    if not isinstance(model, VisionLanguageModel):
+        raise ValueError(f"train.freeze={cfg.train.freeze} needs model.vision.enabled=true")
+    apply_freeze(model, cfg.train.freeze)
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The decoder-only part (what MoE statistics and pipeline stages look at)."""
+    return model.llm if isinstance(model, VisionLanguageModel) else model
+
+
+def vision_inputs(model: nn.Module, mb, cp: int, cp_rank: int) -> dict:
+    """Extra forward kwargs for a multimodal microbatch (``{}`` for text).
+
+    Under CP every rank runs the vision tower on all the microbatch's images (they are few
+    and small next to the LLM) and takes the feature rows of its own placeholder tokens:
+    ``image_slots`` is computed on the full sequence, then zigzag-sharded like the tokens.
+    """
+    if mb.pixel_values is None or not isinstance(model, VisionLanguageModel):
+        return {}
+    extra = dict(pixel_values=mb.pixel_values)
+    if cp == 1:
+        return {**extra, "image_token_counts": mb.image_token_counts}
+    token_id = model.image_token_id
+    model.check_placeholders(mb.input_ids, mb.pixel_values.shape[0], token_id, mb.image_token_counts)
+    plan = ZigzagPlan(mb.cu_seqlens, cp, device=mb.input_ids.device)
+    return {**extra, "image_slots": plan.shard(image_slots(mb.input_ids, token_id), cp_rank)}
+
+
+__all__ = ["build_multimodal_dataset", "build_any_model", "freeze", "text_model", "vision_inputs"]

@@ -1,0 +1,84 @@
+"""Parity of the vision-language model: parallel layouts against world size 1, 5 fp32 steps.
+
+The data is the synthetic VQA set (tools/make_synthetic_vqa.py) with a tokenizer trained on it,
+made once per module; every layout trains on the same global batches.
+"""
+from __future__ import annotations
+
+import pytest
+
+from engine.config import ConfigError, load_config
+from tests.parity import ROOT, assert_parity, train_layout
+
+CONFIG = "launch/configs/demo_vlm_moe.yaml"
+SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1", "model.attn_backend=torch",
+          "train.dtype=fp32"]
+DENSE = ["model.moe.num_experts=0"]
+
+LAYOUTS = {
+    "tp2_sp": (2, DENSE + ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_sp_nomerge_freeze_vision": (2, DENSE + ["parallel.tp=2", "parallel.sp=true", "model.vision.merge=false",
+                                                 "train.freeze=[vision]"]),
+    "cp2_dp2": (4, DENSE + ["parallel.cp=2"]),
+    "cp2_tp2_sp_freeze_vision": (4, DENSE + ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true",
+                                             "train.freeze=[vision]"]),
+    "ep2_dp2_moe": (2, ["parallel.ep=2"]),
+    "tp2_sp_ep2_moe": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    "pp2": (2, DENSE + ["parallel.pp=2"]),
+    "pp2_freeze_vision_moe": (2, ["parallel.pp=2", "train.freeze=[vision]"]),
+    "tp2_sp_pp2": (4, DENSE + ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
+}
+MODEL_KEYS = ("model.", "train.freeze")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tools.make_synthetic_vqa import make_synthetic_vqa
+    from tools.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("vqa")
+    paths = make_synthetic_vqa(root, n_train=64, n_eval=4, image_size=32, seed=0)
+    tok = train_tokenizer([str(paths["train"])], str(root / "tok"), vocab_size=200)
+    return [f"data.train_jsonl={paths['train']}", f"data.eval_jsonl={paths['eval']}", f"data.tokenizer={tok}",
+            f"train.run_dir={root / 'run'}", "train.resume=none"]
+
+
+@pytest.fixture(scope="module")
+def references(world4, data):
+    cache = {}
+
+    def get(overrides):
+        key = tuple(o for o in overrides if o.startswith(MODEL_KEYS))
+        if key not in cache:
+            cache[key] = world4.run(train_layout, CONFIG, data + SINGLE + list(key), nranks=1)[0]
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_vlm_parity(world4, references, data, layout):
+    nranks, overrides = LAYOUTS[layout]
+    ref = references(overrides)
+    out = world4.run(train_layout, CONFIG, data + SINGLE + overrides, nranks=nranks)[0]
+    assert_parity(ref, out)
+    frozen = "train.freeze=[vision]" in overrides
+    assert any(k.startswith("vision.") for k in out["grads"]) != frozen
+    assert any(k.startswith("projector.") for k in out["grads"])
+
+
+def test_interleaved_pipeline_vlm_is_refused_by_name():
+    cfg = load_config(f"{ROOT}/{CONFIG}", ["data.train_jsonl=null", "data.eval_jsonl=null", "data.tokenizer=null",
+                                           "parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.pp=2",
+                                           "parallel.vpp=2", "parallel.pp_schedule=interleaved",
+                                           "model.num_layers=4"])
+    with pytest.raises(ConfigError, match="parallel.vpp=2: model.vision.enabled=true"):
+        cfg.validate(2)
+
+
+def test_demo_config_uses_two_parallel_dimensions_besides_dp(data):
+    cfg = load_config(f"{ROOT}/{CONFIG}", data)
+    cfg.validate(4)
+    p = cfg.parallel
+    assert (p.tp, p.sp, p.ep, cfg.dp_size(4)) == (2, True, 2, 2)
+    assert cfg.model.moe.num_experts > 0 and cfg.model.vision.enabled and cfg.model.vision.tokens_per_image == 4
