@@ -102,6 +102,8 @@ def sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q=Non
         pos_k = default_positions(cu_seqlens_k, k.shape[0]) if pos_k is None else pos_k
     else:
         pos_q = pos_k = None  # bidirectional attention ignores positions
+    if pos_q is None and cq == ck and len(set(lq)) == 1 and lq[0] > 0:
+        return _uniform(q, k, v, len(lq), lq[0], causal, scale)
     pieces = []  # (doc ids, q token indices, rows [n, Hq, D])
     for ids in _buckets(lq, lk):
         if len(ids) == 1:
@@ -111,6 +113,13 @@ def sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q=Non
         else:
             pieces.append((ids, *_bucket(q, k, v, cq, ck, ids, causal, scale, pos_q, pos_k)))
     return _assemble(q, k, v, cq, lq, pieces)
+
+
+def _uniform(q, k, v, n, length, causal, scale):
+    """``n`` documents of one length (plain [B, S] batches): one SDPA call on views, as a batched model makes."""
+    q4, k4, v4 = (x.view(n, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    out = _sdpa(q4, k4, v4, None, causal, scale)  # [n, Hq, L, D]
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 def _assemble(q, k, v, cq, lq, pieces):

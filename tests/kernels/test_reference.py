@@ -11,6 +11,7 @@ ATOL = 1e-5
 CASES = {
     "one_doc": dict(lens_q=[97]),
     "many_docs": dict(lens_q=[1, 5, 40, 3, 17, 64, 2, 9], hq=4, hkv=2),
+    "equal_docs_batched": dict(lens_q=[24, 24, 24], hq=4, hkv=2),  # one batched SDPA call
     "many_short_docs": dict(lens_q=[7, 9, 12, 3, 16, 10, 20, 1] * 4, hq=4, hkv=4),
     "mixed_long_short": dict(lens_q=[150, 5, 130, 33, 9], hq=4, hkv=1),
     "empty_docs": dict(lens_q=[0, 6, 0, 11, 4], lens_k=[3, 6, 0, 0, 9], hq=2, hkv=1),
