@@ -91,4 +91,6 @@ def test_launcher_fails_before_building_groups(monkeypatch, capsys, overrides, w
 
 
 def test_defaults_validate():
-    Config().validate(1)
+    cfg = Config()
+    cfg.validate(1)  # raises ConfigError on a bad default
+    assert cfg.dp_size(1) == 1

@@ -141,7 +141,9 @@ def test_config_rejects_bad_cp_layouts(overrides, world, match):
 def test_config_accepts_cp_layouts():
     for overrides, world in ((["parallel.cp=2"], 2), (["parallel.cp=4", "parallel.cp_mode=ulysses"], 4),
                              (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"], 4)):
-        load_config(os.path.join(ROOT, CONFIG), overrides).validate(world)
+        cfg = load_config(os.path.join(ROOT, CONFIG), overrides)
+        cfg.validate(world)  # raises ConfigError if the layout is refused
+        assert cfg.dp_size(world) == 1
 
 
 # ----------------------------------------------------------------------------- attention vs full attention

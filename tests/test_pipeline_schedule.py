@@ -155,4 +155,5 @@ def test_pipeline_config_errors_name_the_keys(overrides, world, message):
 
 def test_pipeline_config_accepts_uneven_layout():
     cfg = load_config(CONFIG, ["parallel.pp=2", "model.num_layers=5", "parallel.pp_layout=[2,3]"])
-    cfg.validate(2)
+    cfg.validate(2)  # raises ConfigError if the split is refused
+    assert cfg.parallel.pp_layout == [2, 3]
