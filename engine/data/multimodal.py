@@ -30,7 +30,7 @@ from engine.data.chat import check_messages, count_image_tags, encode_chat
 from engine.data.images import image_problem, image_token_count, make_image_loader
 from engine.data.multimodal_packing import PackingPlan, pack_samples
 from engine.data.packing import IGNORE_INDEX, Sample
-from engine.data.sampler import GlobalBatchSampler, Microbatch, collate
+from engine.data.sampler import GlobalBatchSampler, Microbatch, collate, rank_slice
 from engine.data.tokenizer import Tokenizer
 
 BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image")
@@ -252,20 +252,6 @@ class MultimodalDataset:
         mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
         return [self.collate([self[int(i)] for i in mine[k:k + micro_batch_size]])
                 for k in range(0, len(mine), micro_batch_size)]
-
-
-def rank_slice(global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[int]:
-    """The contiguous slice of a global batch that DP rank ``dp_rank`` owns."""
-    g = len(global_indices)
-    if dp_size < 1 or micro_batch_size < 1:
-        raise ValueError(f"dp_size={dp_size} and micro_batch_size={micro_batch_size} must be >= 1")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    if g % (dp_size * micro_batch_size):
-        raise ValueError(f"global batch of {g} sequences is not divisible by dp_size={dp_size} * "
-                         f"micro_batch_size={micro_batch_size}")
-    n = g // dp_size
-    return [int(i) for i in global_indices[dp_rank * n:(dp_rank + 1) * n]]
 
 
 # ----------------------------------------------------------------------------- resumable iterator

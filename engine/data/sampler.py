@@ -119,16 +119,8 @@ def collate(samples: Sequence[Sample]) -> Microbatch:
     )
 
 
-def rank_microbatches(
-    dataset: PackedDataset, global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int
-) -> list[Microbatch]:
-    """This DP rank's microbatches of a global batch.
-
-    The rank takes the contiguous slice ``global_indices[dp_rank*n:(dp_rank+1)*n]``,
-    ``n = len(global_indices) // dp_size``, split in order into microbatches of
-    ``micro_batch_size`` sequences. Concatenating all ranks' microbatches in rank order
-    reproduces the global batch in order, whatever the layout.
-    """
+def rank_slice(global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[int]:
+    """The contiguous slice ``global_indices[dp_rank*n:(dp_rank+1)*n]``, ``n = len // dp_size``, of DP rank ``dp_rank``."""
     g = len(global_indices)
     if dp_size < 1 or micro_batch_size < 1:
         raise ValueError(f"dp_size={dp_size} and micro_batch_size={micro_batch_size} must be >= 1")
@@ -140,7 +132,20 @@ def rank_microbatches(
             f"micro_batch_size={micro_batch_size} = {dp_size * micro_batch_size}"
         )
     n = g // dp_size
-    mine = list(global_indices[dp_rank * n : (dp_rank + 1) * n])
+    return [int(i) for i in global_indices[dp_rank * n : (dp_rank + 1) * n]]
+
+
+def rank_microbatches(
+    dataset: PackedDataset, global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int
+) -> list[Microbatch]:
+    """This DP rank's microbatches of a global batch.
+
+    The rank takes the contiguous slice ``global_indices[dp_rank*n:(dp_rank+1)*n]``,
+    ``n = len(global_indices) // dp_size``, split in order into microbatches of
+    ``micro_batch_size`` sequences. Concatenating all ranks' microbatches in rank order
+    reproduces the global batch in order, whatever the layout.
+    """
+    mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
     return [
-        collate([dataset[int(i)] for i in mine[k : k + micro_batch_size]]) for k in range(0, n, micro_batch_size)
+        collate([dataset[int(i)] for i in mine[k : k + micro_batch_size]]) for k in range(0, len(mine), micro_batch_size)
     ]

@@ -71,13 +71,12 @@ class Trainer:
 
     def microbatches(self, step: int):
         """This rank's share of the global batch of ``step`` (the batch itself ignores the layout)."""
-        indices = self.sampler.indices(step)
+        share = (self.sampler.indices(step), self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
+                 self.cfg.train.micro_batch_size)
         if isinstance(self.dataset, MultimodalDataset):
-            mbs = self.dataset.microbatches(indices, self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
-                                            self.cfg.train.micro_batch_size)
-            return [mb.to(self.device) for mb in mbs]
-        mbs = rank_microbatches(self.dataset, indices, self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
-                                self.cfg.train.micro_batch_size)
+            mbs = self.dataset.microbatches(*share)
+        else:
+            mbs = rank_microbatches(self.dataset, *share)
         return [mb.to(self.device) for mb in mbs]
 
     def forward_backward(self, step: int, microbatches=None) -> tuple[torch.Tensor, int]:
