@@ -7,6 +7,10 @@ all-reduce starts asynchronously while backward goes on. Buckets are launched st
 so every rank issues the same collectives in the same sequence.
 
 The loss is normalised by the global token count, so the reduction is a plain sum.
+
+When neither group spans more than one rank there is nothing to reduce, and the buckets would
+only cost an extra pass over every gradient (add into the bucket, zero it next step): the
+gradients then stay where autograd accumulates them, as in plain PyTorch.
 """
 from __future__ import annotations
 
@@ -42,9 +46,11 @@ class GradBuffer:
         if expert_dp_group is None and comm.group_size(dp_group) > 1 and any(_is_expert(p) for p in self.params):
             raise ValueError("GradBuffer: expert parameters need expert_dp_group")
         self.sync = True
-        self.buckets = self._make_buckets(int(bucket_size_mb * 2**20 / 4))
+        self.bucketed = comm.group_size(dp_group) > 1 or comm.group_size(expert_dp_group) > 1
+        self.buckets = self._make_buckets(int(bucket_size_mb * 2**20 / 4)) if self.bucketed else []
         self._next = 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params] \
+            if self.bucketed else []
 
     def _make_buckets(self, max_numel: int) -> list[_Bucket]:
         groups = {False: self.dp_group, True: self.expert_dp_group}
@@ -97,6 +103,9 @@ class GradBuffer:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
+        if not self.bucketed:
+            for p in self.params:  # a parameter without a gradient still takes an AdamW step, as under DP
+                p.main_grad = p.grad if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
         self._reduce_partial_over_tp()
         for p in self.params:
             p.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
@@ -118,6 +127,8 @@ class GradBuffer:
             bucket.ready = 0
         for p in self.params:
             p.grad = None
+            if not self.bucketed:  # drop last step's gradient now, not when the next one replaces it
+                p.main_grad = None
         self._next = 0
         self.sync = True
 
