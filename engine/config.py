@@ -91,9 +91,17 @@ class VisionConfig:
     num_layers: int = 2
     num_heads: int = 2
     norm: str = "layernorm"  # layernorm (CLIP/SigLIP) | rmsnorm
-    mlp: str = "gelu"  # gelu (CLIP/SigLIP) | swiglu
+    mlp: str = "gelu"  # gelu (tanh-approximate, SigLIP) | quick_gelu (CLIP: x*sigmoid(1.702x)) | swiglu
     merge: bool = False  # 2x2 patch merging in the projector: 4x fewer image tokens
     eps: float = 1e-6
+    # CLIP as LLaVA uses it; the defaults keep the plain ViT above.
+    class_token: bool = False  # a learned [CLS] token before the patches (positions grid^2 + 1)
+    pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's pre_layrnorm)
+    post_norm: bool = True  # the final norm on the features handed to the projector (kept as a weight either way)
+    patch_bias: bool = True  # CLIP's patch embedding has none
+    o_bias: bool = False  # a bias on the attention output projection (CLIP)
+    feature_layer: int = -1  # hidden state the projector reads, HF-style: 0 embeddings, -1 last block, -2 penultimate
+    feature_select: str = "default"  # default: drop the class token from the features | full: keep it
 
     def validate(self) -> None:
         if not self.enabled:
@@ -112,13 +120,27 @@ class VisionConfig:
                               f"model.vision.hidden_size={self.hidden_size}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.norm!r} must be layernorm or rmsnorm")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ConfigError(f"model.vision.mlp={self.mlp!r} must be gelu or swiglu")
+        if self.mlp not in ("gelu", "quick_gelu", "swiglu"):
+            raise ConfigError(f"model.vision.mlp={self.mlp!r} must be gelu, quick_gelu or swiglu")
+        if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
+            raise ConfigError(f"model.vision.feature_layer={self.feature_layer} must be in [-{self.num_layers + 1}, "
+                              f"{self.num_layers}] (model.vision.num_layers={self.num_layers})")
+        if self.feature_select not in ("default", "full"):
+            raise ConfigError(f"model.vision.feature_select={self.feature_select!r} must be default or full")
+        if self.merge and self.class_token and self.feature_select == "full":
+            raise ConfigError("model.vision.merge=true needs a square patch grid: with model.vision.class_token=true "
+                              "set model.vision.feature_select=default")
 
     @property
     def tokens_per_image(self) -> int:
         grid = self.image_size // self.patch_size
-        return grid * grid // (4 if self.merge else 1)
+        cls = 1 if self.class_token and self.feature_select == "full" else 0
+        return grid * grid // (4 if self.merge else 1) + cls
+
+    @property
+    def feature_blocks(self) -> int:
+        """How many blocks run: those up to ``feature_layer`` (hidden state k is the output of block k)."""
+        return self.feature_layer % (self.num_layers + 1)
 
 
 @dataclass
@@ -137,6 +159,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | torch | triton | flash_attn
+    image_token_id: Optional[int] = None  # a VLM's <image> id; null: the tokenizer's (both set: they must agree)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -155,6 +178,9 @@ class ModelConfig:
             raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}")
         if self.attn_backend not in ("auto", "torch", "triton", "flash_attn"):
             raise ConfigError(f"model.attn_backend={self.attn_backend!r} is not one of auto, torch, triton, flash_attn")
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
+            raise ConfigError(f"model.image_token_id={self.image_token_id} must be in [0, model.vocab_size="
+                              f"{self.vocab_size})")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -372,8 +398,6 @@ def check_vision(cfg: Config) -> None:
     for key in ("num_heads", "intermediate_size"):
         if getattr(v, key) % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.vision.{key}={getattr(v, key)}")
-    if p.vpp > 1:
-        raise ConfigError(f"parallel.vpp={p.vpp}: model.vision.enabled=true supports one pipeline chunk per rank")
 
 
 def check_experts(cfg: Config, dp: int) -> None:

@@ -4,10 +4,10 @@
     logits = model(input_ids)                                          # [batch, seq] -> [batch, seq, vocab]
 
 A Loom checkpoint of any layout loads here: its tensors are stored at global shapes. A VLM
-checkpoint (``model.vision.enabled``) gives a ``VisionLanguageModel``:
+checkpoint (``model.vision.enabled``), or an HF LLaVA 1.5 directory, gives a ``VisionLanguageModel``:
 ``model(input_ids, pixel_values=[num_images, 3, H, W])`` fills the ``<image>`` placeholders in
-order, with the placeholder id saved in the checkpoint. An HF LLaVA directory is refused by name
-(Loom's vision tower lacks CLIP's class token, pre-norm and penultimate-layer features).
+order, with the placeholder id saved in the checkpoint (``model.image_token_id``, or the id of the
+tokenizer it was trained with).
 """
 from __future__ import annotations
 

@@ -132,3 +132,17 @@ def test_vision_config_errors_name_the_keys():
         load_config(None, ["train.freeze=[vision]"]).validate(1)
     with pytest.raises(ConfigError, match="leaves nothing to train"):
         load_config(None, VISION + ["train.freeze=[vision,projector,llm]"]).validate(1)
+
+
+def test_positions_start_as_2d_sincos():
+    """Each patch starts with its own position code, row and column apart (what shapes need early)."""
+    from engine.model.vision import sincos_2d
+
+    grid, dim = 4, 16
+    pos = sincos_2d(grid, dim)
+    assert pos.shape == (grid * grid, dim) and pos.abs().max() <= 1
+    assert len({tuple(row.tolist()) for row in pos}) == grid * grid
+    rows, cols = pos[:, :dim // 2].reshape(grid, grid, -1), pos[:, dim // 2:].reshape(grid, grid, -1)
+    assert (rows == rows[:, :1]).all() and (cols == cols[:1]).all()  # half codes the row, half the column
+    model, _ = make_vlm()  # 16 px images, 4 px patches: a 4 x 4 grid of width-16 features
+    torch.testing.assert_close(model.vision.pos_embed.detach(), sincos_2d(grid, dim))

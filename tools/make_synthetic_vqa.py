@@ -3,8 +3,9 @@
     python tools/make_synthetic_vqa.py --out data/vqa --train 4000 --eval 400 --image-size 32 --seed 0
 
 Writes ``OUT/train.jsonl``, ``OUT/eval.jsonl`` and ``OUT/img/{train,eval}_NNNNNN.png``. Each
-image shows one of 6 colours x 4 shapes at a random position and size on a light background
-(plain or lightly noisy). Each sample asks one question, ``question_type`` "colour" or
+image shows one of 6 colours x 4 shapes at a random position and size (side 60-95% of the
+image by default, ``--side``) on a light background (plain or lightly noisy). Each sample asks
+one question (``--train-both``: train samples ask the other one as a second turn), ``question_type`` "colour" or
 "shape"; colour, shape and question type are drawn independently and uniformly, so the
 question text says nothing about the answer: a text-only model is stuck near 1/6 (colour)
 and 1/4 (shape). Eval images are drawn from their own random stream and any that repeats a
@@ -34,14 +35,18 @@ QUESTIONS = {
 _SPLIT_STREAM = {"train": 1, "eval": 2}
 
 
-def draw_shape(rng: np.random.Generator, size: int, colour: str, shape: str) -> Image.Image:
-    """One ``size`` x ``size`` RGB image: the shape filled with the colour on a light background."""
+def draw_shape(rng: np.random.Generator, size: int, colour: str, shape: str,
+               side_range: tuple[float, float] = (0.6, 0.95)) -> Image.Image:
+    """One ``size`` x ``size`` RGB image: the shape filled with the colour on a light background.
+
+    The shape's side is drawn from ``side_range`` (fractions of ``size``).
+    """
     grey = int(rng.integers(200, 246))
     background = np.full((size, size, 3), grey, dtype=np.int16)
     if rng.random() < 0.5:  # lightly noisy background; stays far from every shape colour
         background += rng.integers(-10, 11, size=(size, size, 3), dtype=np.int16)
     img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
-    side = int(rng.integers(max(6, size * 2 // 5), max(7, size * 3 // 4) + 1))
+    side = int(rng.integers(max(6, int(size * side_range[0])), max(7, int(size * side_range[1])) + 1))
     x0 = int(rng.integers(0, size - side + 1))
     y0 = int(rng.integers(0, size - side + 1))
     x1, y1, cx, cy = x0 + side - 1, y0 + side - 1, x0 + (side - 1) / 2, y0 + (side - 1) / 2
@@ -59,8 +64,12 @@ def draw_shape(rng: np.random.Generator, size: int, colour: str, shape: str) -> 
     return img
 
 
-def _split(out: Path, split: str, n: int, size: int, seed: int, taken: set[bytes]) -> list[dict]:
-    """Draw, save and describe ``n`` samples; ``taken`` holds pixel hashes of earlier splits."""
+def _split(out: Path, split: str, n: int, size: int, seed: int, taken: set[bytes],
+           side_range: tuple[float, float], both: bool) -> list[dict]:
+    """Draw, save and describe ``n`` samples; ``taken`` holds pixel hashes of earlier splits.
+
+    ``both``: the conversation goes on with the other question type as a second turn.
+    """
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     colours, shapes = list(COLOURS), list(SHAPES)
     records = []
@@ -69,24 +78,32 @@ def _split(out: Path, split: str, n: int, size: int, seed: int, taken: set[bytes
         shape = shapes[int(rng.integers(len(shapes)))]
         qtype = "colour" if rng.random() < 0.5 else "shape"
         question = QUESTIONS[qtype][int(rng.integers(len(QUESTIONS[qtype])))]
-        img = draw_shape(rng, size, colour, shape)
+        img = draw_shape(rng, size, colour, shape, side_range)
         digest = hashlib.sha1(img.tobytes()).digest()
         while split == "eval" and digest in taken:  # held out: never an exact train image
-            img = draw_shape(rng, size, colour, shape)
+            img = draw_shape(rng, size, colour, shape, side_range)
             digest = hashlib.sha1(img.tobytes()).digest()
         taken.add(digest)
         rel = f"img/{split}_{k:06d}.png"
         img.save(out / rel, format="PNG", compress_level=1)
-        answer = colour if qtype == "colour" else shape
-        records.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}],
-                        "images": [rel], "question_type": qtype, "colour": colour, "shape": shape})
+        answers = {"colour": colour, "shape": shape}
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answers[qtype]}]
+        if both:
+            other = "shape" if qtype == "colour" else "colour"
+            follow = QUESTIONS[other][int(rng.integers(len(QUESTIONS[other])))].replace("<image>", "").strip()
+            messages += [{"role": "user", "content": follow}, {"role": "assistant", "content": answers[other]}]
+        records.append({"messages": messages, "images": [rel], "question_type": qtype, "colour": colour,
+                        "shape": shape})
     return records
 
 
 def make_synthetic_vqa(out: str | os.PathLike, n_train: int, n_eval: int, image_size: int = 32,
-                       seed: int = 0) -> dict[str, Path]:
-    """Write the dataset under ``out``; returns {"train": path, "eval": path} of the JSONL files."""
+                       seed: int = 0, side_range: tuple[float, float] = (0.6, 0.95),
+                       train_both: bool = False) -> dict[str, Path]:
+    """Write the dataset under ``out``; returns {"train": path, "eval": path} of the JSONL files.
+
+    ``train_both``: every train sample asks both questions, one per turn (eval samples ask one).
+    """
     if image_size < 8:
         raise ValueError(f"image_size={image_size} must be >= 8 for the shapes to be told apart")
     out = Path(out)
@@ -94,7 +111,7 @@ def make_synthetic_vqa(out: str | os.PathLike, n_train: int, n_eval: int, image_
     taken: set[bytes] = set()
     paths = {}
     for split, n in (("train", n_train), ("eval", n_eval)):
-        records = _split(out, split, n, image_size, seed, taken)
+        records = _split(out, split, n, image_size, seed, taken, side_range, train_both and split == "train")
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return paths
@@ -116,8 +133,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--eval", type=int, default=400)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--side", type=float, nargs=2, default=(0.6, 0.95), metavar=("MIN", "MAX"),
+                    help="shape side as a fraction of the image size")
+    ap.add_argument("--train-both", action="store_true",
+                    help="train samples ask both questions (two turns); eval samples always ask one")
     args = ap.parse_args(argv)
-    paths = make_synthetic_vqa(args.out, args.train, args.eval, args.image_size, args.seed)
+    paths = make_synthetic_vqa(args.out, args.train, args.eval, args.image_size, args.seed, tuple(args.side),
+                               args.train_both)
     records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     print(f"wrote {paths['train']} ({args.train}) and {paths['eval']} ({args.eval}); "
           f"text-only baseline on train: {text_only_baseline(records):.3f}")

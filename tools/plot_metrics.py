@@ -16,18 +16,38 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def draw(losses: list[float], out: Path, size=(640, 400), pad=40) -> None:
+    """The raw loss (light) and its moving average (dark), on a log axis when it spans a decade."""
+    import math
+
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     w, h = size[0] - 2 * pad, size[1] - 2 * pad
     lo, hi = min(losses), max(losses)
-    span = (hi - lo) or 1.0
-    pts = [(pad + w * i / max(1, len(losses) - 1), pad + h * (1 - (v - lo) / span)) for i, v in enumerate(losses)]
+    log = lo > 0 and hi / lo > 10
+    f = math.log if log else (lambda v: v)
+    span = (f(hi) - f(lo)) or 1.0
+
+    def points(values):
+        return [(pad + w * i / max(1, len(values) - 1), pad + h * (1 - (f(v) - f(lo)) / span))
+                for i, v in enumerate(values)]
+
     d.rectangle([pad, pad, pad + w, pad + h], outline="black")
-    d.line(pts, fill=(200, 30, 30), width=2)
-    d.text((pad, 10), f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
+    d.line(points(losses), fill=(240, 170, 170), width=1)
+    d.line(points(smooth(losses, max(1, len(losses) // 50))), fill=(190, 20, 20), width=2)
+    d.text((pad, 10), f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps"
+                      f"{' (log scale)' if log else ''}", fill="black")
     d.text((pad, pad + h + 8), f"min {lo:.3f}  max {hi:.3f}", fill="black")
     img.save(out)
 

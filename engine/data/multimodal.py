@@ -172,13 +172,16 @@ class MultimodalDataset:
     @classmethod
     def from_jsonl(cls, paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *, image_size: int,
                    patch_size: int, merge: bool, seed: int, on_bad_sample: str = "error",
-                   pack_window: Optional[int] = None, image_backend: str = "pillow") -> "MultimodalDataset":
+                   pack_window: Optional[int] = None, image_backend: str = "pillow",
+                   image_tokens: Optional[int] = None) -> "MultimodalDataset":
         """Read, check and pack one or more JSONL files (samples concatenated in file order).
 
         image_size/patch_size/merge come from the vision encoder config and fix N, the
-        placeholder tokens per image (engine.data.images.image_token_count).
+        placeholder tokens per image (engine.data.images.image_token_count), unless the encoder
+        says otherwise (``image_tokens``: VisionConfig.tokens_per_image, e.g. with a kept class token).
         """
         n_image = image_token_count(image_size, patch_size, merge)
+        n_image = n_image if image_tokens is None else int(image_tokens)
         samples, bad = [], []
         for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
             good_k, bad_k = read_chat_jsonl(os.fspath(path), tokenizer, seq_len, n_image, on_bad_sample)
@@ -189,14 +192,15 @@ class MultimodalDataset:
 
     @classmethod
     def from_config(cls, data_cfg, split: str, *, image_size: int, patch_size: int, merge: bool,
-                    seed: int) -> "MultimodalDataset":
+                    seed: int, image_tokens: Optional[int] = None) -> "MultimodalDataset":
         """The ``train`` or ``eval`` split named by ``data.train_jsonl`` / ``data.eval_jsonl``."""
         path = getattr(data_cfg, f"{split}_jsonl")
         if path is None:
             raise ValueError(f"data.{split}_jsonl is not set")
         return cls.from_jsonl(path, Tokenizer.load(data_cfg.tokenizer), data_cfg.seq_len, image_size=image_size,
                               patch_size=patch_size, merge=merge, seed=seed, on_bad_sample=data_cfg.on_bad_sample,
-                              pack_window=data_cfg.pack_window, image_backend=data_cfg.image_backend)
+                              pack_window=data_cfg.pack_window, image_backend=data_cfg.image_backend,
+                              image_tokens=image_tokens)
 
     def __len__(self) -> int:
         return self.plan.num_sequences

@@ -88,13 +88,13 @@ class Attention(nn.Module):
     """GQA self-attention with RoPE and optional q/k-norm (Qwen3) and q/k/v bias (Qwen2)."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, bias: bool = False,
-                 qk_norm: bool = False, eps: float = 1e-6, backend: str = "auto"):
+                 qk_norm: bool = False, eps: float = 1e-6, backend: str = "auto", o_bias: bool = False):
         super().__init__()
         self.head_dim = head_dim
         self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.core = CoreAttention(backend)

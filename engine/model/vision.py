@@ -16,15 +16,22 @@ from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, Sw
 
 
 class GeluMLP(nn.Module):
-    """``fc2(gelu(fc1(x)))`` with biases, as in CLIP / SigLIP (the names follow them)."""
+    """``fc2(act(fc1(x)))`` with biases, as in CLIP / SigLIP (the names follow them).
 
-    def __init__(self, hidden: int, intermediate: int):
+    ``act``: ``gelu`` is the tanh approximation (SigLIP's gelu_pytorch_tanh), ``quick_gelu`` CLIP's
+    ``x * sigmoid(1.702 x)``; a checkpoint trained with one is a different model under the other.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(hidden, intermediate)
         self.fc2 = nn.Linear(intermediate, hidden)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        x = self.fc1(x)
+        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x, approximate="tanh")
+        return self.fc2(x)
 
 
 def _norm(cfg: VisionConfig) -> nn.Module:
@@ -34,10 +41,11 @@ def _norm(cfg: VisionConfig) -> nn.Module:
 def vision_block(cfg: VisionConfig, backend: str) -> DecoderBlock:
     """A pre-norm ViT block: the decoder block with bidirectional, position-free attention."""
     head_dim = cfg.hidden_size // cfg.num_heads
-    attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_heads, head_dim, bias=True, backend=backend)
+    attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_heads, head_dim, bias=True, backend=backend,
+                     o_bias=cfg.o_bias)
     attn.core.causal = False
-    mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size) if cfg.mlp == "gelu" else \
-        SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+    mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size) if cfg.mlp == "swiglu" else \
+        GeluMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp)
     block = DecoderBlock(attn, mlp, cfg.hidden_size, cfg.eps)
     block.attn_norm, block.mlp_norm = _norm(cfg), _norm(cfg)
     return block
@@ -51,18 +59,23 @@ def patchify(pixel_values: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values ``[N, 3, S, S]`` -> patch features ``[N, (S/p)^2, vision.hidden_size]``.
+    """pixel_values ``[N, 3, S, S]`` -> patch features ``[N, tokens, vision.hidden_size]``.
 
-    The patch embedding is a Linear over flattened patches (same math as a stride-p Conv2d),
-    so it is an ordinary linear for sharding and checkpoint mapping.
+    The patch embedding is a Linear over flattened patches (same math as a stride-p Conv2d: its
+    weight is ``conv.weight.reshape(out, -1)``), so it is an ordinary linear for sharding and
+    checkpoint mapping. CLIP as LLaVA uses it adds a class token and a norm before the blocks,
+    and reads the penultimate block's output without the final norm (``feature_layer=-2``,
+    ``post_norm=false``); the unused blocks and norm stay, so a checkpoint converts bit for bit.
     """
 
     def __init__(self, cfg: VisionConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
-        self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(grid * grid, cfg.hidden_size))
+        self.patch_embed = nn.Linear(3 * cfg.patch_size ** 2, cfg.hidden_size, bias=cfg.patch_bias)
+        self.class_embed = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(grid * grid + int(cfg.class_token), cfg.hidden_size))
+        self.pre_norm = _norm(cfg) if cfg.pre_norm else None
         self.layers = nn.ModuleDict({str(i): vision_block(cfg, backend) for i in range(cfg.num_layers)})
         self.norm = _norm(cfg)
 
@@ -73,13 +86,32 @@ class VisionEncoder(nn.Module):
                              f"got {tuple(pixel_values.shape)}")
         n, p = pixel_values.shape[0], self.pos_embed.shape[0]
         h = self.patch_embed(patchify(pixel_values, self.cfg.patch_size).to(self.patch_embed.weight.dtype))
+        if self.class_embed is not None:
+            h = torch.cat([self.class_embed.to(h.dtype).expand(n, 1, -1), h], dim=1)
         h = (h + self.pos_embed).reshape(n * p, -1)
+        if self.pre_norm is not None:
+            h = self.pre_norm(h)
         # One document per image: attention never crosses an image border.
         cu = torch.arange(0, n * p + 1, p, dtype=torch.int32, device=h.device)
         meta = PackedMeta(cu, p, None, None)
-        for layer in self.layers.values():
+        for layer in list(self.layers.values())[:self.cfg.feature_blocks]:
             h = layer(h, meta)
-        return self.norm(h).reshape(n, p, -1)
+        if self.cfg.post_norm:
+            h = self.norm(h)
+        h = h.reshape(n, p, -1)
+        return h[:, 1:] if self.class_embed is not None and self.cfg.feature_select == "default" else h
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """``[grid*grid, dim]`` fixed 2-D sine-cosine positions (MAE): half the channels code the row, half the column."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter))
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freq) for c in (rows, cols) for f in (torch.sin, torch.cos)]
+    out = torch.zeros(grid * grid, dim, dtype=torch.float64)
+    out[:, :4 * quarter] = torch.cat(parts, dim=1)
+    return out.float()
 
 
 def merge_2x2(x: torch.Tensor, grid: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 from engine.model.decoder import Transformer
-from engine.model.vision import Projector, VisionEncoder
+from engine.model.vision import Projector, VisionEncoder, sincos_2d
 
 
 def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -30,7 +30,11 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         if not cfg.vision.enabled:
             raise ValueError("VisionLanguageModel needs model.vision.enabled=true")
-        self.cfg, self.image_token_id = cfg, image_token_id
+        if None not in (image_token_id, cfg.image_token_id) and image_token_id != cfg.image_token_id:
+            raise ValueError(f"model.image_token_id={cfg.image_token_id} differs from the tokenizer's <image> id "
+                             f"{image_token_id}; set one, or make them agree")
+        self.cfg = cfg
+        self.image_token_id = cfg.image_token_id if image_token_id is None else image_token_id
         self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
         self.projector = Projector(cfg.vision, cfg.hidden_size)
         self.llm = Transformer(cfg)
@@ -42,7 +46,16 @@ class VisionLanguageModel(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 nn.init.zeros_(module.bias) if module.bias is not None else None
-        nn.init.normal_(self.vision.pos_embed, mean=0.0, std=std)
+        # Learned positions start as 2-D sine-cosine (MAE): from a small random start a tiny ViT
+        # learns where its patches are only slowly, and shapes (unlike colours) need it.
+        v = self.cfg.vision
+        grid = v.image_size // v.patch_size
+        with torch.no_grad():
+            self.vision.pos_embed[-grid * grid:] = sincos_2d(grid, v.hidden_size)
+            if self.vision.class_embed is not None:
+                nn.init.normal_(self.vision.pos_embed[:1], mean=0.0, std=std)
+        if self.vision.class_embed is not None:
+            nn.init.normal_(self.vision.class_embed, mean=0.0, std=std)
 
     def pipeline_stage(self, llm: Transformer) -> "VisionLanguageModel":
         """A shell around one pipeline stage of the LLM (pipeline.py's split of ``self.llm``).

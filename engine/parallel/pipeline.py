@@ -79,6 +79,10 @@ def join_chunks(chunks: list[nn.Module]) -> nn.Module:
     """
     if len(chunks) == 1:
         return chunks[0]
+    if hasattr(chunks[0], "llm"):  # VLM shells (VisionLanguageModel.pipeline_stage): join their LLM parts
+        joined = copy.copy(chunks[0])
+        joined._modules = {**chunks[0]._modules, "llm": join_chunks([c.llm for c in chunks])}
+        return joined
     reuse = {id(m): m for chunk in chunks for m in chunk.modules() if m is not chunk}
     joined = copy.deepcopy(chunks[0], memo=reuse)
     layers = sorted(((k, v) for chunk in chunks for k, v in chunk.layers.items()), key=lambda kv: int(kv[0]))

@@ -19,7 +19,7 @@ def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
     if not v.enabled:
         raise ValueError("data.train_jsonl (multimodal data) needs model.vision.enabled=true")
     return MultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
-                                         merge=v.merge, seed=cfg.train.seed)
+                                         merge=v.merge, seed=cfg.train.seed, image_tokens=v.tokens_per_image)
 
 
 def build_any_model(cfg: Config, dataset) -> nn.Module:

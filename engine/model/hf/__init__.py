@@ -3,9 +3,8 @@
     naming.py   the rule machinery and the missing / unexpected / shape checks
     dense.py    Llama 3, Qwen2, Qwen3
     moe.py      Mixtral, Qwen2-MoE, Qwen3-MoE (per-expert HF tensors <-> stacked Loom experts)
+    llava.py    LLaVA 1.5 (CLIP vision tower + projector + any text family above)
     convert.py  HF directory <-> Loom checkpoint, one tensor in memory at a time
-
-LLaVA 1.5 is not here yet: Loom has no vision tower / projector model to map it onto.
 """
 from __future__ import annotations
 
@@ -13,10 +12,11 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model.hf.dense import LLAMA, QWEN2, QWEN3
+from engine.model.hf.llava import LLAVA
 from engine.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from engine.model.hf.naming import ConversionError, Family, check_hf_names, weight_map
 
-FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, LLAVA)
 SUPPORTED = tuple(arch for f in FAMILIES for arch in f.architectures)
 
 
@@ -34,6 +34,8 @@ def family_for_model(cfg: ModelConfig, arch: str | None = None) -> Family:
     """The family to export ``cfg`` as: ``arch`` if given, else the closest one."""
     if arch is not None:
         return family_for({"architectures": [arch]})
+    if cfg.vision.enabled:
+        return LLAVA
     m = cfg.moe
     if m.num_experts:
         if cfg.qk_norm:
@@ -67,6 +69,8 @@ def load_hf_state_dict(model, hf_state: dict, family: Family | None = None) -> N
     from engine.train.checkpoint import named_tensors
 
     family = family or family_for_model(model.cfg)
+    if family.specialise is not None:
+        family = family.for_checkpoint(family.config_to_hf(model.cfg, {}), hf_state)
     wmap = weight_map(family, model.cfg)
     found = {k: (tuple(v.shape), v.dtype, "state dict") for k, v in hf_state.items()}
     check_hf_names(wmap, found, model.cfg.tie_embeddings, "HF state dict")
@@ -74,7 +78,7 @@ def load_hf_state_dict(model, hf_state: dict, family: Family | None = None) -> N
     with torch.no_grad():
         for loom, hf in wmap.loom_to_hf.items():
             pieces = [hf_state[n] for n in hf]
-            own[loom].copy_(torch.stack(pieces) if loom in wmap.stacked else pieces[0])
+            own[loom].copy_(torch.stack(pieces) if loom in wmap.stacked else wmap.to_loom(loom, pieces[0]))
 
 
 __all__ = ["FAMILIES", "SUPPORTED", "ConversionError", "Family", "family_for", "family_for_model",

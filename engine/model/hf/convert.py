@@ -9,6 +9,8 @@ tokenizer files go to the checkpoint's ``hf/`` and travel with every checkpoint 
 Export plans the output shards from the checkpoint's metadata, then per shard reads its Loom
 tensors from DCP, splits stacked experts, casts, and writes the shard; then ``config.json``
 (the imported one updated from the Loom config, or one built from it), the index and ``hf/``.
+Import also records the HF weight names in ``hf/loom_hf_weights.json``, so that an export writes
+the names it read (LLaVA checkpoints come with three sets of module prefixes, all of which load).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bf
                "fp16": torch.float16, "float16": torch.float16}
 
 HfIndex = dict[str, tuple[tuple[int, ...], torch.dtype, Path]]  # HF name -> (shape, dtype, file)
+NAMES_FILE = "loom_hf_weights.json"  # in a checkpoint's hf/: the imported weight names; never exported
 
 
 # ----------------------------------------------------------------------------- reading an HF directory
@@ -81,7 +84,7 @@ def read_hf_tensor(index: HfIndex, name: str) -> torch.Tensor:
 def read_loom_tensor(index: HfIndex, wmap: WeightMap, loom: str) -> torch.Tensor:
     """Loom tensor ``loom`` assembled from its HF tensors (stacked experts), in the stored dtype."""
     pieces = [read_hf_tensor(index, n) for n in wmap.loom_to_hf[loom]]
-    return torch.stack(pieces) if loom in wmap.stacked else pieces[0]
+    return torch.stack(pieces) if loom in wmap.stacked else wmap.to_loom(loom, pieces[0])
 
 
 def hf_model_plan(hf_dir: Path):
@@ -90,8 +93,9 @@ def hf_model_plan(hf_dir: Path):
     family = family_for(hf)
     cfg = family.config_from_hf(hf)
     cfg.validate()
-    wmap = weight_map(family, cfg)
     index = index_hf_dir(hf_dir)
+    family = family.for_checkpoint(hf, index)
+    wmap = weight_map(family, cfg)
     check_hf_names(wmap, index, cfg.tie_embeddings, str(hf_dir))
     return family, cfg, wmap, index
 
@@ -122,15 +126,21 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     marker = {"kind": "model", "step": 0, "config": {"model": dataclasses.asdict(cfg)},
               "source": {"hf_dir": str(hf_dir), "family": family.name}}
     io.write_checkpoint(out_dir, state, {}, marker, sources=sources, no_dist=True,
-                        side_files=lambda path: copy_side_files(hf_dir, path / "hf"))
+                        side_files=lambda path: _write_hf_dir(hf_dir, path / "hf", sorted(index)))
     return out_dir
+
+
+def _write_hf_dir(hf_dir: Path, dst: Path, names: list[str]) -> None:
+    copy_side_files(hf_dir, dst)
+    (dst / NAMES_FILE).write_text(json.dumps(names) + "\n")
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """config.json, tokenizer, generation config...: every file that is not a weight or a weight index."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(src).iterdir()):
-        if f.is_file() and f.suffix not in _WEIGHT_FILES and not f.name.endswith(".index.json"):
+        if f.is_file() and f.suffix not in _WEIGHT_FILES and not f.name.endswith(".index.json") \
+                and f.name != NAMES_FILE:
             shutil.copy2(f, dst / f.name)
 
 
@@ -154,9 +164,13 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     marker = io.read_marker(ckpt_dir)
     cfg = checkpoint_model_config(marker, ckpt_dir)
+    if cfg.image_token_id is None:  # a VLM trained in Loom took its <image> id from its tokenizer
+        cfg.image_token_id = marker.get("image_token_id")
     base = read_hf_config(ckpt_dir / "hf") if (ckpt_dir / "hf" / "config.json").is_file() else {}
     family = family_for_model(cfg, arch) if arch or not base else family_for(base)
     hf_cfg = family.config_to_hf(cfg, base)
+    names = ckpt_dir / "hf" / NAMES_FILE
+    family = family.for_checkpoint(hf_cfg, json.loads(names.read_text()) if names.is_file() else None)
     wmap = weight_map(family, cfg)
     stored = _stored_dtypes(ckpt_dir, wmap)
     cast = DTYPE_NAMES[dtype] if dtype else None
@@ -206,7 +220,7 @@ def _read_shard(ckpt_dir: Path, wmap: WeightMap, looms: list[str], stored, cast)
     for loom in looms:
         tensor = state.pop(f"model/{loom}")
         tensor = tensor.to(cast) if cast is not None else tensor
-        pieces = tensor.unbind(0) if loom in wmap.stacked else [tensor]
+        pieces = tensor.unbind(0) if loom in wmap.stacked else [wmap.to_hf(loom, tensor)]
         out.update({n: p.contiguous() for n, p in zip(wmap.loom_to_hf[loom], pieces)})
     return out
 

@@ -1,10 +1,13 @@
 """How a family of HF checkpoints names Loom's tensors, and the checks both directions share.
 
 A family is a list of rules ``(Loom regex, HF template)``. The template is formatted with the
-regex groups; a template containing ``{e}`` names one HF tensor per expert, and the Loom tensor
+regex groups and the family's ``prefixes`` (``{lm}``: where one checkpoint format puts a
+submodule); a template containing ``{e}`` names one HF tensor per expert, and the Loom tensor
 is their stack along dim 0 (HF keeps one ``[out, in]`` per expert, Loom ``[E, out, in]``).
-Loom keeps HF's layouts otherwise (rotate-half RoPE, separate q/k/v and gate/up), so no rule
-transposes or permutes anything.
+A third element ``loom shape -> HF shape`` marks a tensor stored in another shape with the same
+element order (a Conv2d patch embedding ``[out, 3, p, p]`` is Loom's Linear ``[out, 3*p*p]``), so
+conversion is a reshape, exact for any dtype. Loom keeps HF's layouts otherwise (rotate-half
+RoPE, separate q/k/v and gate/up), so no rule transposes or permutes anything.
 
 The expected set of names always comes from a Loom model built for the config (on the meta
 device), so a weight that is missing or unexpected is found before any data is read.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection, Optional
 
 import torch
 
@@ -50,26 +53,43 @@ class Family:
     config_from_hf: Callable[[dict], ModelConfig]
     config_to_hf: Callable[[ModelConfig, dict], dict]  # (cfg, base HF config or {}) -> HF config
     rules: list = field(default_factory=list)
+    prefixes: dict = field(default_factory=dict)  # template keywords: one checkpoint format's module prefixes
+    # (HF config, HF weight names or None) -> the family for that checkpoint; None: always ``self``.
+    specialise: Optional[Callable[[dict, Optional[Collection[str]]], "Family"]] = None
+
+    def for_checkpoint(self, hf_config: dict, hf_names: Optional[Collection[str]] = None) -> "Family":
+        """This family for one HF config, and on import the weight names found (LLaVA's rules depend on both)."""
+        return self.specialise(hf_config, hf_names) if self.specialise else self
+
+    def _rule(self, loom_name: str):
+        for rule in self.rules:
+            m = re.fullmatch(rule[0], loom_name)
+            if m:
+                return rule, m
+        raise ConversionError(f"Loom tensor {loom_name!r} has no {self.name} name (architectures "
+                              f"{', '.join(self.architectures)})")
 
     def hf_names(self, loom_name: str, shape) -> tuple[list[str], bool]:
         """(the HF tensors that make up Loom tensor ``loom_name``, whether they stack along dim 0)."""
-        for pattern, template in self.rules:
-            m = re.fullmatch(pattern, loom_name)
-            if m:
-                if "{e}" in template:
-                    return [template.format(*m.groups(), e=e) for e in range(shape[0])], True
-                return [template.format(*m.groups())], False
-        raise ConversionError(f"Loom tensor {loom_name!r} has no {self.name} name (architectures "
-                              f"{', '.join(self.architectures)})")
+        (_, template, *_), m = self._rule(loom_name)
+        if "{e}" in template:
+            return [template.format(*m.groups(), e=e, **self.prefixes) for e in range(shape[0])], True
+        return [template.format(*m.groups(), **self.prefixes)], False
+
+    def hf_shape(self, loom_name: str, shape) -> Optional[tuple[int, ...]]:
+        """The HF shape of a tensor HF stores reshaped, else None."""
+        rule, _ = self._rule(loom_name)
+        return tuple(rule[2](tuple(shape))) if len(rule) > 2 else None
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Loom name -> meta tensor for every tensor a model of ``cfg`` has, named as checkpoints name them."""
     from engine.model.decoder import build_model
+    from engine.model.vlm import build_vlm
     from engine.train.checkpoint import named_tensors
 
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_vlm(cfg) if cfg.vision.enabled else build_model(cfg)
     return {k: v.detach() for k, v in named_tensors(model, cfg.tie_embeddings).items()}
 
 
@@ -80,6 +100,7 @@ class WeightMap:
     loom_to_hf: dict[str, list[str]]
     stacked: set[str]  # Loom tensors that are a stack of per-expert HF tensors
     shapes: dict[str, tuple[int, ...]]  # Loom shapes
+    reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Loom name -> HF shape, where they differ
 
     @property
     def hf_to_loom(self) -> dict[str, tuple[str, int]]:
@@ -88,18 +109,27 @@ class WeightMap:
                 for loom, hf in self.loom_to_hf.items() for i, name in enumerate(hf)}
 
     def hf_shape(self, loom: str, index: int) -> tuple[int, ...]:
-        shape = self.shapes[loom]
+        shape = self.reshaped.get(loom, self.shapes[loom])
         return shape[1:] if index >= 0 else shape
+
+    def to_loom(self, loom: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(self.shapes[loom]) if loom in self.reshaped else tensor
+
+    def to_hf(self, loom: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(self.reshaped[loom]) if loom in self.reshaped else tensor
 
 
 def weight_map(family: Family, cfg: ModelConfig) -> WeightMap:
-    loom_to_hf, stacked, shapes = {}, set(), {}
+    loom_to_hf, stacked, shapes, reshaped = {}, set(), {}, {}
     for name, tensor in expected_tensors(cfg).items():
         loom_to_hf[name], is_stack = family.hf_names(name, tensor.shape)
         shapes[name] = tuple(tensor.shape)
         if is_stack:
             stacked.add(name)
-    return WeightMap(loom_to_hf, stacked, shapes)
+        hf_shape = family.hf_shape(name, tensor.shape)
+        if hf_shape is not None:
+            reshaped[name] = hf_shape
+    return WeightMap(loom_to_hf, stacked, shapes, reshaped)
 
 
 def check_hf_names(wmap: WeightMap, found: dict[str, tuple], tie_embeddings: bool, where: str) -> None:
@@ -110,7 +140,7 @@ def check_hf_names(wmap: WeightMap, found: dict[str, tuple], tie_embeddings: boo
     """
     reverse = wmap.hf_to_loom
     for name, (shape, _dtype, _file) in found.items():
-        if IGNORED_HF.fullmatch(name) or (tie_embeddings and name == "lm_head.weight"):
+        if IGNORED_HF.fullmatch(name) or (tie_embeddings and name.endswith("lm_head.weight")):
             continue
         if name not in reverse:
             raise ConversionError(f"{where}: unexpected weight {name!r} (no Loom tensor takes it)")
