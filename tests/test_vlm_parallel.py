@@ -15,23 +15,24 @@ SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1"
           "train.dtype=fp32", "train.global_batch_size=8", "train.micro_batch_size=1"]
 DENSE = ["model.moe.num_experts=0"]
 
+FREEZE = ["train.freeze=[vision]"]
+# The five layouts, each with and without a frozen vision tower, on the demo's MoE LLM;
+# then combinations, interleaved stages, and a dense LLM without patch merging.
+BASE_LAYOUTS = {
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "cp2": (2, ["parallel.cp=2"]),
+    "ep2": (2, ["parallel.ep=2"]),
+    "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
+}
 LAYOUTS = {
-    "tp2_sp": (2, DENSE + ["parallel.tp=2", "parallel.sp=true"]),
-    "tp2_sp_nomerge_freeze_vision": (2, DENSE + ["parallel.tp=2", "parallel.sp=true", "model.vision.merge=false",
-                                                 "train.freeze=[vision]"]),
-    "cp2_dp2": (4, DENSE + ["parallel.cp=2"]),
-    "cp2_tp2_sp_freeze_vision": (4, DENSE + ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true",
-                                             "train.freeze=[vision]"]),
-    "ep2_dp2_moe": (2, ["parallel.ep=2"]),
-    "tp2_sp_ep2_moe": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
-    "pp2": (2, DENSE + ["parallel.pp=2"]),
-    "pp2_freeze_vision_moe": (2, ["parallel.pp=2", "train.freeze=[vision]"]),
-    "tp2_sp_pp2": (4, DENSE + ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
-    "tp2_sp_pp2_freeze_vision_moe": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2",
-                                         "train.freeze=[vision]"]),
-    "ep2_dp2_freeze_vision_moe": (2, ["parallel.ep=2", "train.freeze=[vision]"]),
-    "pp2_vpp2_interleaved_moe": (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
-                                     "model.num_layers=4"]),
+    **BASE_LAYOUTS,
+    **{f"{name}_freeze_vision": (n, o + FREEZE) for name, (n, o) in BASE_LAYOUTS.items()},
+    "tp2_sp_ep2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
+    "pp2_vpp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
+                                 "model.num_layers=4"]),
+    "tp2_sp_dense_nomerge": (2, DENSE + ["parallel.tp=2", "parallel.sp=true", "model.vision.merge=false"]),
 }
 MODEL_KEYS = ("model.", "train.freeze")
 
