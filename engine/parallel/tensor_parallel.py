@@ -167,5 +167,13 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits, labels, group, vocab_start: int = 0) -> torch.Tensor:
-    """Per-token loss ``[T]`` (fp32, 0 where labels == -100); see VocabParallelCrossEntropy."""
+    """Per-token loss ``[T]`` (fp32, 0 where labels == -100); see VocabParallelCrossEntropy.
+
+    With the whole vocabulary on this rank it is plain cross-entropy: the fused log-softmax
+    kernel is faster than the split max / exp / sum the parallel form needs.
+    """
+    if comm.group_size(group) == 1:
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                               reduction="none")
+        return flat.reshape(labels.shape)
     return VocabParallelCrossEntropy.apply(logits, labels, group, vocab_start)

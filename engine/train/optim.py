@@ -17,8 +17,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (CPU and CUDA) is one pass over all tensors, about 5x faster on CPU than the
+    # per-tensor loop; it is also what HF's Trainer picks by default on torch >= 2.8.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+                             eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -45,19 +48,15 @@ def global_grad_norm(params: list[nn.Parameter], norm_group, tp_rank: int, exper
     and replicated over the expert-data-parallel ranks: summed over that group instead.
     """
     device = params[0].device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    experts = torch.zeros((), dtype=torch.float32, device=device)
+    own, experts = [], []
     for p in params:
         if p.grad is None:
             continue
         if getattr(p, "is_expert", False):
-            experts += p.grad.float().pow(2).sum()
-            continue
-        if getattr(p, "tp_dim", None) is None and tp_rank != 0:
-            continue
-        if getattr(p, "pp_tied_replica", False):
-            continue
-        total += p.grad.float().pow(2).sum()
+            experts.append(p.grad)
+        elif (getattr(p, "tp_dim", None) is not None or tp_rank == 0) and not getattr(p, "pp_tied_replica", False):
+            own.append(p.grad)
+    total, experts = (_sum_of_squares(grads, device) for grads in (own, experts))
     if comm.group_size(norm_group) > 1:
         dist.all_reduce(total, group=norm_group)
     if comm.group_size(expert_group) > 1:
@@ -65,11 +64,17 @@ def global_grad_norm(params: list[nn.Parameter], norm_group, tp_rank: int, exper
     return (total + experts).sqrt()
 
 
+def _sum_of_squares(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """fp32 sum of squares of all ``grads`` (one foreach norm per tensor, as clip_grad_norm_ does)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.stack(norms).pow(2).sum()
+
+
 def clip_grads(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
     if max_norm <= 0:
         return
     coef = max_norm / (float(norm) + 1e-6)
     if coef < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
