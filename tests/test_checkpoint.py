@@ -126,6 +126,23 @@ def test_resume_tp2_pp2_to_dp4(world4, reference):
     _assert_same_stream(_global_tokens(out), reference["tokens"])
 
 
+def test_resume_interleaved_tied_pipeline_to_cp2_tp2(world4, tmp_path):
+    """PP2 x VPP2 x DP2 with the tied embedding and head on different pipeline ranks saves;
+    CP2 x TP2 (+SP) resumes. Both match an uninterrupted DP4 run, sample for sample."""
+    model = ["model.num_layers=4", "model.tie_embeddings=true"]
+    full = world4.run(_train, str(tmp_path / "full"), model)
+    ref_tokens = _global_tokens(full)
+    saved = str(tmp_path / "vpp")
+    first = world4.run(_train, saved, model + ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
+                                               "train.save_interval=5"], until=5)
+    _assert_close(first[0]["losses"], full[0]["losses"][:5])
+    out = world4.run(_train, str(tmp_path / "cp2tp2"), model + [
+        f"train.resume={_ckpt(saved, 5)}", "parallel.cp=2", "parallel.tp=2", "parallel.sp=true"])
+    assert out[0]["start"] == 5
+    _assert_close(out[0]["losses"], full[0]["losses"][5:])
+    _assert_same_stream(_global_tokens(out), ref_tokens)
+
+
 def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
     """Experts sharded over EP2 (two expert-data-parallel replicas) reload sharded over EP4."""
     full = world4.run(_train, str(tmp_path / "full"), ["parallel.ep=2"], config=MOE_CONFIG)
