@@ -42,6 +42,20 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
             "params": {k: v.numpy() for k, v in params.items()}}
 
 
+def world1_references(world, config: str, base: list[str], model_keys: tuple[str, ...] = ("model.",)):
+    """``get(overrides)``: the world-size-1 run of ``config`` under the overrides that shape the model
+    and the batch (those starting with ``model_keys``), trained once per distinct set and cached."""
+    cache: dict[tuple, dict] = {}
+
+    def get(overrides: list[str]) -> dict:
+        key = tuple(o for o in overrides if o.startswith(model_keys))
+        if key not in cache:
+            cache[key] = world.run(train_layout, config, base + list(key), nranks=1)[0]
+        return cache[key]
+
+    return get
+
+
 def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, param_atol=PARAM_ATOL, grad_atol=GRAD_ATOL) -> None:
     ref_l, out_l = np.array(ref["losses"]), np.array(out["losses"])
     rel = np.abs(out_l - ref_l) / np.abs(ref_l)

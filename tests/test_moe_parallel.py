@@ -6,7 +6,7 @@ large coefficients here so that a mis-scaled gradient of theirs would show in th
 """
 import pytest
 
-from tests.parity import assert_moe_parity, assert_parity, train_layout
+from tests.parity import assert_moe_parity, assert_parity, train_layout, world1_references
 
 CONFIG = "launch/configs/tiny_moe.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_moe_parity", "model.attn_backend=torch", "train.resume=none",
@@ -33,15 +33,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def references(world4):
-    cache = {}
-
-    def get(model_overrides):
-        key = tuple(model_overrides)
-        if key not in cache:
-            cache[key] = world4.run(train_layout, CONFIG, BASE + list(key), nranks=1)[0]
-        return cache[key]
-
-    return get
+    return world1_references(world4, CONFIG, BASE)  # tests hand it model overrides only
 
 
 # Every layout with both routers; the etp=1 folding variant with one.

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tests.parity import assert_parity, train_layout
+from tests.parity import assert_parity, train_layout, world1_references
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_parity", "model.attn_backend=torch"]
@@ -24,21 +24,9 @@ LAYOUTS = {
 MODEL_KEYS = ("model.", "train.global_batch_size", "train.micro_batch_size")
 
 
-def _reference_overrides(overrides):
-    return [o for o in overrides if o.startswith(MODEL_KEYS)]
-
-
 @pytest.fixture(scope="module")
 def references(world4):
-    cache = {}
-
-    def get(overrides):
-        key = tuple(_reference_overrides(overrides))
-        if key not in cache:
-            cache[key] = world4.run(train_layout, CONFIG, BASE + list(key), nranks=1)[0]
-        return cache[key]
-
-    return get
+    return world1_references(world4, CONFIG, BASE, MODEL_KEYS)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

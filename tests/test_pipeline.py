@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.parity import assert_parity, train_layout
+from tests.parity import assert_parity, train_layout, world1_references
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 # Four layers: PP4 and PP2 x VPP2 get one layer per virtual stage. 8 microbatches per rank
@@ -28,15 +28,7 @@ MODEL_KEYS = ("model.", "train.global_batch_size", "train.micro_batch_size")
 
 @pytest.fixture(scope="module")
 def references(world8):
-    cache = {}
-
-    def get(overrides):
-        key = tuple(o for o in overrides if o.startswith(MODEL_KEYS))
-        if key not in cache:
-            cache[key] = world8.run(train_layout, CONFIG, BASE + list(key), nranks=1)[0]
-        return cache[key]
-
-    return get
+    return world1_references(world8, CONFIG, BASE, MODEL_KEYS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

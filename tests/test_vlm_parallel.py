@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import load_config
-from tests.parity import ROOT, assert_parity, train_layout
+from tests.parity import ROOT, assert_parity, train_layout, world1_references
 
 CONFIG = "launch/configs/demo_vlm_moe.yaml"
 SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1", "model.attn_backend=torch",
@@ -51,15 +51,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(world4, data):
-    cache = {}
-
-    def get(overrides):
-        key = tuple(o for o in overrides if o.startswith(MODEL_KEYS))
-        if key not in cache:
-            cache[key] = world4.run(train_layout, CONFIG, data + SINGLE + list(key), nranks=1)[0]
-        return cache[key]
-
-    return get
+    return world1_references(world4, CONFIG, data + SINGLE, MODEL_KEYS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

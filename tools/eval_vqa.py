@@ -112,9 +112,8 @@ def evaluate(model, questions: list[Question], tok, image_size: int, batch: int 
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(questions), batch):
         chunk = questions[start:start + batch]
-        pixels = load([q.image for q in chunk])
-        if blank_images:
-            pixels = torch.zeros_like(pixels)
+        # Blank images need no decoding: only their shape matters.
+        pixels = torch.zeros(len(chunk), 3, image_size, image_size) if blank_images else load([q.image for q in chunk])
         answers = greedy_answers(model, [q.prompt for q in chunk], pixels, tok.end_of_turn_id,
                                  vocab_size=tok.vocab_size)
         for q, ids in zip(chunk, answers):

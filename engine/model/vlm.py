@@ -52,9 +52,8 @@ class VisionLanguageModel(nn.Module):
         grid = v.image_size // v.patch_size
         with torch.no_grad():
             self.vision.pos_embed[-grid * grid:] = sincos_2d(grid, v.hidden_size)
-            if self.vision.class_embed is not None:
-                nn.init.normal_(self.vision.pos_embed[:1], mean=0.0, std=std)
-        if self.vision.class_embed is not None:
+        if self.vision.class_embed is not None:  # the class token and its position have no grid place
+            nn.init.normal_(self.vision.pos_embed[:1], mean=0.0, std=std)
             nn.init.normal_(self.vision.class_embed, mean=0.0, std=std)
 
     def pipeline_stage(self, llm: Transformer) -> "VisionLanguageModel":
