@@ -63,7 +63,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                 attn_positions: Optional[torch.Tensor] = None, attn_extra: Any = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+                inputs_embeds: Optional[torch.Tensor] = None, skip_lm_head: bool = False) -> torch.Tensor:
         """Logits for packed ``input_ids [T]`` -> ``[T, V]``, or for a batch ``[B, S]`` -> ``[B, S, V]``.
 
         Packed input takes ``cu_seqlens`` (int32 ``[docs+1]``; default: one document) and
@@ -76,6 +76,8 @@ class Transformer(nn.Module):
         input is the hidden states ``[T, h]`` from the previous stage, and without ``lm_head``
         the output is the hidden states for the next one. ``inputs_embeds`` (``[*input_ids.shape, h]``)
         replaces the embedding lookup (a VLM splices image features into it first).
+        ``skip_lm_head`` returns the final-normed hidden states ``[..., h]`` instead of logits, for
+        a loss that applies the head itself (engine/model/lm_loss.py).
         """
         batch_shape = input_ids.shape if self.embed is not None else input_ids.shape[:-1]
         batched = len(batch_shape) == 2
@@ -102,6 +104,9 @@ class Transformer(nn.Module):
             h = layer(h, meta)
         if self.lm_head is None:
             return h
+        if skip_lm_head:
+            h = self.norm(h)
+            return h.view(*batch_shape, -1) if batched else h
         logits = self.lm_head(self.norm(h))
         return logits.view(*batch_shape, -1) if batched else logits
 

@@ -96,14 +96,15 @@ class VisionLanguageModel(nn.Module):
                 max_seqlen: Optional[int] = None, attn_positions: Optional[torch.Tensor] = None,
                 attn_extra: Any = None, image_token_id: Optional[int] = None,
                 image_token_counts: Optional[torch.Tensor] = None,
-                image_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_slots: Optional[torch.Tensor] = None, skip_lm_head: bool = False) -> torch.Tensor:
         """Logits, as ``Transformer.forward``; ``pixel_values [N, 3, S, S]`` fill the placeholders in order.
 
         ``image_slots`` (int64 ``[T]``, see ``image_slots()``) is given when ``input_ids`` is a shard
         of the sequence (CP); the placeholder count is then checked by the caller on the full batch.
         """
         if self.llm.embed is None:  # a later pipeline stage: input_ids are the hidden states
-            return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra)
+            return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra,
+                            skip_lm_head=skip_lm_head)
         h = self.llm.embed(input_ids)
         token_id = self.image_token_id if image_token_id is None else image_token_id
         if pixel_values is not None and pixel_values.shape[0] > 0:
@@ -112,7 +113,8 @@ class VisionLanguageModel(nn.Module):
             self.check_placeholders(input_ids, 0, token_id)
         if self.seq_shard is not None:
             h = self.seq_shard(h.reshape(-1, h.shape[-1]))
-        return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra, inputs_embeds=h)
+        return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra, inputs_embeds=h,
+                        skip_lm_head=skip_lm_head)
 
     def _splice(self, input_ids, h, pixel_values, token_id, image_token_counts, slots) -> torch.Tensor:
         if token_id is None:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
+from engine.model.lm_loss import linear_cross_entropy
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
@@ -95,8 +96,8 @@ class Trainer:
             self.grads.set_sync(i == len(microbatches) - 1)
             inputs, labels = self.model_inputs(mb)
             with self._autocast():
-                logits = self.model(**inputs)
-            loss = self.loss(logits, labels).sum()
+                out = self.model(**inputs)
+            loss = self.loss(self.model, out, labels)
             (loss / num_tokens).backward()
             loss_sum += loss.detach()
         self.grads.finish()
@@ -121,7 +122,7 @@ class Trainer:
             out = stage(**inputs)
         if text_model(stage).lm_head is None:
             return StageOutput(out, None, {})
-        loss = self.loss(out, labels).sum()
+        loss = self.loss(stage, out, labels)
         return StageOutput(None, loss / num_tokens, {"loss_sum": loss.detach()})
 
     def train_step(self) -> dict:
@@ -161,20 +162,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token fp32 loss ``[T]``; the logits may be this rank's vocabulary slice."""
-        vocab_start = self.groups.tp_rank * logits.shape[-1]
-        return vocab_parallel_cross_entropy(logits, labels, self.groups.tp, vocab_start)
+    @property
+    def fuse_lm_head(self) -> bool:
+        """Whether the loss applies the LM head itself: when the vocabulary is not split over TP ranks."""
+        return comm.group_size(self.groups.tp) == 1
+
+    def loss(self, model, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 loss of the last stage's output: the final hidden states when ``fuse_lm_head``
+        (model_inputs asked for them), else logits, which may be this rank's vocabulary slice."""
+        if self.fuse_lm_head:
+            dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
+            return linear_cross_entropy(out, text_model(model).lm_head.weight, labels, compute_dtype=dtype)
+        vocab_start = self.groups.tp_rank * out.shape[-1]
+        return vocab_parallel_cross_entropy(out, labels, self.groups.tp, vocab_start).sum()
 
     def model_inputs(self, mb) -> tuple[dict, torch.Tensor]:
         """(``Transformer.forward`` keyword arguments, labels) of this rank: under CP, its zigzag shard."""
         cp = comm.group_size(self.groups.cp)
         images = vision_inputs(self.model, mb, cp, self.groups.cp_rank)  # {} for text
+        head = dict(skip_lm_head=True) if self.fuse_lm_head else {}
         if cp > 1:
             inputs, labels = shard_microbatch(mb, cp, self.groups.cp_rank)
-            return {**inputs, **images}, labels
+            return {**inputs, **images, **head}, labels
         inputs = dict(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
-                      max_seqlen=mb.max_seqlen, **images)
+                      max_seqlen=mb.max_seqlen, **images, **head)
         return inputs, mb.labels
 
     def _global_count(self, local: int) -> int:
