@@ -121,6 +121,23 @@ def test_freeze_gives_no_grads_and_no_optimizer_state(parts):
             assert (p in opt.state) != frozen, part
 
 
+def test_vision_weights_that_never_run_are_frozen():
+    """CLIP as LLaVA reads it: the last block and the final norm stay for conversion, untouched by AdamW."""
+    model, cfg = make_vlm("model.vision.merge=true", "model.vision.num_layers=3", "model.vision.feature_layer=-2",
+                          "model.vision.post_norm=false", "optim.weight_decay=0.1")
+    freeze(model, cfg)
+    unused = {id(p) for m in (model.vision.layers["2"], model.vision.norm) for p in m.parameters()}
+    assert unused and all(not p.requires_grad for p in model.vision.parameters() if id(p) in unused)
+    assert all(p.requires_grad for p in model.parameters() if id(p) not in unused)
+    before = {name: p.detach().clone() for name, p in model.vision.named_parameters()}
+    opt = build_optimizer(model, cfg.optim)
+    ids, cu = packed_batch(4)
+    model(ids, pixel_values=torch.randn(3, 3, 16, 16), cu_seqlens=cu).sum().backward()
+    opt.step()
+    for name, p in model.vision.named_parameters():
+        assert torch.equal(p, before[name]) == (id(p) in unused), name
+
+
 def test_vision_config_errors_name_the_keys():
     with pytest.raises(ConfigError, match="model.vision.merge=true needs an even patch grid"):
         load_config(None, VISION + ["model.vision.patch_size=16", "model.vision.merge=true"]).validate(1)

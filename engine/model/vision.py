@@ -79,6 +79,14 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): vision_block(cfg, backend) for i in range(cfg.num_layers)})
         self.norm = _norm(cfg)
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Weights kept for conversion that the forward never reads: the blocks after
+        ``feature_layer``, and the final norm without ``post_norm``."""
+        modules = list(self.layers.values())[self.cfg.feature_blocks:]
+        if not self.cfg.post_norm:
+            modules.append(self.norm)
+        return [p for m in modules for p in m.parameters()]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         size = self.cfg.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):

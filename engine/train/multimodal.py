@@ -30,7 +30,15 @@ def build_any_model(cfg: Config, dataset) -> nn.Module:
 
 
 def freeze(model: nn.Module, cfg: Config) -> None:
-    """``train.freeze``, after parallelize (which builds new sharded Parameters)."""
+    """``train.freeze``, after parallelize (which builds new sharded Parameters).
+
+    Vision weights that never run (see ``VisionEncoder.unused_parameters``) are always frozen:
+    they get no gradient, and AdamW's weight decay would otherwise shrink them step by step,
+    so an HF export would no longer hold the CLIP tower it imported.
+    """
+    vision = getattr(model, "vision", None) if isinstance(model, VisionLanguageModel) else None
+    for param in vision.unused_parameters() if vision is not None else []:
+        param.requires_grad_(False)
     if not cfg.train.freeze:
         return
     if not isinstance(model, VisionLanguageModel):
