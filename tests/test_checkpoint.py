@@ -213,6 +213,7 @@ def test_resume_refuses_a_changed_data_stream(world4, tmp_path):
     assert "train.global_batch_size=8; this run has train.global_batch_size=4" in error
 
 
+@pytest.mark.slow  # a subprocess killed mid-save
 def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
     """Last in the module: the killed rank takes the world down, and nothing here needs it again."""
     from engine.train import checkpoint_io as io

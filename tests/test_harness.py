@@ -58,6 +58,7 @@ def test_rank_that_raises_fails_the_task(world):
     assert world.run(_ranks_and_sum) == [(0, 2, 3.0), (1, 2, 3.0)]  # the world respawns
 
 
+@pytest.mark.slow  # respawns the world; the raising case above covers the fast tier
 def test_rank_that_dies_fails_the_task(world):
     start = time.monotonic()
     with pytest.raises(RankError, match=r"rank\(s\) \[1\] died|rank 0 raised"):  # gloo may notice first
@@ -65,6 +66,7 @@ def test_rank_that_dies_fails_the_task(world):
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.slow  # waits out its timeout, then respawns the world
 def test_stalled_task_times_out(world):
     with pytest.raises(RankError, match="timed out"):
         world.run(_stall, timeout=3)

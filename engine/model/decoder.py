@@ -77,7 +77,7 @@ class Transformer(nn.Module):
         the output is the hidden states for the next one. ``inputs_embeds`` (``[*input_ids.shape, h]``)
         replaces the embedding lookup (a VLM splices image features into it first).
         ``skip_lm_head`` returns the final-normed hidden states ``[..., h]`` instead of logits, for
-        a loss that applies the head itself (engine/model/lm_loss.py).
+        a loss that applies the head itself (engine/train/loss.py).
         """
         batch_shape = input_ids.shape if self.embed is not None else input_ids.shape[:-1]
         batched = len(batch_shape) == 2

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
-from engine.model.lm_loss import linear_cross_entropy
+from engine.train.loss import linear_cross_entropy
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer

@@ -30,7 +30,7 @@ CASES = {
     "head_dim_64": dict(lens_q=[50, 14], hq=2, hkv=1, d=64),
 }
 PARAMS = [
-    ("long_doc_1023", True), pytest.param("long_doc_1023", False, marks=slow),
+    pytest.param("long_doc_1023", True, marks=slow), pytest.param("long_doc_1023", False, marks=slow),
     ("lens_1_113_127_239_gqa2", True), pytest.param("lens_1_113_127_239_gqa2", False, marks=slow),
     ("many_docs_gqa4", True), ("many_docs_gqa4", False),
     ("diff_cu_seqlens", True), ("diff_cu_seqlens", False),
