@@ -116,8 +116,12 @@ def test_gradient_gemms_run_only_when_gradients_are_wanted(grad):
     torch.testing.assert_close(loss.detach(), _reference(h.detach(), w.detach(), y))
 
 
-def test_bad_shapes_name_the_mismatch():
+def test_bad_shapes_and_labels_name_the_mismatch():
     h, w, y = _case(8)
+    y[2] = w.shape[0]
+    with pytest.raises(ValueError, match=r"labels \[37\] lie outside the vocabulary \[0, 37\)"):
+        linear_cross_entropy(h, w, y)
+    y[2] = 0
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(h, w, y[:5])
     with pytest.raises(ValueError, match="hidden size"):

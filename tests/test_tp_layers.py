@@ -63,6 +63,31 @@ def _cross_entropy():
     return (loss - ref).abs().max().item(), (local.grad - ref_logits.grad.chunk(TP, -1)[rank]).abs().max().item()
 
 
+def _fused_head_loss(sp):
+    """lm_head_loss through a vocabulary-split head against F.cross_entropy on the full logits."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from engine.parallel import comm
+    from engine.parallel.tensor_parallel import ColumnParallelLinear
+    from engine.train.loss import lm_head_loss
+
+    group, rank = _setup()
+    head = nn.Linear(8, 16, bias=False)
+    hidden, labels = torch.randn(10, 8), torch.randint(0, 16, (10,))
+    labels[[0, 3]] = -100
+    ref_h = hidden.clone().requires_grad_(True)
+    ref = F.cross_entropy(head(ref_h), labels, ignore_index=-100, reduction="sum")
+    (ref * 0.5).backward()
+    p_head = ColumnParallelLinear.from_linear(head, group, input_mode="gather" if sp else "copy")
+    x = (comm.split(hidden, group, 0) if sp else hidden).clone().requires_grad_(True)
+    loss = lm_head_loss(p_head, x, labels, chunk_rows=3)  # 8 loss rows: chunks of 3, 3 and 2
+    (loss * 0.5).backward()
+    expected_gx = comm.split(ref_h.grad, group, 0) if sp else ref_h.grad
+    return {"loss": (loss - ref).abs().item(), "hidden": (x.grad - expected_gx).abs().max().item(),
+            "weight": (p_head.weight.grad - head.weight.grad.chunk(TP, 0)[rank]).abs().max().item()}
+
+
 def _mlp_and_embedding(sp):
     """Embedding -> column -> row, sharded vs dense: outputs and every gradient."""
     import torch.nn as nn
@@ -103,6 +128,12 @@ def test_comm_functions_mirror_each_other(world2):
 def test_vocab_parallel_cross_entropy_matches_full(world2):
     for loss_err, grad_err in world2.run(_cross_entropy):
         assert loss_err < 1e-5 and grad_err < 1e-6
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_fused_lm_head_loss_with_split_vocabulary_matches_full(world2, sp):
+    for errs in world2.run(_fused_head_loss, sp):
+        assert max(errs.values()) < 1e-5, errs
 
 
 @pytest.mark.parametrize("sp", [False, True])

@@ -4,7 +4,7 @@ Same config, same weights, same batch, on this machine's CPU (or GPU when presen
 runs forward + backward + AdamW step; the two are timed alternately (ABBA) so that machine noise
 hits both alike, and the median is reported with the ratio Loom / HF (below 1.0: Loom is faster).
 
-    python tools/bench_step.py [--layers 4 --hidden 512 --batch 4 --seq 256 --iters 10]
+    python tools/bench_step.py [--layers 4 --hidden 512 --batch 4 --seq 256 --iters 20]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     return p.parse_args(argv)
@@ -128,14 +128,17 @@ def main(argv=None) -> int:
     loom, hf_t = statistics.median(times["loom"]), statistics.median(times["hf"])
     # Each iteration times both sides back to back: the median of those pairwise ratios shrugs off
     # slow drifts of the machine that a ratio of two medians would not.
-    pair_ratio = statistics.median(a / b for a, b in zip(times["loom"], times["hf"]))
+    pairs = sorted(a / b for a, b in zip(times["loom"], times["hf"]))
+    pair_ratio = statistics.median(pairs)
+    q1, q3 = pairs[len(pairs) // 4], pairs[-1 - len(pairs) // 4]
     tokens = args.batch * args.seq
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}; batch {args.batch}x{args.seq} on {device.type}, {torch.get_num_threads()} threads")
     print(f"logits max |Loom - HF| before timing: {diff:.2e}")
     print(f"loom step (fwd+bwd+adamw): {loom * 1000:8.1f} ms  ({tokens / loom:,.0f} tok/s)")
     print(f"hf   step (fwd+bwd+adamw): {hf_t * 1000:8.1f} ms  ({tokens / hf_t:,.0f} tok/s)")
-    print(f"ratio loom/hf: {loom / hf_t:.3f} (median of per-iteration ratios {pair_ratio:.3f})")
+    print(f"ratio loom/hf: {loom / hf_t:.3f} (median of per-iteration ratios {pair_ratio:.3f}, "
+          f"quartiles {q1:.3f}-{q3:.3f} over {len(pairs)} iterations)")
     import torch.distributed as dist
 
     dist.destroy_process_group()

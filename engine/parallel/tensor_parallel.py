@@ -169,6 +169,9 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits, labels, group, vocab_start: int = 0) -> torch.Tensor:
     """Per-token loss ``[T]`` (fp32, 0 where labels == -100); see VocabParallelCrossEntropy.
 
+    For callers that hold logits; training fuses the head into its loss instead
+    (engine/train/loss.py), which never builds the ``[T, V/tp]`` logits.
+
     With the whole vocabulary on this rank it is plain cross-entropy: the fused log-softmax
     kernel is faster than the split max / exp / sum the parallel form needs.
     """

@@ -14,14 +14,19 @@ forward pass (the approach of Liger-Kernel's fused linear cross-entropy):
 * rows whose label is ``ignore_index`` (prompts, image placeholders) are dropped before the
   GEMMs, so they cost nothing.
 
-Single-device math: the trainer uses it when the vocabulary is not split over tensor-parallel
-ranks, and ``vocab_parallel_cross_entropy`` on logits otherwise.
+With the vocabulary split over tensor-parallel ranks (a ColumnParallelLinear head) each rank
+does this on its rows of the vocabulary, and the softmax's max and sum are all-reduced per chunk.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.parallel import comm
+from engine.parallel.tensor_parallel import enter_tp_region
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): fewer, larger GEMMs were faster on CPU
 MIN_CHUNK_ROWS = 256
@@ -32,39 +37,59 @@ def default_chunk_rows(vocab: int) -> int:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``.
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, the vocabulary maybe split.
 
-    Forward: hidden ``[T, h]``, weight ``[V, h]``, labels int64 ``[T]`` -> fp32 scalar (the sum
-    over tokens whose label is not ``ignore_index``). GEMMs run in ``compute_dtype``, the
-    softmax in fp32. Backward: ``grad_output`` times the gradients found in forward, in the
-    dtypes of hidden and weight; none for labels.
+    Forward: hidden ``[T, h]`` (replicated over ``group``), weight ``[V/g, h]`` (this rank's rows
+    of the vocabulary, from ``vocab_start``), labels int64 ``[T]`` (global ids) -> fp32 scalar,
+    the same on every rank of ``group``: the sum over tokens whose label is not ``ignore_index``.
+    With a split vocabulary each chunk takes two all-reduces of ``[c]`` rows (max, then the sum
+    of exponentials stacked with the target logit), as VocabParallelCrossEntropy does.
+    GEMMs run in ``compute_dtype``, the softmax in fp32.
+    Backward: ``grad_output`` times the gradients found in forward, in the dtypes of hidden and
+    weight; d hidden is this rank's partial sum (the caller's entry into the TP region reduces it).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, compute_dtype, chunk_rows: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, labels, group, vocab_start: int, ignore_index: int, compute_dtype,
+                chunk_rows: int, grad_enabled: bool):
         # needs_input_grad is set even under no_grad; evaluation must not pay for gradients.
         need_h, need_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
+        split = comm.group_size(group) > 1
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         rows = (labels != ignore_index).nonzero().squeeze(1)
         if rows.numel() < labels.numel():  # loss rows only: the others contribute neither loss nor gradient
             h, labels = h.index_select(0, rows), labels.index_select(0, rows)
+        vocab = weight.shape[0] * comm.group_size(group)
+        if ((labels < 0) | (labels >= vocab)).any():  # the split-vocabulary masking below would hide them
+            bad = labels[(labels < 0) | (labels >= vocab)][:5].tolist()
+            raise ValueError(f"labels {bad} lie outside the vocabulary [0, {vocab}) (ignore_index={ignore_index})")
+        local = labels - vocab_start
+        mine = (local >= 0) & (local < weight.shape[0])  # labels whose logit lives on this rank
+        local = local.masked_fill(~mine, 0)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = None  # fp32 [V, h], from the first chunk's GEMM
+        grad_w = None  # fp32 [V/g, h], from the first chunk's GEMM
         for start in range(0, h.shape[0], chunk_rows):
-            hc, yc = h[start:start + chunk_rows], labels[start:start + chunk_rows, None]
-            probs = (hc @ w.t()).float()  # [c, V]: becomes the softmax, then its gradient, in place
-            target = probs.gather(1, yc)
+            end = start + chunk_rows
+            hc, yc, mc = h[start:end], local[start:end, None], mine[start:end, None]
+            probs = (hc @ w.t()).float()  # [c, V/g]: becomes the softmax, then its gradient, in place
             peak = probs.amax(1, keepdim=True)
+            if split:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            target = probs.gather(1, yc) * mc
             probs.sub_(peak).exp_()
             total = probs.sum(1, keepdim=True)
+            if split:
+                both = torch.cat([total, target], dim=1)
+                dist.all_reduce(both, group=group)
+                total, target = both[:, :1], both[:, 1:]
             loss += (peak + total.log() - target).sum()
             if not (need_h or need_w):
                 continue
-            probs.div_(total).scatter_add_(1, yc, torch.full_like(target, -1.0))
+            probs.div_(total).scatter_add_(1, yc, -mc.to(probs.dtype))
             grad = probs.to(compute_dtype)
             if need_h:
-                torch.mm(grad, w, out=grad_h[start:start + chunk_rows])
+                torch.mm(grad, w, out=grad_h[start:end])
             if need_w and grad_w is None:
                 grad_w = (grad.t() @ hc).float()
             elif need_w and grad_w.dtype == grad.dtype:
@@ -86,17 +111,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_output).to(ctx.dtypes[0])
         if grad_w is not None:
             grad_w = (grad_w * grad_output).to(ctx.dtypes[1])
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, group=None,
+                         vocab_start: int = 0, ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None,
                          chunk_rows: Optional[int] = None) -> torch.Tensor:
     """fp32 sum over tokens of the cross-entropy of ``hidden @ weight.T``; see LinearCrossEntropy.
 
-    ``hidden`` may have any leading shape matching ``labels``. ``compute_dtype`` (default
-    ``hidden.dtype``) is the GEMMs' dtype, bf16 under mixed precision. ``chunk_rows`` bounds
-    the rows of logits alive at once (default: about 4M logits).
+    ``hidden`` may have any leading shape matching ``labels``. With ``group``, ``weight`` is this
+    rank's vocabulary rows from ``vocab_start`` and ``hidden`` must already be replicated over the
+    group (``lm_head_loss`` does both for a ColumnParallelLinear head). ``compute_dtype``
+    (default ``hidden.dtype``) is the GEMMs' dtype, bf16 under mixed precision. ``chunk_rows``
+    bounds the rows of logits alive at once (default: about 4M logits).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the tokens")
@@ -105,5 +132,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk = chunk_rows or default_chunk_rows(weight.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be positive")
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                    ignore_index, compute_dtype or hidden.dtype, chunk, torch.is_grad_enabled())
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), group,
+                                    vocab_start, ignore_index, compute_dtype or hidden.dtype, chunk,
+                                    torch.is_grad_enabled())
+
+
+def lm_head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                 compute_dtype: Optional[torch.dtype] = None, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """The LM head ``head`` fused with the summed loss: an ``nn.Linear``, or a vocabulary-split
+    ``ColumnParallelLinear`` whose input (``[T, h]``, or ``[T/tp, h]`` under SP) enters the TP
+    region first, exactly as its forward would take it."""
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the fused LM head loss supports a head without bias (lm_head.bias is set)")
+    group = getattr(head, "group", None)
+    if comm.group_size(group) == 1:
+        return linear_cross_entropy(hidden, head.weight, labels, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
+    hidden = enter_tp_region(hidden, group, head.input_mode)
+    return linear_cross_entropy(hidden, head.weight, labels, group=group,
+                                vocab_start=comm.group_rank(group) * head.weight.shape[0],
+                                compute_dtype=compute_dtype, chunk_rows=chunk_rows)

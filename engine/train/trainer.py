@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
-from engine.train.loss import linear_cross_entropy
+from engine.train.loss import lm_head_loss
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
@@ -19,7 +19,6 @@ from engine.parallel.expert_parallel import finish_moe_step
 from engine.parallel.mesh import ParallelDims, ParallelGroups
 from engine.parallel.parallelize import parallelize_stages
 from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
-from engine.parallel.tensor_parallel import vocab_parallel_cross_entropy
 from engine.train.checkpoint import Checkpointer
 from engine.train.metrics import MetricsLogger
 from engine.train.multimodal import (MultimodalDataset, build_any_model, build_multimodal_dataset, freeze,
@@ -162,30 +161,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    @property
-    def fuse_lm_head(self) -> bool:
-        """Whether the loss applies the LM head itself: when the vocabulary is not split over TP ranks."""
-        return comm.group_size(self.groups.tp) == 1
-
-    def loss(self, model, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed fp32 loss of the last stage's output: the final hidden states when ``fuse_lm_head``
-        (model_inputs asked for them), else logits, which may be this rank's vocabulary slice."""
-        if self.fuse_lm_head:
-            dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
-            return linear_cross_entropy(out, text_model(model).lm_head.weight, labels, compute_dtype=dtype)
-        vocab_start = self.groups.tp_rank * out.shape[-1]
-        return vocab_parallel_cross_entropy(out, labels, self.groups.tp, vocab_start).sum()
+    def loss(self, model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 loss of the last stage's final hidden states: its LM head (vocabulary-split
+        under TP) runs inside the loss, so no ``[tokens, vocab]`` logits are ever built."""
+        dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
+        return lm_head_loss(text_model(model).lm_head, hidden, labels, compute_dtype=dtype)
 
     def model_inputs(self, mb) -> tuple[dict, torch.Tensor]:
         """(``Transformer.forward`` keyword arguments, labels) of this rank: under CP, its zigzag shard."""
         cp = comm.group_size(self.groups.cp)
         images = vision_inputs(self.model, mb, cp, self.groups.cp_rank)  # {} for text
-        head = dict(skip_lm_head=True) if self.fuse_lm_head else {}
         if cp > 1:
             inputs, labels = shard_microbatch(mb, cp, self.groups.cp_rank)
-            return {**inputs, **images, **head}, labels
+            return {**inputs, **images, "skip_lm_head": True}, labels
         inputs = dict(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
-                      max_seqlen=mb.max_seqlen, **images, **head)
+                      max_seqlen=mb.max_seqlen, skip_lm_head=True, **images)
         return inputs, mb.labels
 
     def _global_count(self, local: int) -> int:
