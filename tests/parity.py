@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RTOL = 1e-5
@@ -40,6 +41,15 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
             "records": records, "grads": {k: v.numpy() for k, v in captured.items()},
             "params": {k: v.numpy() for k, v in params.items()}}
+
+
+def params(names, slow=()) -> list:
+    """Test ids for ``parametrize``; those in ``slow`` (combined layouts whose parts the fast tier
+    already covers one by one) run in the full suite only."""
+    unknown = set(slow) - set(names)
+    if unknown:
+        raise ValueError(f"slow ids {sorted(unknown)} are not among {list(names)}")
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
 
 
 def world1_references(world, config: str, base: list[str], model_keys: tuple[str, ...] = ("model.",)):

@@ -9,7 +9,7 @@ import torch
 
 from engine.config import ConfigError, load_config
 from engine.parallel.context_parallel import ZigzagPlan, zigzag_chunk_sizes
-from tests.parity import ROOT, assert_parity, train_layout
+from tests.parity import ROOT, assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_cp_parity", "model.attn_backend=torch"]
@@ -308,7 +308,7 @@ def reference(world4):
     return world4.run(train_layout, CONFIG, BASE, nranks=1)[0]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("cp2_tp2_sp_ulysses",)))
 def test_cp_parity_with_world_size_1(world4, reference, layout):
     nranks, overrides = LAYOUTS[layout]
     out = world4.run(train_layout, CONFIG, BASE + overrides, nranks=nranks)[0]

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.parity import assert_parity, train_layout, world1_references
+from tests.parity import assert_parity, params, train_layout, world1_references
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 # Four layers: PP4 and PP2 x VPP2 get one layer per virtual stage. 8 microbatches per rank
@@ -31,7 +31,7 @@ def references(world8):
     return world1_references(world8, CONFIG, BASE, MODEL_KEYS)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("pp2_tp2_sp_dp2",)))
 def test_pipeline_parity(world8, references, layout):
     nranks, overrides = LAYOUTS[layout]
     ref = references(overrides)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.config import load_config
-from tests.parity import ROOT, assert_parity, train_layout, world1_references
+from tests.parity import ROOT, assert_parity, params, train_layout, world1_references
 
 CONFIG = "launch/configs/demo_vlm_moe.yaml"
 SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1", "model.attn_backend=torch",
@@ -54,7 +54,7 @@ def references(world4, data):
     return world1_references(world4, CONFIG, data + SINGLE, MODEL_KEYS)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("tp2_sp_pp2", "cp2_tp2_sp", "tp2_sp_dense_nomerge")))
 def test_vlm_parity(world4, references, data, layout):
     nranks, overrides = LAYOUTS[layout]
     ref = references(overrides)
