@@ -54,48 +54,26 @@ class LinearCrossEntropy(torch.autograd.Function):
                 chunk_rows: int, grad_enabled: bool):
         # needs_input_grad is set even under no_grad; evaluation must not pay for gradients.
         need_h, need_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
-        split = comm.group_size(group) > 1
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         rows = (labels != ignore_index).nonzero().squeeze(1)
         if rows.numel() < labels.numel():  # loss rows only: the others contribute neither loss nor gradient
             h, labels = h.index_select(0, rows), labels.index_select(0, rows)
-        vocab = weight.shape[0] * comm.group_size(group)
-        if ((labels < 0) | (labels >= vocab)).any():  # the split-vocabulary masking below would hide them
-            bad = labels[(labels < 0) | (labels >= vocab)][:5].tolist()
-            raise ValueError(f"labels {bad} lie outside the vocabulary [0, {vocab}) (ignore_index={ignore_index})")
-        local = labels - vocab_start
-        mine = (local >= 0) & (local < weight.shape[0])  # labels whose logit lives on this rank
-        local = local.masked_fill(~mine, 0)
+        local, mine = _local_labels(labels, vocab_start, weight.shape[0], group, ignore_index)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None  # fp32 [V/g, h], from the first chunk's GEMM
         for start in range(0, h.shape[0], chunk_rows):
             end = start + chunk_rows
-            hc, yc, mc = h[start:end], local[start:end, None], mine[start:end, None]
-            probs = (hc @ w.t()).float()  # [c, V/g]: becomes the softmax, then its gradient, in place
-            peak = probs.amax(1, keepdim=True)
-            if split:
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            target = probs.gather(1, yc) * mc
-            probs.sub_(peak).exp_()
-            total = probs.sum(1, keepdim=True)
-            if split:
-                both = torch.cat([total, target], dim=1)
-                dist.all_reduce(both, group=group)
-                total, target = both[:, :1], both[:, 1:]
-            loss += (peak + total.log() - target).sum()
+            probs = (h[start:end] @ w.t()).float()  # [c, V/g]: becomes d loss / d logits, in place
+            loss += _loss_and_dlogits_(probs, local[start:end, None], mine[start:end, None], group,
+                                       need_h or need_w)
             if not (need_h or need_w):
                 continue
-            probs.div_(total).scatter_add_(1, yc, -mc.to(probs.dtype))
             grad = probs.to(compute_dtype)
             if need_h:
                 torch.mm(grad, w, out=grad_h[start:end])
-            if need_w and grad_w is None:
-                grad_w = (grad.t() @ hc).float()
-            elif need_w and grad_w.dtype == grad.dtype:
-                grad_w.addmm_(grad.t(), hc)
-            elif need_w:
-                grad_w += (grad.t() @ hc).float()
+            if need_w:
+                grad_w = _add_weight_grad(grad_w, grad, h[start:end])
         if need_w and grad_w is None:  # no loss rows at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if need_h and rows.numel() < hidden.shape[0]:
@@ -112,6 +90,47 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = (grad_w * grad_output).to(ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def _local_labels(labels, vocab_start: int, rows_here: int, group, ignore_index: int):
+    """(this rank's column of each label, clamped to 0 where it lives elsewhere; [T] bool: here)."""
+    vocab = rows_here * comm.group_size(group)
+    outside = (labels < 0) | (labels >= vocab)
+    if outside.any():  # the masking below would hide them
+        raise ValueError(f"labels {labels[outside][:5].tolist()} lie outside the vocabulary [0, {vocab}) "
+                         f"(ignore_index={ignore_index})")
+    local = labels - vocab_start
+    mine = (local >= 0) & (local < rows_here)
+    return local.masked_fill(~mine, 0), mine
+
+
+def _loss_and_dlogits_(logits, local, mine, group, want_grad: bool) -> torch.Tensor:
+    """One chunk: fp32 logits ``[c, V/g]`` -> its summed loss; in place, the logits become
+    ``softmax - onehot`` when ``want_grad``. Split vocabulary: all-reduce the max, then the sum
+    of exponentials stacked with the target logit (held by one rank, zero on the others)."""
+    split = comm.group_size(group) > 1
+    peak = logits.amax(1, keepdim=True)
+    if split:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    target = logits.gather(1, local) * mine
+    logits.sub_(peak).exp_()
+    total = logits.sum(1, keepdim=True)
+    if split:
+        both = torch.cat([total, target], dim=1)
+        dist.all_reduce(both, group=group)
+        total, target = both[:, :1], both[:, 1:]
+    if want_grad:
+        logits.div_(total).scatter_add_(1, local, -mine.to(logits.dtype))
+    return (peak + total.log() - target).sum()
+
+
+def _add_weight_grad(acc, grad, hidden):
+    """``acc + grad.T @ hidden`` in fp32 (``acc`` None: the first chunk), in place where dtypes allow."""
+    if acc is None:
+        return (grad.t() @ hidden).float()
+    if acc.dtype == grad.dtype:
+        return acc.addmm_(grad.t(), hidden)
+    return acc.add_((grad.t() @ hidden).float())
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, group=None,
