@@ -128,9 +128,8 @@ def main(argv=None) -> int:
     loom, hf_t = statistics.median(times["loom"]), statistics.median(times["hf"])
     # Each iteration times both sides back to back: the median of those pairwise ratios shrugs off
     # slow drifts of the machine that a ratio of two medians would not.
-    pairs = sorted(a / b for a, b in zip(times["loom"], times["hf"]))
-    pair_ratio = statistics.median(pairs)
-    q1, q3 = pairs[len(pairs) // 4], pairs[-1 - len(pairs) // 4]
+    pairs = [a / b for a, b in zip(times["loom"], times["hf"])]
+    q1, pair_ratio, q3 = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else pairs * 3
     tokens = args.batch * args.seq
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}; batch {args.batch}x{args.seq} on {device.type}, {torch.get_num_threads()} threads")

@@ -145,7 +145,6 @@ def main(argv=None) -> int:
 
     import engine
     from engine.config import load_config
-    from engine.data.images import image_token_count
     from engine.data.tokenizer import Tokenizer
 
     ckpt, run_config = resolve(args.path)
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
     if tok.image_id != model.image_token_id:
         raise SystemExit(f"eval_vqa: tokenizer {tok_path} has <image> id {tok.image_id}, the checkpoint "
                          f"{model.image_token_id}: not the tokenizer it was trained with")
-    questions = read_questions(jsonl, tok, image_token_count(v.image_size, v.patch_size, v.merge))
+    questions = read_questions(jsonl, tok, v.tokens_per_image)  # a kept class token adds one
     questions = questions[:args.limit] if args.limit else questions
     result = summary(evaluate(model, questions, tok, v.image_size))
     blank = summary(evaluate(model, questions, tok, v.image_size, blank_images=True))

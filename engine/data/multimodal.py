@@ -180,8 +180,7 @@ class MultimodalDataset:
         placeholder tokens per image (engine.data.images.image_token_count), unless the encoder
         says otherwise (``image_tokens``: VisionConfig.tokens_per_image, e.g. with a kept class token).
         """
-        n_image = image_token_count(image_size, patch_size, merge)
-        n_image = n_image if image_tokens is None else int(image_tokens)
+        n_image = image_token_count(image_size, patch_size, merge) if image_tokens is None else int(image_tokens)
         samples, bad = [], []
         for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
             good_k, bad_k = read_chat_jsonl(os.fspath(path), tokenizer, seq_len, n_image, on_bad_sample)

@@ -104,11 +104,8 @@ class Transformer(nn.Module):
             h = layer(h, meta)
         if self.lm_head is None:
             return h
-        if skip_lm_head:
-            h = self.norm(h)
-            return h.view(*batch_shape, -1) if batched else h
-        logits = self.lm_head(self.norm(h))
-        return logits.view(*batch_shape, -1) if batched else logits
+        out = self.norm(h) if skip_lm_head else self.lm_head(self.norm(h))
+        return out.view(*batch_shape, -1) if batched else out
 
 
 def build_model(cfg: ModelConfig, device=None) -> Transformer:

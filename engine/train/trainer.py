@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from engine.config import Config, save_config
 from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
-from engine.train.loss import lm_head_loss
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
@@ -20,6 +19,7 @@ from engine.parallel.mesh import ParallelDims, ParallelGroups
 from engine.parallel.parallelize import parallelize_stages
 from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
 from engine.train.checkpoint import Checkpointer
+from engine.train.loss import lm_head_loss
 from engine.train.metrics import MetricsLogger
 from engine.train.multimodal import (MultimodalDataset, build_any_model, build_multimodal_dataset, freeze,
                                      text_model, vision_inputs)
