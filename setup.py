@@ -1,4 +1,10 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One statement of the minimum, in engine/__init__.py, which also checks it at import.
+MIN_TORCH = re.search(r'^MIN_TORCH = "([\d.]+)"', (Path(__file__).parent / "engine" / "__init__.py").read_text(), re.M)[1]
 
 setup(
     name="loom",
@@ -6,10 +12,12 @@ setup(
     description="Loom: a Megatron-style training engine for multimodal and MoE transformers",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*", "tools", "tools.*"]),
     python_requires=">=3.10",
-    # torch==2.13.0 satisfies this range; pinning the install in the scripts keeps a CPU box off CUDA wheels.
-    install_requires=["torch>=2.5", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow"],
+    # The scripts pin torch==2.13.0 (tested), which keeps a CPU box off CUDA wheels.
+    install_requires=[f"torch>={MIN_TORCH}", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow"],
+        # megatron-core: reference routing / balancing-loss functions as test oracles (its pure functions
+        # run on CPU; never its dev extra, which pulls CUDA wheels). Pinned: the tests pin its semantics.
+        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow", "megatron-core==0.16.1"],
     },
 )

@@ -31,7 +31,10 @@ class MoEConfig:
     shared_expert_intermediate_size: Optional[int] = None  # overrides that size (Qwen2-MoE)
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
     router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
-    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (top_k > 1; see norm_top1_prob)
+    # With top_k 1 and norm_topk_prob, renormalise the single weight to 1.0 as HF does (Mixtral, Qwen-MoE);
+    # the router then gets no gradient from the LM loss. Off: it keeps its probability (Switch).
+    norm_top1_prob: bool = False
     routed_scaling_factor: float = 1.0
     n_group: int = 1  # group-limited routing: experts in n_group groups ...
     topk_group: int = 1  # ... of which each token may use topk_group
@@ -259,9 +262,21 @@ class DataConfig:
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
-        if self.source != "synthetic" and not Path(self.source).is_file():
-            raise ConfigError(f"data.source={self.source!r}: no such token file")
+        if self.source != "synthetic":
+            self.validate_token_file()
         self.validate_multimodal()
+
+    def validate_token_file(self) -> None:
+        from engine.data.tokens import index_path
+
+        if not self.source.endswith(".npy"):
+            raise ConfigError(f"data.source={self.source!r} must be synthetic or a .npy token file")
+        if not Path(self.source).is_file():
+            raise ConfigError(f"data.source={self.source!r}: no such token file")
+        index = index_path(self.source)
+        if not Path(index).is_file():
+            raise ConfigError(f"data.source={self.source!r}: its document index {index} is missing "
+                              "(write both with engine.data.write_token_file)")
 
     def validate_multimodal(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
@@ -313,6 +328,10 @@ class TrainConfig:
             raise ConfigError(f"train.freeze={self.freeze} leaves nothing to train")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
+        marker = Path(self.resume) / "checkpoint.json"  # engine.train.checkpoint_io.MARKER, which imports torch
+        if self.resume not in ("auto", "none") and not marker.is_file():
+            raise ConfigError(f"train.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
+                              "(name one step_NNNNNNNN directory whose save finished, or use auto)")
 
 
 @dataclass
@@ -386,6 +405,9 @@ def check_layout(cfg: Config, world_size: int) -> None:
         check_pipeline(cfg, dp)
     check_experts(cfg, dp)
     check_vision(cfg)
+    if m.attn_backend == "flash_attn" and t.dtype != "bf16":
+        raise ConfigError(f"model.attn_backend=flash_attn needs train.dtype=bf16 (flash-attn computes in "
+                          f"fp16/bf16 only), not train.dtype={t.dtype}; use triton or torch for fp32")
 
 
 def check_vision(cfg: Config) -> None:

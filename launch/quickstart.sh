@@ -21,5 +21,5 @@ torchrun --standalone --nproc-per-node "$NPROC" launch/train.py --config launch/
   data.train_jsonl="$DATA/train.jsonl" data.eval_jsonl="$DATA/eval.jsonl" data.tokenizer="$DATA/tok.model" \
   train.run_dir="$RUN_DIR" "$@"
 python tools/plot_metrics.py "$RUN_DIR/metrics.jsonl" --check-falls
-python tools/eval_vqa.py "$RUN_DIR"
+python tools/eval_vqa.py "$RUN_DIR" --min-accuracy 0.9  # exits 1 when the model did not learn
 echo "quickstart: $(( $(date +%s) - start )) s wall time, set-up included"

@@ -35,10 +35,16 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from engine.parallel.mesh import init_distributed
+    from engine.parallel.mesh import default_device_and_backend, init_distributed
+    from engine.train.checkpoint_io import CheckpointError
     from engine.train.trainer import Trainer, build_groups
 
-    init_distributed()
+    try:
+        default_device_and_backend(cfg.train.device)  # an absent device fails before any group exists
+        init_distributed(device=cfg.train.device)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     try:
         groups = build_groups(cfg)
         trainer = Trainer(cfg, groups)
@@ -46,6 +52,9 @@ def main(argv=None) -> int:
         if groups.rank == 0 and history:
             print(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
                   f"over {len(history)} steps; metrics in {cfg.train.run_dir}/metrics.jsonl", flush=True)
+    except (ConfigError, CheckpointError) as e:  # bad data or checkpoint contents: the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.destroy_process_group()
     return 0

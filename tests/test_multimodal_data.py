@@ -1,4 +1,4 @@
-"""Multimodal data (issue #7): chat template, tokenizer, images, sample packing, resume, bad data."""
+"""Multimodal data: chat template, tokenizer, images, sample packing, resume, bad data."""
 import hashlib
 import json
 import re

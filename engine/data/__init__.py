@@ -2,9 +2,10 @@
 
 from engine.data.packing import IGNORE_INDEX, PackedDataset, Sample
 from engine.data.sampler import GlobalBatchSampler, Microbatch, collate, rank_microbatches
-from engine.data.tokens import TokenCorpus, index_path, load_token_file, synthetic_corpus, write_token_file
+from engine.data.tokens import (TokenCorpus, check_vocab, index_path, load_token_file, synthetic_corpus,
+                                write_token_file)
 
-# Multimodal chat data (issue #7): tokenizer, chat template, images, sample packing.
+# Multimodal chat data: tokenizer, chat template, images, sample packing.
 from engine.data.chat import IMAGE_TAG, encode_chat
 from engine.data.images import ImageProcessor, image_token_count, make_image_loader
 from engine.data.multimodal import BAD_SAMPLE_REASONS, MultimodalBatchIterator, MultimodalDataset
@@ -19,6 +20,7 @@ __all__ = [
     "Sample",
     "TokenCorpus",
     "collate",
+    "check_vocab",
     "index_path",
     "load_token_file",
     "rank_microbatches",

@@ -164,7 +164,7 @@ class MultimodalDataset:
             where = f" ({len(bad_samples)} bad samples skipped)" if bad_samples else ""
             raise ValueError(f"the multimodal dataset has no usable samples{where}")
         self.samples, self.seq_len = samples, int(seq_len)
-        self.pad_id, self.image_id = tokenizer.pad_id, tokenizer.image_id
+        self.pad_id, self.image_id, self.vocab_size = tokenizer.pad_id, tokenizer.image_id, tokenizer.vocab_size
         self.image_tokens, self.image_loader = int(image_tokens), image_loader
         self.bad_samples = list(bad_samples)
         self.plan: PackingPlan = pack_samples([len(s.input_ids) for s in samples], seq_len, seed, pack_window)

@@ -207,6 +207,22 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read as a .npy array ({e})") from e
 
 
+def check_vocab(corpus: TokenCorpus, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
+    """Raise ConfigError if a token id is >= ``vocab_size``: the embedding lookup would fail with an
+    IndexError on CPU and a device-side assert on CUDA, far from the file that caused it.
+    Reads the memory-mapped tokens in chunks, so a large corpus costs one pass, not its size in RAM."""
+    from engine.config import ConfigError
+
+    tokens = corpus.tokens
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        top = int(part.max())
+        if top >= vocab_size:
+            at = start + int(np.argmax(part >= vocab_size))
+            raise ConfigError(f"{where}: token id {int(tokens[at])} at position {at} is outside "
+                              f"model.vocab_size={vocab_size} (largest id in this chunk: {top})")
+
+
 def load_token_file(path: str | os.PathLike) -> TokenCorpus:
     """Memory-map ``X.npy`` and ``X.idx.npy`` into a TokenCorpus, checking both.
 

@@ -24,6 +24,7 @@ The sets (units) are layout independent:
   microbatch does not depend on dp, tp, cp, ep or pp). An exact step-wide set would need every
   microbatch's routing before the first backward, which gradient accumulation and pipeline
   schedules do not allow; Megatron's global variant uses running DP counts, which depend on dp.
+  (Loom's ``global`` is Megatron's per-microbatch ``aux_loss``; ``seq`` its ``seq_aux_loss``.)
 The step's loss is ``coeff * mean over the step's units``. A unit may be spread over the ranks
 of a TP (sequence-parallel) and CP group: only its counts c_e and |S| are summed over them
 (``scope.sum_over_shards``); each rank adds the probability sum of its own tokens, so the local
@@ -94,8 +95,7 @@ def route(logits: torch.Tensor, cfg, bias: Optional[torch.Tensor] = None) -> Rou
     softmax: weights are the softmax probabilities of the chosen experts (Mixtral, Qwen-MoE).
     sigmoid: weights are the sigmoid scores (DeepSeek-V3). Either way the correction ``bias``
     and the group limit affect which experts are chosen, never the weights; then optional
-    renormalisation over the k choices (k > 1 only: a single choice keeps its probability, as
-    in Switch, so the LM loss still trains the router) and the routed scaling factor.
+    renormalisation over the k choices (``renormalises``) and the routed scaling factor.
     """
     if cfg.router == "softmax":
         probs = torch.softmax(logits, dim=-1)
@@ -109,13 +109,28 @@ def route(logits: torch.Tensor, cfg, bias: Optional[torch.Tensor] = None) -> Rou
     experts = torch.topk(select, cfg.top_k, dim=-1).indices
     scores = probs.gather(-1, experts)
     weights = scores
-    if cfg.norm_topk_prob and cfg.top_k > 1:
+    if renormalises(cfg):
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return Routing(experts, weights * cfg.routed_scaling_factor, scores.detach(), balance)
 
 
+def renormalises(cfg) -> bool:
+    """Whether ``route`` rescales the chosen weights to sum to 1 under ``cfg`` (a MoEConfig).
+
+    With k = 1 only under ``norm_top1_prob`` (HF's semantics): by default a single choice keeps
+    its probability, as in Switch, so the LM loss still trains the router.
+    """
+    return cfg.norm_topk_prob and (cfg.top_k > 1 or cfg.norm_top1_prob)
+
+
 def _limit_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """Keep the ``topk_group`` groups with the largest sum of their top-2 scores; mask the rest."""
+    """Keep the ``topk_group`` groups with the largest sum of their top-2 scores; mask the rest.
+
+    Differs on purpose from Megatron's ``group_limited_topk``, which sums a group's top
+    ``top_k // topk_group`` scores (the same only when that is 2) and, with softmax after the
+    top-k, sums raw logits. DeepSeek-V3's reference always sums the top-2 selection scores, and
+    models trained with it expect that grouping (tests/test_moe_megatron.py pins both cases).
+    """
     t, e = select.shape
     grouped = select.view(t, n_group, e // n_group)
     group_score = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
@@ -409,6 +424,9 @@ class MoE(nn.Module):
         return aux, z
 
     def _switch_loss(self, routing: Routing, meta, n: int) -> torch.Tensor:
+        # c_e counts the real assignments, after the selection bias and the group limit, so the loss
+        # balances the load the experts receive (as DeepSeek-V3's reference). Megatron counts a
+        # separate top-k of the unbiased, ungrouped scores: the two agree only without either.
         e, k, kind = self.cfg.num_experts, self.cfg.top_k, self.cfg.aux_loss_type
         unit, num_units = self.scope.units(n, meta, kind)
         unit = unit.to(routing.probs.device)

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from engine.config import ConfigError
+
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
 # Flattened groups: name -> the mesh dims it spans.
 FLAT_GROUPS = {"dp_cp": ("dp", "cp"), "tp_cp": ("cp", "tp"), "mp": ("pp", "tp")}
@@ -102,13 +104,19 @@ def _groups_over(grid: torch.Tensor, span: tuple[str, ...], names: tuple[str, ..
     return sorted(row.tolist() for row in moved)
 
 
-def default_device_and_backend() -> tuple[torch.device, str]:
-    """CUDA + NCCL when a GPU is visible, otherwise CPU + gloo. ``LOOM_DEVICE=cpu`` forces CPU."""
-    if os.environ.get("LOOM_DEVICE", "auto") != "cpu" and torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), "nccl"
-    return torch.device("cpu"), "gloo"
+def default_device_and_backend(requested: str = "auto") -> tuple[torch.device, str]:
+    """The device and backend for ``train.device``: cuda -> CUDA + NCCL, cpu -> CPU + gloo; auto:
+    CUDA when a GPU is visible, otherwise CPU (``LOOM_DEVICE=cpu`` forces CPU)."""
+    if requested == "auto":
+        requested = "cuda" if os.environ.get("LOOM_DEVICE", "auto") != "cpu" and torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu"), "gloo"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device={requested} but no CUDA device is visible (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'no'}); use train.device=cpu or auto")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank), "nccl"
 
 
 def default_timeout() -> timedelta:
@@ -225,10 +233,11 @@ class ParallelGroups:
                 pass
 
 
-def init_distributed(timeout: Optional[timedelta] = None) -> tuple[int, int]:
-    """Initialise the default group from torchrun's environment (or a single process). Returns (rank, world)."""
+def init_distributed(timeout: Optional[timedelta] = None, device: str = "auto") -> tuple[int, int]:
+    """Initialise the default group from torchrun's environment (or a single process) for ``device``
+    (``train.device``). Returns (rank, world)."""
     if not dist.is_initialized():
-        device, backend = default_device_and_backend()
+        _, backend = default_device_and_backend(device)
         if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

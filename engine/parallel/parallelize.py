@@ -13,6 +13,8 @@ parallelizes each; a stage lacks the embedding / final norm / head it does not o
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -203,12 +205,21 @@ def _union_over_stages(local: dict[str, torch.Tensor], groups: ParallelGroups) -
     return {k: v for part in parts for k, v in part.items()}
 
 
-def check_replicas_in_sync(model: nn.Module, group, atol: float = 0.0) -> None:
-    """Raise if a parameter differs across ``group`` (replicas that drift apart are a silent bug)."""
-    if comm.group_size(group) == 1:
-        return
-    for name, param in model.named_parameters():
-        ref = param.detach().clone()
-        dist.broadcast(ref, src=dist.get_global_rank(group, 0), group=group)
-        if not torch.allclose(ref, param.detach(), atol=atol, rtol=0):
-            raise AssertionError(f"parameter {name} differs across ranks {dist.get_process_group_ranks(group)}")
+def replicas_out_of_sync(model: nn.Module, groups: ParallelGroups) -> dict[str, list[int]]:
+    """Parameters whose copies differ across ranks: ``{name: ranks that disagree with rank 0}``.
+
+    Every rank joins its full parameters (TP and expert shards gathered, stages merged), so copies
+    in sync give the same bytes on every rank, and one digest per tensor finds any drift of a DP,
+    CP, TP-replicated or expert-data-parallel replica. Collective over the world.
+    """
+    full = full_state_dict(model, groups)
+    digests = {name: hashlib.sha256(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+               for name, t in full.items()}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digests)
+    out = {}
+    for name, digest in every[0].items():
+        ranks = [r for r, d in enumerate(every) if d.get(name) != digest]
+        if ranks:
+            out[name] = ranks
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.data.multimodal import MultimodalDataset
 from engine.model.decoder import build_model
 from engine.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
@@ -18,8 +18,12 @@ def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
     v = cfg.model.vision
     if not v.enabled:
         raise ValueError("data.train_jsonl (multimodal data) needs model.vision.enabled=true")
-    return MultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
-                                         merge=v.merge, seed=cfg.train.seed, image_tokens=v.tokens_per_image)
+    dataset = MultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
+                                            merge=v.merge, seed=cfg.train.seed, image_tokens=v.tokens_per_image)
+    if dataset.vocab_size > cfg.model.vocab_size:  # its ids would index past the embedding
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {dataset.vocab_size} ids, more than "
+                          f"model.vocab_size={cfg.model.vocab_size}")
+    return dataset
 
 
 def build_any_model(cfg: Config, dataset) -> nn.Module:

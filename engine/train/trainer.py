@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config, save_config
-from engine.data import GlobalBatchSampler, PackedDataset, load_token_file, rank_microbatches, synthetic_corpus
+from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_token_file, rank_microbatches,
+                         synthetic_corpus)
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
 from engine.parallel.expert_parallel import finish_moe_step
-from engine.parallel.mesh import ParallelDims, ParallelGroups
+from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend
 from engine.parallel.parallelize import parallelize_stages
 from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
 from engine.train.checkpoint import Checkpointer
@@ -30,7 +31,9 @@ def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
     cfg.validate(world)
     p = cfg.parallel
-    return ParallelGroups(ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp))
+    device, _ = default_device_and_backend(cfg.train.device)
+    dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
+    return ParallelGroups(dims, device=device)
 
 
 def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
@@ -40,6 +43,7 @@ def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
         corpus = synthetic_corpus(cfg.model.vocab_size, cfg.data.num_tokens, seed=cfg.train.seed)
     else:
         corpus = load_token_file(cfg.data.source)
+        check_vocab(corpus, cfg.model.vocab_size, f"data.source={cfg.data.source}")
     return PackedDataset(corpus, cfg.data.seq_len)
 
 

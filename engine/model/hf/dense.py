@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from engine.config import ModelConfig
-from engine.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family
+from engine.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family, require
+
+# What every family here needs to size the model; transformers' defaults for these are some
+# release's sizes, never a reason to guess.
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def rope_theta(hf: dict) -> float:
+def rope_theta(hf: dict, default: float = 10000.0) -> float:
     """RoPE base from either spelling (transformers 5 ``rope_parameters``, older ``rope_theta``).
 
     Scaled RoPE (Llama 3.1 ``llama3``, YaRN, ...) changes the frequencies; Loom does not
@@ -15,11 +19,19 @@ def rope_theta(hf: dict) -> float:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", None):
         raise ConversionError(f"config.json: rope_parameters.rope_type={kind!r} (scaled RoPE) is not supported")
-    return float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    return float(hf.get("rope_theta") or params.get("rope_theta") or default)
 
 
-def common_from_hf(hf: dict) -> dict:
-    """ModelConfig keyword arguments every family here shares."""
+def common_from_hf(hf: dict, required=(), num_kv_heads=None, head_dim=None, rms_norm_eps=1e-6,
+                   rope_theta_default=10000.0) -> dict:
+    """ModelConfig keyword arguments every family here shares.
+
+    ``required``: the family's own required keys, checked with ``REQUIRED`` before anything is
+    read. The other arguments are the family's transformers defaults for keys a config.json may
+    leave out; they differ between families. An explicit null head_dim or num_key_value_heads
+    means hidden_size / num_attention_heads, or num_attention_heads, as in transformers.
+    """
+    require(hf, REQUIRED + tuple(required))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json: hidden_act={act!r} is not supported (Loom's MLP is SwiGLU)")
@@ -33,10 +45,10 @@ def common_from_hf(hf: dict) -> dict:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"),
-        rope_theta=rope_theta(hf),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=hf.get("num_key_value_heads", num_kv_heads) or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim", head_dim),
+        rope_theta=rope_theta(hf, rope_theta_default),
+        rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
@@ -93,7 +105,7 @@ def llama_to_hf(cfg: ModelConfig, base: dict) -> dict:
 
 
 def qwen2_from_hf(hf: dict) -> ModelConfig:
-    return ModelConfig(**common_from_hf(hf), attention_bias=True)
+    return ModelConfig(**common_from_hf(hf, num_kv_heads=32), attention_bias=True)
 
 
 def qwen2_to_hf(cfg: ModelConfig, base: dict) -> dict:
@@ -103,7 +115,8 @@ def qwen2_to_hf(cfg: ModelConfig, base: dict) -> dict:
 
 
 def qwen3_from_hf(hf: dict) -> ModelConfig:
-    return ModelConfig(**common_from_hf(hf), qk_norm=True, attention_bias=bool(hf.get("attention_bias", False)))
+    return ModelConfig(**common_from_hf(hf, num_kv_heads=32, head_dim=128), qk_norm=True,
+                       attention_bias=bool(hf.get("attention_bias", False)))
 
 
 def qwen3_to_hf(cfg: ModelConfig, base: dict) -> dict:

@@ -25,7 +25,7 @@ from typing import Collection, Optional
 from engine.config import ModelConfig, VisionConfig
 from engine.model.hf.dense import LLAMA, QWEN2, QWEN3, refuse
 from engine.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
-from engine.model.hf.naming import ConversionError, Family
+from engine.model.hf.naming import ConversionError, Family, MissingKeys
 
 ARCH = "LlavaForConditionalGeneration"
 TEXT_FAMILIES = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE,
@@ -108,12 +108,6 @@ def specialise(hf: dict, hf_names: Optional[Collection[str]] = None) -> Family:
 # ----------------------------------------------------------------------------- config
 
 
-def _get(section: dict, key: str, where: str):
-    if key not in section:
-        raise ConversionError(f"config.json: {where}{key} is missing")
-    return section[key]
-
-
 def _vision_from_hf(hf: dict) -> VisionConfig:
     given = hf.get("vision_config")
     v = {**_CLIP_DEFAULTS, **(_LLAVA_VISION_DEFAULTS if given is None else given)}
@@ -151,8 +145,8 @@ def llava_from_hf(hf: dict) -> ModelConfig:
         text = {**_LLAMA_DEFAULTS, **text}
     try:
         cfg = family.config_from_hf(text)
-    except KeyError as e:
-        raise ConversionError(f"config.json: text_config.{e.args[0]} is missing") from None
+    except MissingKeys as e:
+        raise MissingKeys(e.keys, "text_config.") from None
     cfg.vision = _vision_from_hf(hf)
     cfg.image_token_id = int(hf.get("image_token_index", hf.get("image_token_id", 32000)))
     cfg.tie_embeddings = cfg.tie_embeddings or bool(hf.get("tie_word_embeddings", False))

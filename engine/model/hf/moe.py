@@ -4,6 +4,10 @@ HF checkpoints keep one tensor per expert (``...experts.N.w1.weight`` in Mixtral
 ``...experts.N.gate_proj.weight`` in Qwen); Loom stacks them (``mlp.experts.gate_proj [E, F, h]``).
 Mixtral's ``w1`` is the gate projection, ``w3`` the up projection and ``w2`` the down projection.
 
+Routing weights: Mixtral always renormalises the top-k probabilities, Qwen when ``norm_topk_prob``,
+both also at top-k 1 (the weight becomes 1.0), which Loom does only under ``moe.norm_top1_prob``:
+import sets it, and export writes the renormalisation Loom actually does.
+
 Which layers are MoE: Loom's rule is "from ``first_k_dense`` on, every ``layer_freq``-th";
 Qwen's is "not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``". The two
 agree when the dense layers are the first k and ``decoder_sparse_step`` is 1; anything else
@@ -14,6 +18,7 @@ from __future__ import annotations
 from engine.config import ModelConfig, MoEConfig
 from engine.model.hf.dense import common_from_hf, common_to_hf, refuse
 from engine.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family
+from engine.model.moe import renormalises
 
 _QWEN_EXPERTS = [
     (r"layers\.(\d+)\.mlp\.gate\.weight", "model.layers.{0}.mlp.gate.weight"),
@@ -30,11 +35,23 @@ _MIXTRAL_EXPERTS = [
 ]
 
 
-def _num_experts(hf: dict) -> int:
-    n = hf.get("num_experts") or hf.get("num_local_experts")
-    if not n:
-        raise ConversionError("config.json: num_experts (or num_local_experts) is missing")
-    return int(n)
+# The spellings of the expert count each family's config reads (an attribute_map aliases the second).
+_MIXTRAL_EXPERT_KEYS = ("num_local_experts", "num_experts")
+_QWEN3_EXPERT_KEYS = ("num_experts", "num_local_experts")
+
+
+def _num_experts(hf: dict, spellings: tuple[str, ...]) -> int:
+    return int(next(hf[k] for k in spellings if hf.get(k) is not None))
+
+
+def _routing(hf: dict, top_k_default: int, renormalise: bool) -> dict:
+    """MoEConfig routing keywords for HF's semantics: the top-k weights renormalised iff ``renormalise``.
+
+    ``norm_top1_prob`` is set only where it acts (top-k 1), so a run resuming a top-k > 1 import
+    need not spell it out (a resume must repeat every model key the checkpoint was saved with).
+    """
+    top_k = hf.get("num_experts_per_tok", top_k_default)
+    return dict(top_k=top_k, norm_topk_prob=renormalise, norm_top1_prob=renormalise and top_k == 1)
 
 
 def _first_k_dense(hf: dict) -> int:
@@ -59,7 +76,7 @@ def _qwen_moe_to_hf(cfg: ModelConfig, base: dict, arch: str, model_type: str) ->
     m = cfg.moe
     out = common_to_hf(cfg, base, arch, model_type)
     out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=cfg.moe_intermediate_size,
-               norm_topk_prob=m.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=list(range(m.first_k_dense)),
+               norm_topk_prob=renormalises(m), decoder_sparse_step=1, mlp_only_layers=list(range(m.first_k_dense)),
                use_sliding_window=False)
     out.pop("num_local_experts", None)
     return out
@@ -69,8 +86,12 @@ def _qwen_moe_to_hf(cfg: ModelConfig, base: dict, arch: str, model_type: str) ->
 
 
 def mixtral_from_hf(hf: dict) -> ModelConfig:
-    moe = MoEConfig(num_experts=_num_experts(hf), top_k=hf.get("num_experts_per_tok", 2), norm_topk_prob=True)
-    return ModelConfig(**common_from_hf(hf), moe=moe)
+    common = common_from_hf(hf, required=[_MIXTRAL_EXPERT_KEYS], num_kv_heads=8, rms_norm_eps=1e-5,
+                            rope_theta_default=1e6)
+    if hf.get("sliding_window") is not None:
+        raise ConversionError(f"config.json: sliding_window={hf['sliding_window']} is not supported (only null)")
+    moe = MoEConfig(num_experts=_num_experts(hf, _MIXTRAL_EXPERT_KEYS), **_routing(hf, 2, True))
+    return ModelConfig(**common, moe=moe)
 
 
 def mixtral_to_hf(cfg: ModelConfig, base: dict) -> dict:
@@ -78,9 +99,12 @@ def mixtral_to_hf(cfg: ModelConfig, base: dict) -> dict:
     m = cfg.moe
     refuse(cfg, "MixtralForCausalLM", qk_norm=cfg.qk_norm, attention_bias=cfg.attention_bias,
            moe__num_shared_experts=m.num_shared_experts or m.shared_expert_intermediate_size,
-           moe__first_k_dense=m.first_k_dense, moe__norm_topk_prob=not m.norm_topk_prob)
+           moe__first_k_dense=m.first_k_dense, moe__norm_topk_prob=not m.norm_topk_prob,
+           moe__norm_top1_prob=not renormalises(m))
     out = common_to_hf(cfg, base, "MixtralForCausalLM", "mixtral")
-    out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k, intermediate_size=cfg.moe_intermediate_size)
+    out.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+               intermediate_size=cfg.moe_intermediate_size, sliding_window=None)
+    out.pop("num_experts", None)
     return out
 
 
@@ -88,11 +112,13 @@ def mixtral_to_hf(cfg: ModelConfig, base: dict) -> dict:
 
 
 def qwen2_moe_from_hf(hf: dict) -> ModelConfig:
-    moe = MoEConfig(num_experts=_num_experts(hf), top_k=hf.get("num_experts_per_tok", 4),
+    common = common_from_hf(hf, required=["num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"],
+                            num_kv_heads=16)
+    moe = MoEConfig(num_experts=int(hf["num_experts"]), **_routing(hf, 4, bool(hf.get("norm_topk_prob", False))),
                     intermediate_size=hf["moe_intermediate_size"],
                     shared_expert_intermediate_size=hf["shared_expert_intermediate_size"], shared_expert_gate=True,
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=_first_k_dense(hf))
-    return ModelConfig(**common_from_hf(hf), attention_bias=bool(hf.get("qkv_bias", True)), moe=moe)
+                    first_k_dense=_first_k_dense(hf))
+    return ModelConfig(**common, attention_bias=bool(hf.get("qkv_bias", True)), moe=moe)
 
 
 def qwen2_moe_to_hf(cfg: ModelConfig, base: dict) -> dict:
@@ -107,11 +133,11 @@ def qwen2_moe_to_hf(cfg: ModelConfig, base: dict) -> dict:
 
 
 def qwen3_moe_from_hf(hf: dict) -> ModelConfig:
-    moe = MoEConfig(num_experts=_num_experts(hf), top_k=hf.get("num_experts_per_tok", 8),
-                    intermediate_size=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                    first_k_dense=_first_k_dense(hf))
-    return ModelConfig(**common_from_hf(hf), qk_norm=True, attention_bias=bool(hf.get("attention_bias", False)),
-                       moe=moe)
+    common = common_from_hf(hf, required=[_QWEN3_EXPERT_KEYS, "moe_intermediate_size"], num_kv_heads=4)
+    moe = MoEConfig(num_experts=_num_experts(hf, _QWEN3_EXPERT_KEYS),
+                    **_routing(hf, 8, bool(hf.get("norm_topk_prob", False))),
+                    intermediate_size=hf["moe_intermediate_size"], first_k_dense=_first_k_dense(hf))
+    return ModelConfig(**common, qk_norm=True, attention_bias=bool(hf.get("attention_bias", False)), moe=moe)
 
 
 def qwen3_moe_to_hf(cfg: ModelConfig, base: dict) -> dict:

@@ -44,6 +44,29 @@ class ConversionError(ValueError):
     """An HF checkpoint or config Loom cannot convert; the message names the weight, key or file."""
 
 
+class MissingKeys(ConversionError):
+    """Required ``config.json`` keys that are absent or null; ``section`` prefixes them (``text_config.``)."""
+
+    def __init__(self, keys: list[str], section: str = ""):
+        self.keys, self.section = keys, section
+        names = ", ".join(section + k for k in keys)
+        super().__init__(f"config.json: {names} {'is' if len(keys) == 1 else 'are'} missing")
+
+
+def require(hf: dict, keys) -> None:
+    """Raise ``MissingKeys`` naming every key of ``keys`` that ``hf`` lacks, all at once.
+
+    A key may be a tuple of spellings, any one of which will do (``num_experts`` / ``num_local_experts``).
+    """
+    missing = []
+    for key in keys:
+        spellings = key if isinstance(key, tuple) else (key,)
+        if all(hf.get(k) is None for k in spellings):
+            missing.append(spellings[0] + (f" (or {', '.join(spellings[1:])})" if len(spellings) > 1 else ""))
+    if missing:
+        raise MissingKeys(missing)
+
+
 @dataclass(frozen=True)
 class Family:
     """One HF architecture family: its names, and its config in both directions."""

@@ -1,0 +1,103 @@
+"""Bad input fails early with a message that names the key or the file; declared requirements hold."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "launch", "configs", "tiny_dense.yaml")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cuda_device_without_a_gpu_fails_before_any_group(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from launch.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--config", TINY, "train.device=cuda", "train.steps=1"]) == 2
+    assert not dist.is_initialized()
+    assert "train.device=cuda" in capsys.readouterr().err
+
+
+def test_train_device_picks_the_device(monkeypatch):
+    from engine.parallel.mesh import default_device_and_backend
+
+    assert default_device_and_backend("cpu") == (torch.device("cpu"), "gloo")
+    monkeypatch.setenv("LOOM_DEVICE", "cpu")
+    assert default_device_and_backend("auto") == (torch.device("cpu"), "gloo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device"):
+            default_device_and_backend("cuda")
+
+
+def test_flash_attn_with_fp32_is_refused_at_validation():
+    cfg = load_config(TINY, ["model.attn_backend=flash_attn", "train.dtype=fp32"])
+    with pytest.raises(ConfigError, match="model.attn_backend=flash_attn needs train.dtype=bf16"):
+        cfg.validate(1)
+    load_config(TINY, ["model.attn_backend=flash_attn", "train.dtype=bf16"]).validate(1)
+
+
+def test_token_file_without_its_index_names_both(tmp_path):
+    from engine.data import write_token_file
+
+    path = tmp_path / "corpus.npy"
+    write_token_file(path, [np.arange(10), np.arange(5)])
+    load_config(TINY, [f"data.source={path}"]).validate(1)
+    os.remove(tmp_path / "corpus.idx.npy")
+    with pytest.raises(ConfigError, match=r"data.source=.*corpus.npy.*corpus.idx.npy is missing"):
+        load_config(TINY, [f"data.source={path}"]).validate(1)
+    with pytest.raises(ConfigError, match=r"data.source=.*must be synthetic or a .npy token file"):
+        load_config(TINY, [f"data.source={tmp_path / 'corpus.bin'}"]).validate(1)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_file(tmp_path):
+    from engine.data import write_token_file
+    from engine.train.trainer import build_dataset
+
+    path = tmp_path / "corpus.npy"
+    cfg = load_config(TINY, [f"data.source={path}"])
+    vocab = cfg.model.vocab_size
+    write_token_file(path, [np.arange(vocab), np.arange(7)])
+    assert len(build_dataset(cfg)) > 0  # every id < vocab_size: fine
+    write_token_file(path, [np.arange(vocab), [3, vocab, 4]])
+    with pytest.raises(ConfigError, match=rf"corpus.npy: token id {vocab} at position {vocab + 1} is outside "
+                                          rf"model.vocab_size={vocab}"):
+        build_dataset(cfg)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(monkeypatch):
+    from engine.train import multimodal
+
+    class Dataset:
+        vocab_size = 300
+
+    monkeypatch.setattr(multimodal.MultimodalDataset, "from_config", classmethod(lambda cls, *a, **k: Dataset()))
+    cfg = load_config(TINY, ["model.vision.enabled=true", "model.vocab_size=256"])
+    with pytest.raises(ConfigError, match="has 300 ids, more than model.vocab_size=256"):
+        multimodal.build_multimodal_dataset(cfg)
+
+
+def test_declared_torch_minimum_is_the_checked_one():
+    import engine
+
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    assert re.search(r"MIN_TORCH = re.search\(", setup) and 'f"torch>={MIN_TORCH}"' in setup
+    for api, owner in (("backend_override", torch.distributed.device_mesh.init_device_mesh),
+                       ("group_peer", torch.distributed.P2POp.__init__)):
+        assert api in owner.__code__.co_varnames, f"{owner.__qualname__} lacks {api}"
+    engine.check_torch_version(torch.__version__)
+    engine.check_torch_version(f"{engine.MIN_TORCH}.0+cpu")
+    with pytest.raises(ImportError, match=rf"Loom needs torch>={engine.MIN_TORCH}.*found torch 2.5.1"):
+        engine.check_torch_version("2.5.1")
+
+
+def test_quickstart_fails_when_the_model_does_not_learn():
+    script = open(os.path.join(ROOT, "launch", "quickstart.sh")).read()
+    evals = [line for line in script.splitlines() if line.startswith("python tools/eval_vqa.py")]
+    assert evals and all(re.search(r"--min-accuracy 0\.9\b", line) for line in evals), evals
+    assert "set -euo pipefail" in script
