@@ -14,6 +14,15 @@ setup(
     python_requires=">=3.10",
     # The scripts pin torch==2.13.0 (tested), which keeps a CPU box off CUDA wheels.
     install_requires=[f"torch>={MIN_TORCH}", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow"],
+    entry_points={"console_scripts": [
+        "loom-train=launch.train:main",
+        "loom-convert=tools.convert_hf:main",
+        "loom-eval-vqa=tools.eval_vqa:main",
+        "loom-bench=tools.bench:main",
+        "loom-plot=tools.plot_metrics:main",
+        "loom-make-vqa=tools.make_synthetic_vqa:main",
+        "loom-train-tokenizer=tools.train_tokenizer:main",
+    ]},
     extras_require={
         "triton": ["triton"],
         # megatron-core: reference routing / balancing-loss functions as test oracles (its pure functions

@@ -203,6 +203,11 @@ class ModelConfig:
         return self.moe.shared_expert_intermediate_size or self.moe.num_shared_experts * self.moe_intermediate_size
 
 
+def resolve_etp(tp: int, etp: Optional[int]) -> int:
+    """Tensor parallelism inside each expert: ``parallel.etp``, or tp when unset (Megatron's default)."""
+    return tp if etp is None else etp
+
+
 @dataclass
 class ParallelConfig:
     tp: int = 1
@@ -221,7 +226,7 @@ class ParallelConfig:
 
     @property
     def resolved_etp(self) -> int:
-        return self.tp if self.etp is None else self.etp
+        return resolve_etp(self.tp, self.etp)
 
     def validate(self) -> None:
         for key in ("tp", "pp", "cp", "ep"):
@@ -243,6 +248,14 @@ class ParallelConfig:
                               "the interleaved schedule needs parallel.vpp > 1, the others parallel.vpp=1")
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"parallel.vpp={self.vpp} needs parallel.pp > 1")
+
+
+def token_index_path(path) -> str:
+    """``X.npy`` -> ``X.idx.npy``: where a token file's document offsets live (engine.data.tokens)."""
+    path = str(path)
+    if not path.endswith(".npy"):
+        raise ValueError(f"token file name must end with .npy, got {path!r}")
+    return path[: -len(".npy")] + ".idx.npy"
 
 
 @dataclass
@@ -267,13 +280,11 @@ class DataConfig:
         self.validate_multimodal()
 
     def validate_token_file(self) -> None:
-        from engine.data.tokens import index_path
-
         if not self.source.endswith(".npy"):
             raise ConfigError(f"data.source={self.source!r} must be synthetic or a .npy token file")
         if not Path(self.source).is_file():
             raise ConfigError(f"data.source={self.source!r}: no such token file")
-        index = index_path(self.source)
+        index = token_index_path(self.source)
         if not Path(index).is_file():
             raise ConfigError(f"data.source={self.source!r}: its document index {index} is missing "
                               "(write both with engine.data.write_token_file)")
@@ -448,20 +459,27 @@ def check_experts(cfg: Config, dp: int) -> None:
         raise ConfigError(f"model.moe.num_experts={e} with parallel.tp={p.tp} needs parallel.sp=true")
 
 
+def stage_layout(layers: int, pp: int, vpp: int, layout: Optional[list[int]]) -> list[int]:
+    """Layers per virtual stage (``parallel.pp_layout``, or an even split) over pp*vpp stages."""
+    stages = pp * vpp
+    if layout is None:
+        if layers % stages:
+            raise ConfigError(f"model.num_layers={layers} does not split evenly over parallel.pp*parallel.vpp="
+                              f"{pp}*{vpp}={stages} stages; set parallel.pp_layout (layers per virtual stage)")
+        return [layers // stages] * stages
+    if len(layout) != stages or sum(layout) != layers:
+        raise ConfigError(f"parallel.pp_layout={list(layout)} must list parallel.pp*parallel.vpp={stages} "
+                          f"layer counts summing to model.num_layers={layers}")
+    # Only the first and last stages may be empty: they still hold the embedding / the head.
+    if min(layout) < 0 or 0 in layout[1:-1]:
+        raise ConfigError(f"parallel.pp_layout={list(layout)}: every stage but the first and last needs >= 1 layer")
+    return list(layout)
+
+
 def check_pipeline(cfg: Config, dp: int) -> None:
     """The layer split over pp*vpp virtual stages, and enough microbatches to fill the pipeline."""
     p, t, layers = cfg.parallel, cfg.train, cfg.model.num_layers
-    stages = p.pp * p.vpp
-    if p.pp_layout is None and layers % stages:
-        raise ConfigError(f"model.num_layers={layers} does not split evenly over parallel.pp*parallel.vpp="
-                          f"{p.pp}*{p.vpp}={stages} stages; set parallel.pp_layout (layers per virtual stage)")
-    if p.pp_layout is not None:
-        if len(p.pp_layout) != stages or sum(p.pp_layout) != layers:
-            raise ConfigError(f"parallel.pp_layout={p.pp_layout} must list parallel.pp*parallel.vpp={stages} "
-                              f"layer counts summing to model.num_layers={layers}")
-        # Only the first and last stages may be empty: they still hold the embedding / the head.
-        if min(p.pp_layout) < 0 or 0 in p.pp_layout[1:-1]:
-            raise ConfigError(f"parallel.pp_layout={p.pp_layout}: every stage but the first and last needs >= 1 layer")
+    stage_layout(layers, p.pp, p.vpp, p.pp_layout)
     m = t.global_batch_size // (dp * t.micro_batch_size)
     where = (f"train.global_batch_size/(dp*train.micro_batch_size) = {t.global_batch_size}/({dp}*"
              f"{t.micro_batch_size}) = {m} microbatches per rank")
@@ -471,12 +489,17 @@ def check_pipeline(cfg: Config, dp: int) -> None:
         raise ConfigError(f"{where}: parallel.pp_schedule=interleaved needs a multiple of parallel.pp={p.pp}")
 
 
+def check_zigzag_length(length: int, cp: int, what: str) -> None:
+    """Zigzag sharding cuts a sequence into 2*cp chunk slots of equal total size: no padding."""
+    if length % (2 * cp):
+        raise ConfigError(f"{what}={length} is not divisible by 2*parallel.cp={2 * cp} "
+                          "(context parallelism splits each sequence into 2*cp zigzag chunks)")
+
+
 def check_context_parallel(cfg: Config) -> None:
     """CP cuts every packed sequence into 2*cp zigzag chunk slots of equal total size (no padding)."""
     p, m, seq_len = cfg.parallel, cfg.model, cfg.data.seq_len
-    if seq_len % (2 * p.cp):
-        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp={2 * p.cp} "
-                          "(context parallelism splits each sequence into 2*cp zigzag chunks)")
+    check_zigzag_length(seq_len, p.cp, "data.seq_len")
     if p.sp and seq_len % (2 * p.cp * p.tp):
         raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2*parallel.cp*parallel.tp="
                           f"{2 * p.cp * p.tp} (parallel.sp splits each CP shard over TP)")

@@ -11,9 +11,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import ConfigError, load_config
 
 
 def parse_args(argv=None):

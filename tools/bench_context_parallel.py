@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 from datetime import timedelta
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from engine.parallel.context_parallel import ZigzagPlan
 
-from engine.parallel.context_parallel import ZigzagPlan  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEQ_LENS = (32768, 65536, 131072)
 CPS = (2, 4, 8)
@@ -170,12 +167,12 @@ def comm_bytes() -> None:
             print(f"    {mode:>8} {cp:>3} {'total':>13} | {total:>9}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=16, help="windows per sequence length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-comm", action="store_true", help="only the host-side load balance")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     load_balance(args.windows, args.seed)
     if not args.skip_comm:

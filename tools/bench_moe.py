@@ -7,15 +7,12 @@ Reports each path's time and their ratio, measured in the same run (a benchmark,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.model.moe import GroupedExperts  # noqa: E402
+from engine.model.moe import GroupedExperts
 
 
 def time_path(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, dtype, iters: int) -> float:

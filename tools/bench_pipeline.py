@@ -25,8 +25,6 @@ import tempfile
 import time
 from datetime import timedelta
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SHAPE = (16, 8)  # activations crossing stages: small, so p2p costs little next to the sleeps
 

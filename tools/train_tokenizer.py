@@ -17,14 +17,10 @@ import argparse
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-if __package__ in (None, ""):  # run as a script: make `engine` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.data.tokenizer import SpecialTokens  # noqa: E402
+from engine.data.tokenizer import SpecialTokens
 
 
 def jsonl_files(inputs: Sequence[str]) -> list[str]:

@@ -18,6 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.config import ConfigError
+from engine.config import token_index_path as index_path  # the rule lives with data.source's validation
+
 TOKEN_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -154,14 +157,6 @@ def synthetic_corpus(
 # Files
 
 
-def index_path(path: str | os.PathLike) -> str:
-    """``X.npy`` -> ``X.idx.npy``."""
-    path = os.fspath(path)
-    if not path.endswith(".npy"):
-        raise ValueError(f"token file name must end with .npy, got {path!r}")
-    return path[: -len(".npy")] + ".idx.npy"
-
-
 def _atomic_save(path: str, array: np.ndarray) -> None:
     """np.save to a temp file in the same directory, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
@@ -211,8 +206,6 @@ def check_vocab(corpus: TokenCorpus, vocab_size: int, where: str, chunk: int = 1
     """Raise ConfigError if a token id is >= ``vocab_size``: the embedding lookup would fail with an
     IndexError on CPU and a device-side assert on CUDA, far from the file that caused it.
     Reads the memory-mapped tokens in chunks, so a large corpus costs one pass, not its size in RAM."""
-    from engine.config import ConfigError
-
     tokens = corpus.tokens
     for start in range(0, len(tokens), chunk):
         part = np.asarray(tokens[start:start + chunk])

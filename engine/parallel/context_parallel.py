@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import kernels
+from engine.config import check_zigzag_length
 from engine.parallel import comm
 from engine.parallel.ring_attention import ring_attention
 from engine.parallel.ulysses import ulysses_attention
@@ -118,9 +119,7 @@ class ZigzagPlan:
         cu = np.asarray(cu_seqlens.tolist(), dtype=np.int64)
         self.cp, self.total = int(cp), int(cu[-1])
         self.device = torch.device(device) if device is not None else cu_seqlens.device
-        if self.total % (2 * cp):
-            raise ValueError(f"context parallelism needs the packed length T={self.total} to be divisible by "
-                             f"2*cp={2 * cp} (data.seq_len must be a multiple of 2*parallel.cp)")
+        check_zigzag_length(self.total, cp, "the packed length T")
         self.doc_starts = cu[:-1]
         self.doc_lens = np.diff(cu)
         self.sizes = zigzag_chunk_sizes(self.doc_lens, cp)  # [D, 2cp]

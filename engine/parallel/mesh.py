@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from engine.config import ConfigError
+from engine.config import ConfigError, resolve_etp
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
 # Flattened groups: name -> the mesh dims it spans.
@@ -51,7 +51,7 @@ class ParallelDims:
 
     @property
     def resolved_etp(self) -> int:
-        return self.tp if self.etp is None else self.etp
+        return resolve_etp(self.tp, self.etp)
 
     @property
     def edp(self) -> int:

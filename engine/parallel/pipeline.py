@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.config import stage_layout
 from engine.parallel.mesh import ParallelGroups, default_timeout, group_layout
 from engine.parallel.pipeline_schedule import (
     B, F, RECV_F, SEND_B, SEND_F, Action, Table, build_table, last_backward_steps, peer_of,
@@ -31,15 +32,9 @@ from engine.parallel.pipeline_schedule import (
 
 def stage_layers(num_layers: int, pp: int, vpp: int = 1, layout: Optional[Sequence[int]] = None) -> list[range]:
     """Global layer indices of every virtual stage, in pipeline order (stage s = chunk * pp + rank)."""
-    stages = pp * vpp
-    if layout is None:
-        if num_layers % stages:
-            raise ValueError(f"{num_layers} layers do not split evenly over pp*vpp={pp}*{vpp} stages")
-        layout = [num_layers // stages] * stages
-    if len(layout) != stages or sum(layout) != num_layers or min(layout) < 0:
-        raise ValueError(f"layout {list(layout)} must give {stages} stages of >= 0 layers summing to {num_layers}")
+    layout = stage_layout(num_layers, pp, vpp, layout)
     starts = [0, *itertools.accumulate(layout)]
-    return [range(starts[s], starts[s + 1]) for s in range(stages)]
+    return [range(starts[s], starts[s + 1]) for s in range(len(layout))]
 
 
 def split_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int = 1,

@@ -1,0 +1,30 @@
+"""``loom-bench NAME [ARGS ...]``: one entry point for the benchmarks under tools/.
+
+    loom-bench step        Loom's train step against HF's at world size 1 (tools/bench_step.py)
+    loom-bench moe         routed experts: grouped GEMM against a loop (tools/bench_moe.py)
+    loom-bench attention   Triton / flash-attn / torch attention backends (tools/bench_attention.py)
+    loom-bench cp          context-parallel load balance and bytes sent (tools/bench_context_parallel.py)
+    loom-bench pipeline    pipeline schedules' bubbles (tools/bench_pipeline.py)
+
+``loom-bench NAME --help`` shows that benchmark's options.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {"step": "bench_step", "moe": "bench_moe", "attention": "bench_attention",
+           "cp": "bench_context_parallel", "pipeline": "bench_pipeline"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHES:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module = importlib.import_module(f"tools.{BENCHES[argv[0]]}")
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
