@@ -3,8 +3,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# One statement of the minimum, in engine/__init__.py, which also checks it at import.
-MIN_TORCH = re.search(r'^MIN_TORCH = "([\d.]+)"', (Path(__file__).parent / "engine" / "__init__.py").read_text(), re.M)[1]
+# One statement of the minimum, in engine/version.py; engine and engine.compat check it at import.
+MIN_TORCH = re.search(r'^MIN_TORCH = "([\d.]+)"', (Path(__file__).parent / "engine" / "version.py").read_text(), re.M)[1]
 
 setup(
     name="loom",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
-from engine.parallel.context_parallel import ZigzagPlan, zigzag_chunk_sizes
+from engine.parallel.cp_plan import ZigzagPlan, zigzag_chunk_sizes
 from tests.parity import ROOT, assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_dense.yaml"
@@ -179,7 +179,8 @@ def _attention_case(mode, name, backend="torch"):
 
     import kernels
     from engine.model.layers import PackedMeta
-    from engine.parallel.context_parallel import CommStats, ContextParallelAttention, CPShard
+    from engine.parallel.context_parallel import ContextParallelAttention, CPShard
+    from engine.parallel.cp_plan import CommStats
     from engine.parallel.ring_attention import ring_attention
 
     lens, hq, hkv, causal = CASES[name]
@@ -197,7 +198,7 @@ def _attention_case(mode, name, backend="torch"):
         counted = _CountingOps(kernels.block_ops(backend, "cpu"))
         out = ring_attention(*local, plan.blocks(r, causal), group, counted, stats=stats)
     else:
-        meta = PackedMeta(plan.cu_seqlens(r), plan.max_seqlen(r), None, None, plan.positions(r), CPShard(plan, r))
+        meta = PackedMeta(plan.cu_seqlens(r), plan.max_seqlen(r), None, None, CPShard(plan=plan, rank=r))
         out = ContextParallelAttention("torch", causal, group, mode, stats)(*local, meta)
     out.backward(plan.shard(dout, r))
     errors = {"out": (out - plan.shard(ref.detach(), r)).abs().max().item()}
@@ -338,10 +339,10 @@ def _per_token_losses(cp, mode, lens, ids_list):
         labels = torch.cat([ids[1:], ids[:1]]).clone()
         labels[ends] = -100  # each document predicts only its own next tokens
         mb = Microbatch(ids, labels, positions, cu, max(lens), 1, int((labels != -100).sum()))
-        inputs, local_labels = shard_microbatch(mb, cp, groups.cp_rank)
+        batch, local_labels = shard_microbatch(mb, cp, groups.cp_rank)
         with torch.no_grad():
-            loss = F.cross_entropy(model(**inputs), local_labels, ignore_index=-100, reduction="none")
-            out.append(inputs["attn_extra"].plan.unshard(loss, groups.cp))
+            loss = F.cross_entropy(model(batch), local_labels, ignore_index=-100, reduction="none")
+            out.append(batch.attn.plan.unshard(loss, groups.cp))
     groups.destroy()
     return out
 

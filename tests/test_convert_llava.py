@@ -53,7 +53,7 @@ def image_batch(tokens_per_image: int, image_id: int = IMAGE_ID):
 
 def vlm_logits(model, ids, pixels):
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=pixels)
+        out = model(ids, pixel_values=pixels)
     return out.logits if hasattr(out, "logits") else out
 
 

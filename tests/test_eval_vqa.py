@@ -62,11 +62,11 @@ class AlwaysSays(torch.nn.Module):
         super().__init__()
         self.tok, self.script = tok, tok.encode(text) + [tok.end_of_turn_id]
 
-    def forward(self, ids, pixel_values, cu_seqlens, max_seqlen):
-        logits = torch.zeros(len(ids), self.tok.vocab_size)
+    def forward(self, batch):
+        logits = torch.zeros(len(batch.input_ids), self.tok.vocab_size)
         assistant = self.tok.role_id("assistant")
-        for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-            doc = ids[start:end].tolist()
+        for start, end in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist()):
+            doc = batch.input_ids[start:end].tolist()
             said = len(doc) - 1 - max(i for i, t in enumerate(doc) if t == assistant)
             logits[end - 1, self.script[min(said, len(self.script) - 1)]] = 1.0
         return logits

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model.decoder import build_model, positions_from_cu_seqlens
+from engine.model.batch import PackedBatch, positions_from_cu_seqlens
+from engine.model.decoder import build_model
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             attn_backend="torch")
@@ -24,7 +25,7 @@ def test_batched_equals_packed_rows():
     ids = torch.randint(0, 128, (3, 10))
     batched = model(ids)
     cu = torch.tensor([0, 10, 20, 30], dtype=torch.int32)
-    packed = model(ids.reshape(-1), cu_seqlens=cu, max_seqlen=10)
+    packed = model(PackedBatch(input_ids=ids.reshape(-1), cu_seqlens=cu, max_seqlen=10))
     assert batched.shape == (3, 10, 128)
     torch.testing.assert_close(packed.view(3, 10, -1), batched, atol=1e-6, rtol=0)
 
@@ -34,14 +35,29 @@ def test_documents_do_not_see_each_other():
     model = _model()
     cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
     ids = torch.randint(0, 128, (17,))
-    base = model(ids, cu_seqlens=cu)
+    base = model(PackedBatch(input_ids=ids, cu_seqlens=cu))
     changed = ids.clone()
     changed[:5] = (changed[:5] + 7) % 128
-    out = model(changed, cu_seqlens=cu)
+    out = model(PackedBatch(input_ids=changed, cu_seqlens=cu))
     torch.testing.assert_close(out[5:], base[5:], atol=0, rtol=0)
     assert (out[:5] - base[:5]).abs().max() > 1e-3
     alone = model(ids[6:17])  # a document is the same wherever it sits in the pack
     torch.testing.assert_close(base[6:17], alone, atol=1e-5, rtol=0)
+
+
+def test_packed_batch_takes_ids_or_hidden_states_never_both():
+    with pytest.raises(ValueError, match="exactly one"):
+        PackedBatch()
+    with pytest.raises(ValueError, match="exactly one"):
+        PackedBatch(input_ids=torch.zeros(2, dtype=torch.long), hidden=torch.zeros(2, 32))
+
+
+def test_hidden_states_are_what_the_head_reads():
+    model = _model()
+    batch = PackedBatch.from_ids(torch.randint(0, 128, (2, 6)))
+    hidden = model.hidden_states(batch)
+    assert hidden.shape == (12, 32)
+    torch.testing.assert_close(model.lm_head(hidden), model.logits(batch), atol=0, rtol=0)
 
 
 def test_tied_embeddings_share_the_parameter():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, ModelConfig, load_config
+from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 from engine.parallel.pipeline import join_chunks, split_stages, stage_layers
 from engine.parallel.pipeline_schedule import (
@@ -120,10 +121,10 @@ def test_split_keeps_global_names_and_composes_to_the_model(pp, vpp, layout):
     assert len(names) == len(set(names)) and set(names) == full_names
     assert stages[0].embed is not None and all(s.embed is None for s in stages[1:])
     assert stages[-1].lm_head is not None and all(s.lm_head is None for s in stages[:-1])
-    h = ids
-    for stage in stages:
-        h = stage(h)
-    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    batch = PackedBatch(input_ids=ids)
+    for stage in stages[:-1]:
+        batch = batch.with_hidden(stage.hidden_states(batch))
+    torch.testing.assert_close(stages[-1].logits(batch), expected, rtol=0, atol=0)
     for chunks in per_rank:  # the joined view of a rank: its parameters under global names, no copies
         joined = dict(join_chunks(chunks).named_parameters())
         assert all(joined[n] is p for c in chunks for n, p in c.named_parameters())

@@ -15,6 +15,7 @@ def _setup():
 def _comm_pairs():
     """Each Function's forward and backward against the plain tensor algebra they stand for."""
     from engine.parallel import comm
+    from engine.parallel.cp_plan import CommStats
 
     group, rank = _setup()
     full = torch.randn(8, 6)  # identical on both ranks (same seed)
@@ -28,20 +29,43 @@ def _comm_pairs():
         y.backward(g)
         return y.detach(), x.grad
 
-    y, gx = run(lambda x: comm.gather_from_sequence(x, group, reduce_grad=True), mine, grad * (rank + 1))
+    y, gx = run(lambda x: comm.gather(x, group, 0, reduce_grad=True), mine, grad * (rank + 1))
     checks["gather_seq"] = (torch.equal(y, full), torch.allclose(gx, (3 * grad).chunk(TP, 0)[rank]))
+    y, gx = run(lambda x: comm.gather(x, group, 0), mine, grad)
+    checks["gather_seq_replicated_consumer"] = (torch.equal(y, full), torch.equal(gx, grad.chunk(TP, 0)[rank]))
     y, gx = run(lambda x: comm.reduce_scatter_to_sequence(x, group), full * (rank + 1), grad.chunk(TP, 0)[rank])
     checks["reduce_scatter_seq"] = (torch.allclose(y, (3 * full).chunk(TP, 0)[rank]), torch.allclose(gx, grad))
-    y, gx = run(lambda x: comm.scatter_to_sequence(x, group), full, grad.chunk(TP, 0)[rank])
+    y, gx = run(lambda x: comm.scatter(x, group, 0), full, grad.chunk(TP, 0)[rank])
     checks["scatter_seq"] = (torch.equal(y, mine), torch.equal(gx, grad))
     y, gx = run(lambda x: comm.copy_to_region(x, group), full, grad * (rank + 1))
     checks["copy"] = (torch.equal(y, full), torch.allclose(gx, 3 * grad))
     y, gx = run(lambda x: comm.reduce_from_region(x, group), full * (rank + 1), grad)
     checks["reduce"] = (torch.allclose(y, 3 * full), torch.equal(gx, grad))
-    y, gx = run(lambda x: comm.gather_from_region(x, group), full.chunk(TP, -1)[rank], grad)
+    y, gx = run(lambda x: comm.gather(x, group, -1), full.chunk(TP, -1)[rank], grad)
     checks["gather_last"] = (torch.equal(y, full), torch.equal(gx, grad.chunk(TP, -1)[rank]))
-    y, gx = run(lambda x: comm.scatter_to_region(x, group), full, grad.chunk(TP, -1)[rank])
+    y, gx = run(lambda x: comm.scatter(x, group, -1), full, grad.chunk(TP, -1)[rank])
     checks["scatter_last"] = (torch.equal(y, full.chunk(TP, -1)[rank]), torch.equal(gx, grad))
+
+    # The all-to-alls move rows without arithmetic, so a gradient of 2 * y must come back as 2 * x.
+    counts = [[1, 3], [2, 2]]  # rows that rank i sends to rank j
+    sent = [full[4 * i:4 * (i + 1)].split(counts[i]) for i in range(TP)]
+    received = torch.cat([sent[i][rank] for i in range(TP)])
+    rows = full[4 * rank:4 * (rank + 1)]
+    y, gx = run(lambda x: comm.all_to_all(x, group, [c[rank] for c in counts], counts[rank]), rows, 2 * received)
+    checks["all_to_all"] = (torch.equal(y, received), torch.equal(gx, 2 * rows))
+    tokens = torch.randn(8, 4, 3)  # [T, H, D]
+    own_tokens, own_heads = tokens.chunk(TP, 0)[rank], tokens.chunk(TP, 1)[rank]
+    stats = CommStats()
+    y, gx = run(lambda x: comm.seq_to_heads(x, group, stats), own_tokens, 2 * own_heads)
+    sent_bytes = own_tokens.numel() * own_tokens.element_size() * (TP - 1) // TP  # the block a rank keeps is not sent
+    counted = stats.bytes == {"ulysses_fwd": sent_bytes, "ulysses_bwd": sent_bytes}
+    checks["seq_to_heads"] = (torch.equal(y, own_heads) and counted, torch.equal(gx, 2 * own_tokens))
+    y, gx = run(lambda x: comm.heads_to_seq(x, group), own_heads, 2 * own_tokens)
+    checks["heads_to_seq"] = (torch.equal(y, own_tokens), torch.equal(gx, 2 * own_heads))
+    perm = torch.randperm(8)
+    index = perm.chunk(TP)[rank]
+    y, gx = run(lambda x: comm.gather_from_context(x, group, index, torch.argsort(perm)), full[index], grad)
+    checks["gather_from_context"] = (torch.equal(y, full), torch.equal(gx, grad[index]))
     return checks
 
 

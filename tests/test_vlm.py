@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, load_config
+from engine.model.batch import PackedBatch
 from engine.model.vision import VisionEncoder, merge_2x2, patchify
 from engine.model.vlm import build_vlm
 from engine.train.multimodal import freeze
@@ -33,12 +34,12 @@ def packed_batch(tokens_per_image: int):
     return ids, cu
 
 
-def spliced_embeddings(model, ids, pixel_values, **kw):
+def spliced_embeddings(model, batch):
     """The LLM's input hidden states, caught at its first block."""
     seen = {}
     hook = model.llm.layers["0"].register_forward_pre_hook(lambda _m, args: seen.update(h=args[0].detach()))
     try:
-        logits = model(ids, pixel_values=pixel_values, **kw)
+        logits = model(batch)
     finally:
         hook.remove()
     return seen["h"], logits
@@ -51,7 +52,7 @@ def test_image_features_fill_placeholders_in_order(merge):
     assert n == (4 if merge else 16)
     ids, cu = packed_batch(n)
     px = torch.randn(3, 3, 16, 16)
-    h, logits = spliced_embeddings(model, ids, px, cu_seqlens=cu)
+    h, logits = spliced_embeddings(model, PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=px))
     assert logits.shape == (ids.numel(), 64)
     feats = model.image_features(px).detach()
     mask = ids == IMAGE_ID
@@ -73,14 +74,14 @@ def test_placeholder_mismatch_is_a_clear_error():
     model, _ = make_vlm("model.vision.merge=true")
     ids, cu = packed_batch(4)
     with pytest.raises(ValueError, match="12 image placeholder tokens .* 2 images x 4 tokens per image"):
-        model(ids, pixel_values=torch.randn(2, 3, 16, 16), cu_seqlens=cu)
+        model(PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=torch.randn(2, 3, 16, 16)))
     with pytest.raises(ValueError, match="model.vision.merge"):
-        model(ids, pixel_values=torch.randn(3, 3, 16, 16), cu_seqlens=cu,
-              image_token_counts=torch.tensor([16, 16, 16]))
+        model(PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=torch.randn(3, 3, 16, 16),
+                          image_token_counts=torch.tensor([16, 16, 16])))
     with pytest.raises(ValueError, match="12 image placeholder tokens .* 0 images"):
-        model(ids, cu_seqlens=cu)
+        model(PackedBatch(input_ids=ids, cu_seqlens=cu))
     with pytest.raises(ValueError, match="model.vision.image_size"):
-        model(ids, pixel_values=torch.randn(3, 3, 8, 8), cu_seqlens=cu)
+        model(PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=torch.randn(3, 3, 8, 8)))
 
 
 def test_attention_is_bidirectional_within_an_image_and_never_across():
@@ -111,7 +112,7 @@ def test_freeze_gives_no_grads_and_no_optimizer_state(parts):
     freeze(model, cfg)
     opt = build_optimizer(model, cfg.optim)
     ids, cu = packed_batch(4)
-    model(ids, pixel_values=torch.randn(3, 3, 16, 16), cu_seqlens=cu).sum().backward()
+    model(PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=torch.randn(3, 3, 16, 16))).sum().backward()
     opt.step()
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     for part in ("vision", "projector", "llm"):
@@ -132,7 +133,7 @@ def test_vision_weights_that_never_run_are_frozen():
     before = {name: p.detach().clone() for name, p in model.vision.named_parameters()}
     opt = build_optimizer(model, cfg.optim)
     ids, cu = packed_batch(4)
-    model(ids, pixel_values=torch.randn(3, 3, 16, 16), cu_seqlens=cu).sum().backward()
+    model(PackedBatch(input_ids=ids, cu_seqlens=cu, pixel_values=torch.randn(3, 3, 16, 16))).sum().backward()
     opt.step()
     for name, p in model.vision.named_parameters():
         assert torch.equal(p, before[name]) == (id(p) in unused), name

@@ -25,7 +25,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from engine.parallel.context_parallel import ZigzagPlan
+from engine.parallel.cp_plan import ZigzagPlan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,8 +115,8 @@ def _measure(mode: str) -> tuple[dict, dict]:
     model = parallelize(build_model(cfg.model), groups, cfg)
     data = PackedDataset(synthetic_corpus(cfg.model.vocab_size, 8 * COMM_SEQ_LEN, seed=0, min_doc_len=1,
                                           max_doc_len=90), COMM_SEQ_LEN)
-    inputs, labels = shard_microbatch(collate([data[0]]), cp, groups.cp_rank)
-    logits = model(**inputs)
+    batch, labels = shard_microbatch(collate([data[0]]), cp, groups.cp_rank)
+    logits = model.logits(batch)
     torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100).backward()
     stats = next(iter(model.layers.values())).attn.core.stats
     m = cfg.model

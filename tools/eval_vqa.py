@@ -77,6 +77,8 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: torch.Tens
     ``vocab_size``: pick among the tokenizer's ids only (the model's vocabulary may be padded);
     never the image placeholder.
     """
+    from engine.model.batch import PackedBatch
+
     seqs = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -85,7 +87,8 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: torch.Tens
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lengths, 0)
         ids = torch.tensor([t for s in seqs for t in s])
-        logits = model(ids, pixel_values=pixel_values, cu_seqlens=cu, max_seqlen=int(lengths.max()))
+        logits = model(PackedBatch(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()),
+                                   pixel_values=pixel_values))
         last = logits[cu[1:].long() - 1, :vocab_size]
         if getattr(model, "image_token_id", None) is not None:  # a generated placeholder would need an image
             last[:, model.image_token_id] = float("-inf")

@@ -5,21 +5,13 @@ ones it does not own while parameter names (and checkpoints, and HF mappings) st
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 import torch.nn as nn
 
 from engine.config import ModelConfig
+from engine.model.batch import PackedBatch
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
 from engine.model.moe import GroupedExperts, MoE, Router
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``[T]`` int32 positions counting from 0 at each document start."""
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
-    return (torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)).int()
 
 
 def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
@@ -60,52 +52,43 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                attn_positions: Optional[torch.Tensor] = None, attn_extra: Any = None,
-                inputs_embeds: Optional[torch.Tensor] = None, skip_lm_head: bool = False) -> torch.Tensor:
-        """Logits for packed ``input_ids [T]`` -> ``[T, V]``, or for a batch ``[B, S]`` -> ``[B, S, V]``.
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """``[T, h]`` after the final norm: what the fused LM head loss takes (engine/train/loss.py).
 
-        Packed input takes ``cu_seqlens`` (int32 ``[docs+1]``; default: one document) and
-        ``positions`` (default: counting from each document's start). ``attn_positions`` are
-        handed to the attention kernel when a shard's positions are not contiguous (CP), and
-        ``attn_extra`` to whatever wraps attention (see PackedMeta).
-        Under tensor parallelism V is this rank's vocabulary slice.
-
-        A pipeline stage lacks what it does not own (torchtitan style): without ``embed`` the
-        input is the hidden states ``[T, h]`` from the previous stage, and without ``lm_head``
-        the output is the hidden states for the next one. ``inputs_embeds`` (``[*input_ids.shape, h]``)
-        replaces the embedding lookup (a VLM splices image features into it first).
-        ``skip_lm_head`` returns the final-normed hidden states ``[..., h]`` instead of logits, for
-        a loss that applies the head itself (engine/train/loss.py).
+        A pipeline stage lacks what it does not own (torchtitan style): without ``embed`` it takes
+        ``batch.hidden`` from the previous stage, and without ``norm`` (any stage but the last) it
+        returns its blocks' output for the next one. Under sequence parallelism ``T`` is this
+        rank's slice of the tokens.
         """
-        batch_shape = input_ids.shape if self.embed is not None else input_ids.shape[:-1]
-        batched = len(batch_shape) == 2
-        total = int(torch.tensor(batch_shape).prod())
-        ids = input_ids.reshape(total, *input_ids.shape[len(batch_shape):])
-        if batched:
-            seq = batch_shape[1]
-            cu_seqlens = torch.arange(0, total + 1, seq, dtype=torch.int32, device=ids.device)
-            max_seqlen = seq
-        elif cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=ids.device)
-            max_seqlen = total
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if positions is None:
-            positions = positions_from_cu_seqlens(cu_seqlens, total)
-        if inputs_embeds is not None:
-            h = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
-        else:
-            h = self.embed(ids) if self.embed is not None else ids
-        cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, h.dtype)
-        meta = PackedMeta(cu_seqlens, max_seqlen, cos, sin, attn_positions, attn_extra)
+        h = self._first_hidden(batch)
+        meta = self._meta(batch, h.dtype)
         for layer in self.layers.values():
             h = layer(h, meta)
+        return self.norm(h) if self.norm is not None else h
+
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """``[T, V]``; under tensor parallelism V is this rank's vocabulary slice."""
         if self.lm_head is None:
-            return h
-        out = self.norm(h) if skip_lm_head else self.lm_head(self.norm(h))
-        return out.view(*batch_shape, -1) if batched else out
+            raise ValueError("this pipeline stage has no LM head: its output is hidden_states()")
+        return self.lm_head(self.hidden_states(batch))
+
+    def forward(self, batch: PackedBatch | torch.Tensor) -> torch.Tensor:
+        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` (``[T]``: one document)."""
+        if isinstance(batch, PackedBatch):
+            return self.logits(batch)
+        return self.logits(PackedBatch.from_ids(batch)).view(*batch.shape, -1)
+
+    def _first_hidden(self, batch: PackedBatch) -> torch.Tensor:
+        if batch.hidden is not None:
+            return batch.hidden
+        if self.embed is None:
+            raise ValueError("a pipeline stage without the embedding takes hidden states (PackedBatch.hidden)")
+        return self.embed(batch.input_ids)
+
+    def _meta(self, batch: PackedBatch, dtype: torch.dtype) -> PackedMeta:
+        cu_seqlens, max_seqlen, positions = batch.layout()
+        cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, dtype)
+        return PackedMeta(cu_seqlens, max_seqlen, cos, sin, batch.attn)
 
 
 def build_model(cfg: ModelConfig, device=None) -> Transformer:

@@ -6,14 +6,15 @@ here reads the local head count from the projection's output size, so it never n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from engine.model.batch import AttnContext
 
 
 class RMSNorm(nn.Module):
@@ -32,21 +33,18 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class PackedMeta:
-    """What attention needs to know about a packed batch.
+    """What the blocks see of a packed batch, derived once per forward.
 
-    ``cos``/``sin``: ``[T, head_dim]`` rotary tables at each token's true position.
-    ``positions``: ``[T]`` int32 positions within documents, passed to the kernel only when they
-    do not simply count from each document's start (a context-parallel shard), else None.
-    ``extra``: opaque to the model; whatever a parallel wrapper of attention needs (the CP shard
-    plan, say), handed in by the trainer through ``Transformer.forward(attn_extra=...)``.
+    ``cos``/``sin``: ``[T, head_dim]`` rotary tables at each token's true position (None: no rotary).
+    ``attn``: the batch's attention context (``PackedBatch.attn``), which a parallel wrapper of
+    attention may have extended.
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: Optional[torch.Tensor] = None
-    extra: Any = None
+    cos: Optional[torch.Tensor]
+    sin: Optional[torch.Tensor]
+    attn: AttnContext = field(default_factory=AttnContext)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +77,7 @@ class CoreAttention(nn.Module):
     def forward(self, q, k, v, meta: PackedMeta) -> torch.Tensor:
         return kernels.attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            causal=self.causal, pos_q=meta.positions, pos_k=meta.positions, backend=self.backend,
+            causal=self.causal, pos_q=meta.attn.positions, pos_k=meta.attn.positions, backend=self.backend,
         )
 
 

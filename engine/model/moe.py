@@ -39,7 +39,6 @@ trainer reads and resets them (``MoEStats``).
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -48,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.compat import grouped_mm, grouped_mm_runs
 from engine.model.layers import SwiGLU
 
 # ----------------------------------------------------------------------------- routing
@@ -210,7 +210,7 @@ class LocalDispatcher:
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (``_grouped_mm``'s backward needs it)."""
+    """Identity whose backward makes the gradient contiguous (grouped GEMM's backward needs it)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -219,25 +219,6 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` exists and runs for this device type and dtype (probed once).
-
-    In torch 2.13 it runs on CPU in fp32/bf16; on CUDA it needs bf16 and a recent GPU.
-    """
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:
-        with torch.autocast(device_type, enabled=False):
-            a = torch.ones(8, 8, device=device_type, dtype=dtype)
-            b = torch.ones(2, 8, 8, device=device_type, dtype=dtype)
-            offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-            out = torch._grouped_mm(a, b, offs)
-        return bool((out.float() == 8.0).all())
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return False
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -272,16 +253,16 @@ class GroupedExperts(nn.Module):
         return self._loop(x, counts)
 
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
-        # _grouped_mm wants 16-byte aligned rows in every operand.
+        # grouped GEMM wants 16-byte aligned rows in every operand.
         sizes = (self.gate_proj.shape[1], self.gate_proj.shape[2])
         aligned = all(n * dtype.itemsize % 16 == 0 for n in sizes)
-        return self.grouped_gemm and aligned and grouped_mm_works(device.type, dtype)
+        return self.grouped_gemm and aligned and grouped_mm_runs(device.type, dtype)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
 
         def mm(a, w):  # w: [E, out, in]
-            return _ContiguousGrad.apply(torch._grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
+            return _ContiguousGrad.apply(grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
 
         hidden = F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj)
         return mm(hidden, self.down_proj)

@@ -9,12 +9,13 @@ row each local token takes when this rank holds only a shard of the sequence.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from engine.config import ModelConfig
+from engine.model.batch import PackedBatch
 from engine.model.decoder import Transformer
 from engine.model.vision import Projector, VisionEncoder, sincos_2d
 
@@ -91,42 +92,52 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"input_ids hold {found} image placeholder tokens (id {image_token_id}) but "
                              f"pixel_values has {num_images} images x {n} tokens per image = {num_images * n}")
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None, attn_positions: Optional[torch.Tensor] = None,
-                attn_extra: Any = None, image_token_id: Optional[int] = None,
-                image_token_counts: Optional[torch.Tensor] = None,
-                image_slots: Optional[torch.Tensor] = None, skip_lm_head: bool = False) -> torch.Tensor:
-        """Logits, as ``Transformer.forward``; ``pixel_values [N, 3, S, S]`` fill the placeholders in order.
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """As ``Transformer.hidden_states``, with ``batch.pixel_values`` filling the placeholders in order."""
+        return self.llm.hidden_states(self.embed_inputs(batch))
 
-        ``image_slots`` (int64 ``[T]``, see ``image_slots()``) is given when ``input_ids`` is a shard
-        of the sequence (CP); the placeholder count is then checked by the caller on the full batch.
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """As ``Transformer.logits``, with ``batch.pixel_values`` filling the placeholders in order."""
+        return self.llm.logits(self.embed_inputs(batch))
+
+    def forward(self, batch: PackedBatch | torch.Tensor, pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` with
+        ``pixel_values [N, 3, S, S]`` (the world-size-1 API)."""
+        if isinstance(batch, PackedBatch):
+            if pixel_values is not None:
+                raise ValueError("a PackedBatch carries its own pixel_values")
+            return self.logits(batch)
+        return self.logits(PackedBatch.from_ids(batch, pixel_values=pixel_values)).view(*batch.shape, -1)
+
+    def embed_inputs(self, batch: PackedBatch) -> PackedBatch:
+        """The batch with its token embeddings, image features spliced in, as ``hidden``; as given on a
+        later pipeline stage. Under SP the result is this rank's slice (``seq_shard``).
+
+        ``batch.image_slots`` is given when ``input_ids`` is a shard of the sequence (CP); the
+        placeholder count is then checked by the caller on the full batch.
         """
-        if self.llm.embed is None:  # a later pipeline stage: input_ids are the hidden states
-            return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra,
-                            skip_lm_head=skip_lm_head)
-        h = self.llm.embed(input_ids)
-        token_id = self.image_token_id if image_token_id is None else image_token_id
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            h = self._splice(input_ids, h, pixel_values, token_id, image_token_counts, image_slots)
-        elif token_id is not None and image_slots is None:  # placeholders without images
-            self.check_placeholders(input_ids, 0, token_id)
+        if batch.hidden is not None:
+            return batch
+        ids = batch.input_ids
+        h = self.llm.embed(ids)
+        token_id = self.image_token_id
+        if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
+            h = self._splice(ids, h, batch.pixel_values, token_id, batch.image_token_counts, batch.image_slots)
+        elif token_id is not None and batch.image_slots is None:  # placeholders without images
+            self.check_placeholders(ids, 0, token_id)
         if self.seq_shard is not None:
-            h = self.seq_shard(h.reshape(-1, h.shape[-1]))
-        return self.llm(input_ids, positions, cu_seqlens, max_seqlen, attn_positions, attn_extra, inputs_embeds=h,
-                        skip_lm_head=skip_lm_head)
+            h = self.seq_shard(h)
+        return batch.with_hidden(h)
 
     def _splice(self, input_ids, h, pixel_values, token_id, image_token_counts, slots) -> torch.Tensor:
         if token_id is None:
-            raise ValueError("pass image_token_id (the tokenizer's <image> id) to the model or its forward")
+            raise ValueError("pass image_token_id (the tokenizer's <image> id) to the model")
         if slots is None:
             self.check_placeholders(input_ids, pixel_values.shape[0], token_id, image_token_counts)
             slots = image_slots(input_ids, token_id)
         feats = self.image_features(pixel_values).to(h.dtype)
-        flat = h.reshape(-1, h.shape[-1])
         # A gather + where keeps autograd simple: each feature row's gradient is its token's.
-        spliced = torch.where((slots >= 0).unsqueeze(-1), feats[slots.clamp(min=0)], flat)
-        return spliced.reshape(h.shape)
+        return torch.where((slots >= 0).unsqueeze(-1), feats[slots.clamp(min=0)], h)
 
 
 def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=None) -> VisionLanguageModel:

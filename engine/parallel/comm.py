@@ -2,8 +2,11 @@
 
 Each pair is the exact mirror of the other: the backward of one is the forward of its twin.
 Shapes are given per rank for a group of size ``n``; ``T`` is the packed token dimension
-(dim 0, the one sequence parallelism splits) and ``h`` the last dimension.
-With a group of size 1 every Function is the identity.
+(dim 0, the one sequence and context parallelism split) and ``h`` the last dimension.
+``Scatter`` and ``Gather`` split a tensor along a dimension and join it back: every rank keeps a
+chunk (they are not torch.distributed's rooted scatter and gather).
+Functions given ``stats`` (a ``cp_plan.CommStats``) add to it the bytes that leave this rank.
+With a group of size 1 every Function but ``GatherFromContext`` (a reordering) is the identity.
 """
 from __future__ import annotations
 
@@ -67,6 +70,15 @@ def split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
+def _all_to_all(x: torch.Tensor, group, out_splits=None, in_splits=None) -> torch.Tensor:
+    """Row block j of ``x`` goes to rank j; row block j of the result came from rank j.
+    Without splits every block has ``len(x) / n`` rows."""
+    x = x.contiguous()
+    out = torch.empty_like(x) if out_splits is None else x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+    return out
+
+
 # ----------------------------------------------------------------------------- tensor-parallel region
 
 
@@ -103,67 +115,45 @@ class ReduceFromRegion(torch.autograd.Function):
         return g, None
 
 
-class ScatterToRegion(torch.autograd.Function):
-    """forward: keep this rank's slice of the last dim, ``[..., h] -> [..., h/n]``.
-    backward: all-gather the last dim, ``[..., h/n] -> [..., h]``."""
+# ----------------------------------------------------------------------------- split along a dimension
+
+
+class Scatter(torch.autograd.Function):
+    """forward: keep this rank's chunk of ``dim``: the tokens, ``[T, h] -> [T/n, h]`` (dim 0, entering
+    a sequence-parallel region), or the features, ``[T, h] -> [T, h/n]`` (dim -1).
+    backward: all-gather ``dim``, ``[T/n, h] -> [T, h]`` / ``[T, h/n] -> [T, h]``."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, -1), None
-
-
-class GatherFromRegion(torch.autograd.Function):
-    """forward: all-gather the last dim, ``[..., h/n] -> [..., h]``.
-    backward: keep this rank's slice, ``[..., h] -> [..., h/n]``."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, group, -1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return split(g, ctx.group, -1), None
+        return all_gather(g, ctx.group, ctx.dim), None, None
 
 
-# ----------------------------------------------------------------------------- sequence-parallel region
+class Gather(torch.autograd.Function):
+    """forward: all-gather ``dim``: the tokens, ``[T/n, h] -> [T, h]`` (dim 0), or the features,
+    ``[T, h/n] -> [T, h]`` (dim -1).
 
-
-class ScatterToSequence(torch.autograd.Function):
-    """forward: keep this rank's chunk of the tokens, ``[T, ...] -> [T/n, ...]``.
-    backward: all-gather the tokens, ``[T/n, ...] -> [T, ...]``."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split(x, group, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, ctx.group, 0), None
-
-
-class GatherFromSequence(torch.autograd.Function):
-    """forward: all-gather the tokens, ``[T/n, ...] -> [T, ...]``.
-
-    backward: with ``reduce_grad`` (the consumer is tensor-parallel, so each rank holds a partial
-    gradient of the full sequence) reduce-scatter, ``[T, ...] -> [T/n, ...]``; otherwise split.
+    backward: keep this rank's chunk of the gradient, ``[T, h] -> [T/n, h]`` / ``[T, h] -> [T, h/n]``;
+    with ``reduce_grad`` (the consumer is tensor-parallel, so each rank holds a partial gradient of
+    the whole tensor) reduce-scatter instead.
     """
 
     @staticmethod
-    def forward(ctx, x, group, reduce_grad=True):
-        ctx.group, ctx.reduce_grad = group, reduce_grad
-        return all_gather(x, group, 0)
+    def forward(ctx, x, group, dim, reduce_grad=False):
+        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
+        return all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        grad = reduce_scatter(g, ctx.group, 0) if ctx.reduce_grad else split(g, ctx.group, 0)
-        return grad, None, None
+        grad = reduce_scatter(g, ctx.group, ctx.dim) if ctx.reduce_grad else split(g, ctx.group, ctx.dim)
+        return grad, None, None, None
+
+
+# ----------------------------------------------------------------------------- sequence-parallel region
 
 
 class ReduceScatterToSequence(torch.autograd.Function):
@@ -180,6 +170,113 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return all_gather(g, ctx.group, 0), None
 
 
+# ----------------------------------------------------------------------------- context parallelism
+
+
+class GatherFromContext(torch.autograd.Function):
+    """Undo a token permutation sharded over the group (the CP zigzag shard).
+
+    ``index [T/n]``: where this rank's tokens sit in the full sequence; ``inverse [T]``: where each
+    token of the full sequence sits in the all-gather of every rank's shard (rank order).
+    forward: all-gather and restore the order, ``[T/n, ...] -> [T, ...]`` (identical on every rank).
+    backward: this rank's rows of the gradient, ``[T, ...] -> [T/n, ...]`` (the consumer is
+    replicated, so each rank's gradient is already the whole one).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, index, inverse):
+        ctx.index = index
+        return all_gather(x, group, 0).index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(0, ctx.index), None, None, None
+
+
+def _count(stats, kind: str, sent: torch.Tensor, n: int) -> None:
+    """Bytes of an equal-block all-to-all that leave this rank: every block but its own."""
+    if stats is not None:
+        stats.add(kind, sent.numel() * sent.element_size() * (n - 1) // n)
+
+
+def _seq_to_heads(x: torch.Tensor, group, stats, kind: str) -> torch.Tensor:
+    """``[T/n, H, D] -> [T, H/n, D]``: every rank's tokens (rank order), this rank's head group."""
+    n = group_size(group)
+    t, h, d = x.shape
+    send = x.reshape(t, n, h // n, d).transpose(0, 1).contiguous()
+    recv = _all_to_all(send, group)
+    _count(stats, kind, send, n)
+    return recv.reshape(n * t, h // n, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group, stats, kind: str) -> torch.Tensor:
+    """``[T, H/n, D] -> [T/n, H, D]``: this rank's tokens, every head group (rank order)."""
+    n = group_size(group)
+    t, h, d = x.shape
+    send = x.reshape(n, t // n, h, d).contiguous()
+    recv = _all_to_all(send, group)
+    _count(stats, kind, send, n)
+    return recv.transpose(0, 1).reshape(t // n, n * h, d)
+
+
+class SeqToHeads(torch.autograd.Function):
+    """Ulysses: trade the sequence split for a head split. Counts ``ulysses_fwd`` / ``ulysses_bwd`` bytes.
+
+    forward: all-to-all ``[T/n, H, D]`` (own tokens, all heads) -> ``[T, H/n, D]`` (every rank's
+    tokens in rank order, own head group).
+    backward: the mirror, ``[T, H/n, D] -> [T/n, H, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, stats):
+        ctx.group, ctx.stats = group, stats
+        return _seq_to_heads(x, group, stats, "ulysses_fwd")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g, ctx.group, ctx.stats, "ulysses_bwd"), None, None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    """Ulysses: back from the head split to the sequence split. Counts ``ulysses_fwd`` / ``ulysses_bwd`` bytes.
+
+    forward: all-to-all ``[T, H/n, D]`` -> ``[T/n, H, D]``.
+    backward: the mirror, ``[T/n, H, D] -> [T, H/n, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, stats):
+        ctx.group, ctx.stats = group, stats
+        return _heads_to_seq(x, group, stats, "ulysses_fwd")
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g, ctx.group, ctx.stats, "ulysses_bwd"), None, None
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+class AllToAll(torch.autograd.Function):
+    """Exchange variable-size blocks of rows (equal blocks when the splits are None).
+
+    forward: ``x [sum(in_splits), ...]`` whose j-th block of ``in_splits[j]`` rows goes to rank j
+    -> ``[sum(out_splits), ...]`` whose j-th block of ``out_splits[j]`` rows came from rank j;
+    e.g. the EP dispatch, ``[N, h]`` rows grouped by destination -> ``[R, h]`` grouped by source.
+    backward: the same exchange with the splits swapped, so each gradient block returns to the
+    rank that sent the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits=None, in_splits=None):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        return _all_to_all(x, group, out_splits, in_splits)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
+
+
 def copy_to_region(x, group):
     return CopyToRegion.apply(x, group) if group_size(group) > 1 else x
 
@@ -188,21 +285,30 @@ def reduce_from_region(x, group):
     return ReduceFromRegion.apply(x, group) if group_size(group) > 1 else x
 
 
-def scatter_to_region(x, group):
-    return ScatterToRegion.apply(x, group) if group_size(group) > 1 else x
+def scatter(x, group, dim: int):
+    return Scatter.apply(x, group, dim) if group_size(group) > 1 else x
 
 
-def gather_from_region(x, group):
-    return GatherFromRegion.apply(x, group) if group_size(group) > 1 else x
-
-
-def scatter_to_sequence(x, group):
-    return ScatterToSequence.apply(x, group) if group_size(group) > 1 else x
-
-
-def gather_from_sequence(x, group, reduce_grad=True):
-    return GatherFromSequence.apply(x, group, reduce_grad) if group_size(group) > 1 else x
+def gather(x, group, dim: int, reduce_grad: bool = False):
+    return Gather.apply(x, group, dim, reduce_grad) if group_size(group) > 1 else x
 
 
 def reduce_scatter_to_sequence(x, group):
     return ReduceScatterToSequence.apply(x, group) if group_size(group) > 1 else x
+
+
+def gather_from_context(x, group, index, inverse):
+    return GatherFromContext.apply(x, group, index, inverse)
+
+
+def seq_to_heads(x, group, stats=None):
+    return SeqToHeads.apply(x, group, stats) if group_size(group) > 1 else x
+
+
+def heads_to_seq(x, group, stats=None):
+    return HeadsToSeq.apply(x, group, stats) if group_size(group) > 1 else x
+
+
+def all_to_all(x, group, out_splits=None, in_splits=None):
+    """See AllToAll. Also serves non-differentiable exchanges (e.g. the EP row counts)."""
+    return AllToAll.apply(x, group, out_splits, in_splits) if group_size(group) > 1 else x

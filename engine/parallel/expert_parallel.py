@@ -23,40 +23,7 @@ from engine.parallel.context_parallel import CPShard
 from engine.parallel.sharding import add_split
 from engine.parallel.tensor_parallel import mark
 
-# ----------------------------------------------------------------------------- collectives
-
-
-def _all_to_all(x: torch.Tensor, group, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
-                           group=group)
-    return out
-
-
-class AllToAll(torch.autograd.Function):
-    """Exchange variable-size blocks of rows over ``group`` (size n).
-
-    forward: ``x [sum(in_splits), ...]`` whose j-th block of ``in_splits[j]`` rows goes to rank j
-    -> ``[sum(out_splits), ...]`` whose j-th block of ``out_splits[j]`` rows came from rank j.
-    backward: the same exchange with the splits swapped, so each gradient block returns to the
-    rank that sent the rows.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group, out_splits, in_splits):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        return _all_to_all(x, group, out_splits, in_splits)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_to_all(g, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
-
-
-def exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
-    """``send [n, c]`` (row j for rank j) -> ``[n, c]`` (row j from rank j). Not differentiable."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)
-    return recv
+# ----------------------------------------------------------------------------- dispatcher
 
 
 def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -64,9 +31,6 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     total = int(lengths.sum())
     shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
     return torch.arange(total, device=starts.device) + shift
-
-
-# ----------------------------------------------------------------------------- dispatcher
 
 
 class _Plan(NamedTuple):
@@ -94,7 +58,7 @@ class ExpertParallelDispatcher:
       4. local experts ``[R, h] -> [R, h]`` (partial sums over F under etp > 1);
       5. the mirror: regroup back, all-to-all back ``[N * etp, h]``, sum the etp partials ``[N, h]``;
       6. unpermute weighted by the routing weights: ``[T, h]``.
-    Backward runs the same exchanges in reverse (``AllToAll``); copies sent to several etp
+    Backward runs the same exchanges in reverse (``comm.AllToAll``); copies sent to several etp
     ranks get their gradients summed by the duplication's backward.
     """
 
@@ -112,9 +76,9 @@ class ExpertParallelDispatcher:
         xp = xp.to(compute_dtype(x))  # under autocast the experts run in bf16: send bf16
         if plan.copies is not None:
             xp = xp.index_select(0, plan.copies)
-        received = AllToAll.apply(xp, self.group, plan.recv_splits, plan.send_splits)
+        received = comm.all_to_all(xp, self.group, plan.recv_splits, plan.send_splits)
         out = experts(received.index_select(0, plan.order), plan.local_counts)
-        back = AllToAll.apply(out.index_select(0, plan.inverse), self.group, plan.send_splits, plan.recv_splits)
+        back = comm.all_to_all(out.index_select(0, plan.inverse), self.group, plan.send_splits, plan.recv_splits)
         if plan.copies is not None:  # sum the etp ranks' partial outputs
             back = back.new_zeros((perm.token.numel(), back.shape[-1])).index_add(0, plan.copies, back)
         return unpermute(back, perm, routing.weights).to(x.dtype)
@@ -123,7 +87,7 @@ class ExpertParallelDispatcher:
         """Exchange the per-expert row counts ``[E]`` and derive the splits and reorderings."""
         per_slot = counts.view(self.ep, self.local_experts)
         send = per_slot.repeat_interleave(self.etp, dim=0)  # row d: what dispatch rank d gets
-        recv = exchange_counts(send, self.group)  # row s: what source s sends, per local expert
+        recv = comm.all_to_all(send, self.group)  # row s: what source s sends, per local expert
         copies = None
         if self.etp > 1:  # every etp rank of an ep slot gets that slot's rows
             rows = per_slot.sum(1)
@@ -148,7 +112,7 @@ class ShardedBalanceScope(BalanceScope):
     (the tp x cp ranks: SP slices ``sp_group``'s share contiguously, CP takes a zigzag shard).
 
     A token's unit is found from its index in the whole microbatch: under CP from the
-    microbatch's ``CPShard`` (``meta.extra``), then this TP rank's contiguous slice.
+    microbatch's ``CPShard`` (``meta.attn``), then this TP rank's contiguous slice.
     """
 
     def __init__(self, seq_len: int, sequences_per_step: int, micro_batch_size: int, sp_group, shard_group):
@@ -157,9 +121,9 @@ class ShardedBalanceScope(BalanceScope):
 
     def token_index(self, num_tokens: int, meta) -> torch.Tensor:
         sp = comm.group_size(self.sp_group)
-        extra = getattr(meta, "extra", None)
-        if isinstance(extra, CPShard):
-            index = extra.plan.index(extra.rank)
+        shard = getattr(meta, "attn", None)
+        if isinstance(shard, CPShard):
+            index = shard.plan.index(shard.rank)
         else:
             index = torch.arange(num_tokens * sp, device=meta.cu_seqlens.device if meta is not None else None)
         return comm.split(index, self.sp_group, 0) if sp > 1 else index

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from engine.compat import flatten_mesh, process_group_options
 from engine.config import ConfigError, resolve_etp
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
@@ -123,18 +124,6 @@ def default_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("LOOM_PG_TIMEOUT_S", "600")))
 
 
-def _backend_options(backend: str, timeout: timedelta):
-    """Per-group options carrying the timeout; DeviceMesh would otherwise use the 30-minute default."""
-    if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
-    elif backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-    else:
-        return backend
-    opts._timeout = timeout
-    return (backend, opts)
-
-
 class ParallelGroups:
     """The DeviceMesh, one process group per dimension, and this rank's coordinates.
 
@@ -153,13 +142,13 @@ class ParallelGroups:
         self.device = device or default_device
         backend = backend or dist.get_backend()
         timeout = timeout or default_timeout()
-        override = {d: _backend_options(backend, timeout) for d in MESH_DIMS}
+        override = {d: process_group_options(backend, timeout) for d in MESH_DIMS}
         self.mesh: DeviceMesh = init_device_mesh(
             self.device.type, dims.shape, mesh_dim_names=MESH_DIMS, backend_override=override
         )
         self._groups = {d: self.mesh[d].get_group() for d in MESH_DIMS}
         for name, span in FLAT_GROUPS.items():
-            flat = self.mesh[span]._flatten(name, backend_override=_backend_options(backend, timeout))
+            flat = flatten_mesh(self.mesh[span], name, process_group_options(backend, timeout))
             self._groups[name] = flat.get_group()
         self.rank = dist.get_rank()
         self.world_size = dims.world_size
@@ -174,13 +163,13 @@ class ParallelGroups:
             self._groups.update({name: self._groups[dense] for name, dense in EXPERT_ALIASES.items()}, ep=None)
             self.edp_rank, self.ep_rank, self.etp_rank = self.dp_rank * self.dims.cp + self.cp_rank, 0, self.tp_rank
             return
-        override = {d: _backend_options(backend, timeout) for d in EXPERT_DIMS}
+        override = {d: process_group_options(backend, timeout) for d in EXPERT_DIMS}
         self.expert_mesh = init_device_mesh(self.device.type, self.dims.expert_shape, mesh_dim_names=EXPERT_DIMS,
                                             backend_override=override)
         for name in ("edp", "ep", "etp"):
             self._groups[name] = self.expert_mesh[name].get_group()
         for name, span in EXPERT_FLAT_GROUPS.items():
-            flat = self.expert_mesh[span]._flatten(name, backend_override=_backend_options(backend, timeout))
+            flat = flatten_mesh(self.expert_mesh[span], name, process_group_options(backend, timeout))
             self._groups[name] = flat.get_group()
         _, self.edp_rank, self.ep_rank, self.etp_rank = self.expert_mesh.get_coordinate()
 

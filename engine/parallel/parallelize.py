@@ -25,7 +25,8 @@ from engine.model.moe import MoE
 from engine.model.vision import GeluMLP
 from engine.model.vlm import VisionLanguageModel
 from engine.parallel import comm
-from engine.parallel.context_parallel import CommStats, ContextParallelAttention
+from engine.parallel.context_parallel import ContextParallelAttention
+from engine.parallel.cp_plan import CommStats
 from engine.parallel.expert_parallel import parallelize_moe
 from engine.parallel.mesh import ParallelGroups
 from engine.parallel.pipeline import split_stages
@@ -124,7 +125,7 @@ class _ScatterToSequence(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return comm.scatter_to_sequence(x, self.group)
+        return comm.scatter(x, self.group, 0)
 
 
 def _enter_once(module: nn.Module, group, sp: bool) -> None:

@@ -274,14 +274,14 @@ class Pipeline:
         return self._tables[num_microbatches]
 
     def boundary(self, shard) -> tuple[tuple[int, int], torch.dtype]:
-        """Activations between stages: ``[T_local, h]``. ``shard`` is ``(model inputs, labels)``
+        """Activations between stages: ``[T_local, h]``. ``shard`` is ``(PackedBatch, labels)``
         (Trainer.model_inputs), so T_local is the (CP-local) token count, divided by tp under SP."""
-        inputs, _ = shard
-        return (inputs["input_ids"].shape[0] // self.token_divisor, self.hidden), self.dtype
+        batch, _ = shard
+        return (batch.input_ids.shape[0] // self.token_divisor, self.hidden), self.dtype
 
     def run(self, shards: Sequence, forward_fn: ForwardFn, grad_sync=None,
             stat_names: Sequence[str] = ("loss_sum",)) -> dict[str, torch.Tensor]:
-        """Forward and backward of every microbatch ``(model inputs, labels)``; see PipelineExecutor.run."""
+        """Forward and backward of every microbatch ``(PackedBatch, labels)``; see PipelineExecutor.run."""
         return self.executor.run(self.table(len(shards)), shards, forward_fn, self.boundary,
                                  grad_sync, stat_names)
 

@@ -13,15 +13,13 @@ forward ``(cp-1) * KV``; backward ``(cp-1) * KV`` plus ``cp`` fp32 dK/dV hops.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from engine.parallel import comm
-
-if TYPE_CHECKING:
-    from engine.parallel.context_parallel import BlockSpec, CommStats
+from engine.parallel.cp_plan import BlockSpec, CommStats
 
 TAG_KV, TAG_DKV = 17, 18  # gloo matches messages by (peer, tag): the K/V and dK/dV streams overlap
 
@@ -34,7 +32,7 @@ class RingComm:
     committing nothing, waiting without a commit) raises instead of deadlocking or corrupting data.
     """
 
-    def __init__(self, group, tag: int = 0, stats: Optional["CommStats"] = None, kind: str = "ring"):
+    def __init__(self, group, tag: int = 0, stats: Optional[CommStats] = None, kind: str = "ring"):
         self.group, self.tag, self.stats, self.kind = group, tag, stats, kind
         size, rank = comm.group_size(group), comm.group_rank(group)
         self.next, self.prev = (rank + 1) % size, (rank - 1) % size
@@ -88,7 +86,7 @@ def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
     return x if index is None else x.index_select(0, index)
 
 
-def _block_forward(ops, q, kv, blk: "BlockSpec", scale: float):
+def _block_forward(ops, q, kv, blk: BlockSpec, scale: float):
     qb, kb, vb = _rows(q, blk.q_index), _rows(kv[0], blk.k_index), _rows(kv[1], blk.k_index)
     return ops.forward(qb, kb, vb, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, blk.causal, scale,
                        blk.pos_q, blk.pos_k)
@@ -105,7 +103,7 @@ def _merge_into(out, lse, block_out, block_lse, index) -> None:
     lse.index_copy_(0, index, new_lse)
 
 
-def _block_backward(ops, dout, q, kv, out, lse, blk: "BlockSpec", scale: float):
+def _block_backward(ops, dout, q, kv, out, lse, blk: BlockSpec, scale: float):
     """Gradients of one block from the merged out/lse: (dq rows, dk rows, dv rows), in input dtypes."""
     qi, ki = blk.q_index, blk.k_index
     return ops.backward(_rows(dout, qi), _rows(q, qi), _rows(kv[0], ki), _rows(kv[1], ki), _rows(out, qi),
@@ -206,7 +204,7 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, blocks, group, ops, *, softmax_scale: Optional[float] = None,
-                   stats: Optional["CommStats"] = None) -> torch.Tensor:
+                   stats: Optional[CommStats] = None) -> torch.Tensor:
     """See RingAttention. ``ops``: ``kernels.block_ops(backend, device)``; ``blocks``:
     ``ZigzagPlan.blocks(rank, causal)``."""
     if len(blocks) != comm.group_size(group):

@@ -35,7 +35,7 @@ def _shard(full: torch.Tensor, group, dim: int) -> torch.Tensor:
 def enter_tp_region(x: torch.Tensor, group, mode: str) -> torch.Tensor:
     """Make ``x`` the replicated full-sequence input of tensor-parallel layers (see ColumnParallelLinear)."""
     if mode == "gather":
-        return comm.gather_from_sequence(x, group, reduce_grad=True)
+        return comm.gather(x, group, 0, reduce_grad=True)
     if mode == "copy":
         return comm.copy_to_region(x, group)
     return x
@@ -67,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.group, self.input_mode)
         y = F.linear(x, self.weight, self.bias)
-        return comm.gather_from_region(y, self.group) if self.gather_output else y
+        return comm.gather(y, self.group, -1) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):

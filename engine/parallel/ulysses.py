@@ -1,9 +1,10 @@
 """Ulysses (DeepSpeed) context parallelism: trade the sequence split for a head split.
 
-An all-to-all turns this rank's tokens with all (TP-local) heads into all tokens with ``1/cp`` of
-the heads; attention then runs locally over the whole microbatch with its original ``cu_seqlens``;
-a second all-to-all turns the output back. The gathered tokens arrive zigzag-ordered (rank 0's
-shard, then rank 1's, ...), so they are permuted into document order first and back afterwards.
+An all-to-all (``comm.SeqToHeads``) turns this rank's tokens with all (TP-local) heads into all
+tokens with ``1/cp`` of the heads; attention then runs locally over the whole microbatch with its
+original ``cu_seqlens``; a second all-to-all (``comm.HeadsToSeq``) turns the output back. The
+gathered tokens arrive zigzag-ordered (rank 0's shard, then rank 1's, ...), so they are permuted
+into document order first and back afterwards.
 
 Communication per layer and rank (bytes leaving the rank): each all-to-all sends ``(cp-1)/cp`` of
 its input, so forward sends ``(cp-1)/cp * (q + k + v + out)`` bytes of the local shard, and backward
@@ -12,69 +13,13 @@ the same again (dout, dq, dk, dv). K/V heads are replicated first when ``cp`` do
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 import kernels
 from engine.parallel import comm
-
-if TYPE_CHECKING:
-    from engine.parallel.context_parallel import CommStats, ZigzagPlan
-
-
-def _all_to_all(send: torch.Tensor, group, stats, kind: str) -> torch.Tensor:
-    """``send [n, ...]``: chunk j goes to rank j; returns ``[n, ...]`` with chunk j from rank j."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    if stats is not None:
-        n = send.shape[0]
-        stats.add(kind, send.numel() * send.element_size() * (n - 1) // n)
-    return recv
-
-
-def _seq_to_heads(x: torch.Tensor, group, stats, kind: str) -> torch.Tensor:
-    """``[T/n, H, D] -> [T, H/n, D]``: every rank's tokens (rank order), this rank's head group."""
-    n = comm.group_size(group)
-    t, h, d = x.shape
-    send = x.reshape(t, n, h // n, d).transpose(0, 1).contiguous()
-    return _all_to_all(send, group, stats, kind).reshape(n * t, h // n, d)
-
-
-def _heads_to_seq(x: torch.Tensor, group, stats, kind: str) -> torch.Tensor:
-    """``[T, H/n, D] -> [T/n, H, D]``: this rank's tokens, every head group (rank order)."""
-    n = comm.group_size(group)
-    t, h, d = x.shape
-    recv = _all_to_all(x.reshape(n, t // n, h, d).contiguous(), group, stats, kind)
-    return recv.transpose(0, 1).reshape(t // n, n * h, d)
-
-
-class SeqToHeads(torch.autograd.Function):
-    """forward: all-to-all ``[T/cp, H, D]`` (own tokens, all heads) -> ``[T, H/cp, D]`` (all ranks'
-    tokens in rank order, own head group). backward: the mirror, ``[T, H/cp, D] -> [T/cp, H, D]``."""
-
-    @staticmethod
-    def forward(ctx, x, group, stats):
-        ctx.group, ctx.stats = group, stats
-        return _seq_to_heads(x, group, stats, "ulysses_fwd")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(g, ctx.group, ctx.stats, "ulysses_bwd"), None, None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """forward: all-to-all ``[T, H/cp, D]`` -> ``[T/cp, H, D]``. backward: ``[T/cp, H, D] -> [T, H/cp, D]``."""
-
-    @staticmethod
-    def forward(ctx, x, group, stats):
-        ctx.group, ctx.stats = group, stats
-        return _heads_to_seq(x, group, stats, "ulysses_fwd")
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.group, ctx.stats, "ulysses_bwd"), None, None
+from engine.parallel.cp_plan import CommStats, ZigzagPlan
 
 
 def kv_replication(num_kv_heads: int, cp: int) -> int:
@@ -90,8 +35,8 @@ def check_heads(num_heads: int, num_kv_heads: int, cp: int) -> None:
         raise ValueError(f"Ulysses cannot split {num_kv_heads} kv heads for {num_heads} q heads over cp={cp}")
 
 
-def ulysses_attention(q, k, v, plan: "ZigzagPlan", group, *, causal: bool = True, backend: str = "auto",
-                      softmax_scale: Optional[float] = None, stats: Optional["CommStats"] = None) -> torch.Tensor:
+def ulysses_attention(q, k, v, plan: ZigzagPlan, group, *, causal: bool = True, backend: str = "auto",
+                      softmax_scale: Optional[float] = None, stats: Optional[CommStats] = None) -> torch.Tensor:
     """q ``[T/cp, Hq, D]``, k/v ``[T/cp, Hkv, D]`` (zigzag shard) -> ``[T/cp, Hq, D]``. Collective over ``group``."""
     n = comm.group_size(group)
     check_heads(q.shape[1], k.shape[1], n)
@@ -99,8 +44,8 @@ def ulysses_attention(q, k, v, plan: "ZigzagPlan", group, *, causal: bool = True
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     order, inverse = plan.gathered_index()
-    q, k, v = (SeqToHeads.apply(x, group, stats).index_select(0, inverse) for x in (q, k, v))
+    q, k, v = (comm.seq_to_heads(x, group, stats).index_select(0, inverse) for x in (q, k, v))
     cu = plan.cu_seqlens_full
     out = kernels.attention(q, k, v, cu, cu, plan.max_seqlen_full, plan.max_seqlen_full, causal=causal,
                             softmax_scale=softmax_scale, backend=backend)
-    return HeadsToSeq.apply(out.index_select(0, order), group, stats)
+    return comm.heads_to_seq(out.index_select(0, order), group, stats)

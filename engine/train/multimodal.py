@@ -5,13 +5,16 @@ plain pass-through for a text-only config.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from engine.config import Config, ConfigError
 from engine.data.multimodal import MultimodalDataset
+from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 from engine.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
-from engine.parallel.context_parallel import ZigzagPlan
+from engine.parallel.context_parallel import CPShard
 
 
 def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
@@ -55,22 +58,22 @@ def text_model(model: nn.Module) -> nn.Module:
     return model.llm if isinstance(model, VisionLanguageModel) else model
 
 
-def vision_inputs(model: nn.Module, mb, cp: int, cp_rank: int) -> dict:
-    """Extra forward kwargs for a multimodal microbatch (``{}`` for text).
+def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
+    """``batch`` (this rank's share of microbatch ``mb``) with ``mb``'s images; as is for text.
 
     Under CP every rank runs the vision tower on all the microbatch's images (they are few
     and small next to the LLM) and takes the feature rows of its own placeholder tokens:
     ``image_slots`` is computed on the full sequence, then zigzag-sharded like the tokens.
     """
     if mb.pixel_values is None or not isinstance(model, VisionLanguageModel):
-        return {}
-    extra = dict(pixel_values=mb.pixel_values)
-    if cp == 1:
-        return {**extra, "image_token_counts": mb.image_token_counts}
+        return batch
+    shard = batch.attn
+    if not isinstance(shard, CPShard):
+        return dataclasses.replace(batch, pixel_values=mb.pixel_values, image_token_counts=mb.image_token_counts)
     token_id = model.image_token_id
     model.check_placeholders(mb.input_ids, mb.pixel_values.shape[0], token_id, mb.image_token_counts)
-    plan = ZigzagPlan(mb.cu_seqlens, cp, device=mb.input_ids.device)
-    return {**extra, "image_slots": plan.shard(image_slots(mb.input_ids, token_id), cp_rank)}
+    slots = shard.plan.shard(image_slots(mb.input_ids, token_id), shard.rank)
+    return dataclasses.replace(batch, pixel_values=mb.pixel_values, image_slots=slots)
 
 
-__all__ = ["build_multimodal_dataset", "build_any_model", "freeze", "text_model", "vision_inputs"]
+__all__ = ["build_multimodal_dataset", "build_any_model", "freeze", "text_model", "with_images"]

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.compat import foreach_mul_, foreach_norm
 from engine.config import OptimConfig
 from engine.parallel import comm
 
@@ -68,7 +69,7 @@ def _sum_of_squares(grads: list[torch.Tensor], device) -> torch.Tensor:
     """fp32 sum of squares of all ``grads`` (one foreach norm per tensor, as clip_grad_norm_ does)."""
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
-    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    norms = foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
     return torch.stack(norms).pow(2).sum()
 
 
@@ -77,4 +78,4 @@ def clip_grads(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) 
         return
     coef = max_norm / (float(norm) + 1e-6)
     if coef < 1.0:
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+        foreach_mul_([p.grad for p in params if p.grad is not None], coef)

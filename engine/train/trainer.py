@@ -12,6 +12,7 @@ import torch.distributed as dist
 from engine.config import Config, save_config
 from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_token_file, rank_microbatches,
                          synthetic_corpus)
+from engine.model.batch import PackedBatch
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.data_parallel import GradBuffer
@@ -23,7 +24,7 @@ from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.metrics import MetricsLogger
 from engine.train.multimodal import (MultimodalDataset, build_any_model, build_multimodal_dataset, freeze,
-                                     text_model, vision_inputs)
+                                     text_model, with_images)
 from engine.train.optim import build_optimizer, clip_grads, global_grad_norm, lr_at, set_lr
 
 
@@ -97,10 +98,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(microbatches):
             self.grads.set_sync(i == len(microbatches) - 1)
-            inputs, labels = self.model_inputs(mb)
+            batch, labels = self.model_inputs(mb)
             with self._autocast():
-                out = self.model(**inputs)
-            loss = self.loss(self.model, out, labels)
+                hidden = self.model.hidden_states(batch)
+            loss = self.loss(self.model, hidden, labels)
             (loss / num_tokens).backward()
             loss_sum += loss.detach()
         self.grads.finish()
@@ -117,12 +118,12 @@ class Trainer:
 
     def _stage_forward(self, chunk: int, hidden, shard, num_tokens: int) -> StageOutput:
         """Chunk ``chunk`` on one microbatch; ``hidden`` is the previous stage's output (None on the first)."""
-        inputs, labels = shard
+        batch, labels = shard
         stage = self.chunks[chunk]
         if hidden is not None:
-            inputs = {**inputs, "input_ids": hidden}
+            batch = batch.with_hidden(hidden)
         with self._autocast():
-            out = stage(**inputs)
+            out = stage.hidden_states(batch)
         if text_model(stage).lm_head is None:
             return StageOutput(out, None, {})
         loss = self.loss(stage, out, labels)
@@ -171,16 +172,16 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
         return lm_head_loss(text_model(model).lm_head, hidden, labels, compute_dtype=dtype)
 
-    def model_inputs(self, mb) -> tuple[dict, torch.Tensor]:
-        """(``Transformer.forward`` keyword arguments, labels) of this rank: under CP, its zigzag shard."""
+    def model_inputs(self, mb) -> tuple[PackedBatch, torch.Tensor]:
+        """(model input, labels) of this rank: under CP, its zigzag shard."""
         cp = comm.group_size(self.groups.cp)
-        images = vision_inputs(self.model, mb, cp, self.groups.cp_rank)  # {} for text
         if cp > 1:
-            inputs, labels = shard_microbatch(mb, cp, self.groups.cp_rank)
-            return {**inputs, **images, "skip_lm_head": True}, labels
-        inputs = dict(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
-                      max_seqlen=mb.max_seqlen, skip_lm_head=True, **images)
-        return inputs, mb.labels
+            batch, labels = shard_microbatch(mb, cp, self.groups.cp_rank)
+        else:
+            batch = PackedBatch(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
+                                max_seqlen=mb.max_seqlen)
+            labels = mb.labels
+        return with_images(self.model, batch, mb), labels
 
     def _global_count(self, local: int) -> int:
         # Every CP (and TP) rank of a DP replica holds the same microbatches: count over dp only.

@@ -5,6 +5,7 @@ import torch
 
 from engine.config import load_config
 from engine.data import PackedDataset, collate, synthetic_corpus
+from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,8 +15,8 @@ def _forward_backward(cfg, backend, batch):
     cfg.model.attn_backend = backend
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    logits = model(batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
-                   max_seqlen=batch.max_seqlen)
+    logits = model(PackedBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
+                               max_seqlen=batch.max_seqlen))
     loss = torch.nn.functional.cross_entropy(logits, batch.labels, ignore_index=-100)
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
