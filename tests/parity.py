@@ -30,7 +30,7 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     import torch.distributed as dist
 
     from engine.config import load_config
-    from engine.parallel.parallelize import full_grads, full_state_dict, replicas_out_of_sync
+    from engine.parallel.inspect import full_grads, full_state_dict, replicas_out_of_sync
     from engine.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, config), [f"train.steps={steps}", *overrides])

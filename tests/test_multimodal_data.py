@@ -10,10 +10,10 @@ import torch
 from engine.config import ConfigError, DataConfig
 from engine.data import (
     BAD_SAMPLE_REASONS,
+    GlobalBatchSampler,
     IGNORE_INDEX,
     ImageProcessor,
     Microbatch,
-    MultimodalBatchIterator,
     MultimodalDataset,
     Tokenizer,
     encode_chat,
@@ -300,8 +300,7 @@ def test_microbatch_images_follow_placeholders(dataset, tok):
 
 
 def test_microbatches_independent_of_layout(dataset):
-    it = MultimodalBatchIterator(dataset, global_batch_size=4, seed=1)
-    indices = it.sampler.indices(2)
+    indices = GlobalBatchSampler(len(dataset), 4, seed=1).indices(2)
     ref = dataset.collate([dataset[int(i)] for i in indices])
     for dp_size, mbs in ((1, 1), (2, 1), (2, 2), (4, 1)):
         parts = [mb for r in range(dp_size) for mb in dataset.microbatches(indices, r, dp_size, mbs)]
@@ -310,35 +309,6 @@ def test_microbatches_independent_of_layout(dataset):
             assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(ref, field))
     with pytest.raises(ValueError, match="not divisible"):
         dataset.microbatches(indices, 0, 3, 1)
-
-
-def test_iterator_resumes_exactly(dataset, vqa, tok):
-    def batches(it, n):
-        return [next(it) for _ in range(n)]
-
-    steps_per_epoch = len(dataset) // 4
-    a = MultimodalBatchIterator(dataset, 4, seed=9, micro_batch_size=2)
-    batches(a, steps_per_epoch - 1)
-    state = a.state_dict()
-    expected = batches(a, 3)  # crosses into the next epoch
-    assert a.epoch == 1
-    # A fresh process: the dataset is rebuilt from the files, and the layout may differ.
-    rebuilt = build(vqa[1]["train"], tok)
-    for dp_size, mbs in ((1, 2), (2, 1)):
-        iters = [MultimodalBatchIterator(rebuilt, 4, seed=9, dp_rank=r, dp_size=dp_size, micro_batch_size=mbs)
-                 for r in range(dp_size)]
-        for it in iters:
-            it.load_state_dict(json.loads(json.dumps(state)))  # the state is plain JSON
-        for want in expected:
-            got = [mb for it in iters for mb in next(it)]
-            for field in ("input_ids", "labels", "positions", "pixel_values"):
-                assert torch.equal(torch.cat([getattr(m, field) for m in got]),
-                                   torch.cat([getattr(m, field) for m in want]))
-    other = MultimodalBatchIterator(build(vqa[1]["train"], tok, pack_window=7), 4, seed=9)
-    with pytest.raises(ValueError, match="packing"):
-        other.load_state_dict(state)
-    with pytest.raises(ValueError, match="seed: saved 9, now 10"):
-        MultimodalBatchIterator(rebuilt, 4, seed=10).load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- bad data

@@ -8,7 +8,7 @@ from engine.data.tokens import (TokenCorpus, check_vocab, index_path, load_token
 # Multimodal chat data: tokenizer, chat template, images, sample packing.
 from engine.data.chat import IMAGE_TAG, encode_chat
 from engine.data.images import ImageProcessor, image_token_count, make_image_loader
-from engine.data.multimodal import BAD_SAMPLE_REASONS, MultimodalBatchIterator, MultimodalDataset
+from engine.data.multimodal import BAD_SAMPLE_REASONS, MultimodalDataset
 from engine.data.multimodal_packing import PackingPlan, first_fit_decreasing, pack_samples
 from engine.data.tokenizer import SpecialTokens, Tokenizer
 
@@ -30,7 +30,6 @@ __all__ = [
     "BAD_SAMPLE_REASONS",
     "IMAGE_TAG",
     "ImageProcessor",
-    "MultimodalBatchIterator",
     "MultimodalDataset",
     "PackingPlan",
     "SpecialTokens",

@@ -30,7 +30,7 @@ from engine.data.chat import check_messages, count_image_tags, encode_chat
 from engine.data.images import image_problem, image_token_count, make_image_loader
 from engine.data.multimodal_packing import PackingPlan, pack_samples
 from engine.data.packing import IGNORE_INDEX, Sample
-from engine.data.sampler import GlobalBatchSampler, Microbatch, collate, rank_slice
+from engine.data.sampler import Microbatch, collate, rank_slice
 from engine.data.tokenizer import Tokenizer
 
 BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image")
@@ -255,54 +255,3 @@ class MultimodalDataset:
         mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
         return [self.collate([self[int(i)] for i in mine[k:k + micro_batch_size]])
                 for k in range(0, len(mine), micro_batch_size)]
-
-
-# ----------------------------------------------------------------------------- resumable iterator
-
-
-class MultimodalBatchIterator:
-    """Step after step, this rank's microbatches of the global batch; exactly resumable.
-
-    The state is the step (the sampler is a pure function of it) plus what the step means:
-    seed, batch size, shuffle and the packing fingerprint, checked on load so a resume against
-    a differently prepared dataset fails loudly. The DP layout is deliberately not part of the
-    state: a run may resume under another layout and see the same global batches.
-    """
-
-    def __init__(self, dataset: MultimodalDataset, global_batch_size: int, seed: int, *, dp_rank: int = 0,
-                 dp_size: int = 1, micro_batch_size: int = 1, shuffle: bool = True):
-        self.dataset = dataset
-        self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed, shuffle=shuffle)
-        self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-        self.step = 0
-
-    @property
-    def epoch(self) -> int:
-        return self.step // self.sampler.steps_per_epoch
-
-    def __iter__(self) -> "MultimodalBatchIterator":
-        return self
-
-    def __next__(self) -> list[Microbatch]:
-        indices = self.sampler.indices(self.step)
-        mbs = self.dataset.microbatches(indices, self.dp_rank, self.dp_size, self.micro_batch_size)
-        self.step += 1
-        return mbs
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        return {"step": self.step, "seed": s.seed, "global_batch_size": s.global_batch_size,
-                "shuffle": s.shuffle, "num_sequences": s.num_samples,
-                "packing": self.dataset.plan.fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in mine:
-            if key not in state:
-                raise ValueError(f"data iterator state lacks {key!r}")
-        diffs = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in mine if k != "step" and state[k] != mine[k]]
-        if diffs:
-            raise ValueError("data iterator state does not match this dataset/sampler: " + "; ".join(diffs))
-        if int(state["step"]) < 0:
-            raise ValueError(f"data iterator state has step={state['step']}")
-        self.step = int(state["step"])

@@ -25,6 +25,7 @@ import torch
 
 from engine.config import check_zigzag_length
 from engine.parallel import comm
+from engine.parallel.index import ranges
 
 
 @dataclass
@@ -46,14 +47,6 @@ class CommStats:
 
     def total(self) -> int:
         return sum(self.bytes.values())
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorised. int64."""
-    starts, lengths = np.asarray(starts, np.int64).ravel(), np.asarray(lengths, np.int64).ravel()
-    total = int(lengths.sum())
-    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
 
 
 def _cumsum0(lengths: np.ndarray) -> np.ndarray:
@@ -138,8 +131,8 @@ class ZigzagPlan:
         a, b = self.chunks(rank)
         lens = np.stack([self.sizes[:, a], self.sizes[:, b]], 1)  # [D, 2]
         in_doc = np.stack([self.offsets[:, a], self.offsets[:, b]], 1)
-        index = _ranges(self.doc_starts[:, None] + in_doc, lens)
-        positions = _ranges(in_doc, lens)
+        index = ranges(self.doc_starts[:, None] + in_doc, lens)
+        positions = ranges(in_doc, lens)
         local_lens = lens.sum(1)
         cu = _cumsum0(local_lens)
         return {"lens": local_lens, "cu": cu, "cu_t": self._tensor(cu, torch.int32),
@@ -216,8 +209,8 @@ class ZigzagPlan:
         chunk = a if first else b
         lens = self.sizes[:, chunk]
         start = self._rank(rank)["cu"][:-1] + (0 if first else self.sizes[:, a])
-        rows = self._tensor(_ranges(start, lens), torch.int64)
-        pos = self._tensor(_ranges(self.offsets[:, chunk], lens), torch.int32)
+        rows = self._tensor(ranges(start, lens), torch.int64)
+        pos = self._tensor(ranges(self.offsets[:, chunk], lens), torch.int32)
         return rows, lens, pos
 
     # ------------------------------------------------------------------ analysis (host only)

@@ -19,18 +19,12 @@ import torch.nn as nn
 
 from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, unpermute
 from engine.parallel import comm
+from engine.parallel.index import ranges
 from engine.parallel.context_parallel import CPShard
 from engine.parallel.sharding import add_split
 from engine.parallel.tensor_parallel import mark
 
 # ----------------------------------------------------------------------------- dispatcher
-
-
-def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(s, s + n)`` for each (s, n); int64."""
-    total = int(lengths.sum())
-    shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
-    return torch.arange(total, device=starts.device) + shift
 
 
 class _Plan(NamedTuple):
@@ -92,7 +86,7 @@ class ExpertParallelDispatcher:
         if self.etp > 1:  # every etp rank of an ep slot gets that slot's rows
             rows = per_slot.sum(1)
             starts = torch.cumsum(rows, 0) - rows
-            copies = _ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp))
+            copies = ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp))
         order = self._expert_major(recv)
         return _Plan(send.sum(1).tolist(), recv.sum(1).tolist(), copies, order, torch.argsort(order), recv.sum(0))
 
@@ -101,7 +95,7 @@ class ExpertParallelDispatcher:
         """Rows laid out in (source, expert) blocks of ``counts [n, E_l]`` -> the (expert, source) order."""
         flat = counts.reshape(-1)
         starts = (torch.cumsum(flat, 0) - flat).view_as(counts)
-        return _ranges(starts.T.reshape(-1), counts.T.reshape(-1))
+        return ranges(starts.T.reshape(-1), counts.T.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- balancing scope

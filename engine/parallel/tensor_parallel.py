@@ -12,7 +12,6 @@ which is what checkpoints read to save global shapes.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -123,60 +122,3 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sequence(out, self.group)
         return comm.reduce_from_region(out, self.group)
-
-
-class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over vocab-sharded logits, without gathering them.
-
-    forward: logits ``[T, V/tp]`` (this rank's vocab slice starting at ``vocab_start``),
-    labels ``[T]`` (global ids, -100 ignored) -> per-token loss ``[T]`` in fp32, identical on
-    every TP rank. Three all-reduces of ``[T]``: max, sum of exp, target logit.
-    backward: ``softmax - onehot`` on the local slice, scaled by the incoming gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, group, vocab_start):
-        logits = logits.float()
-        logits_max = logits.max(dim=-1).values
-        if comm.group_size(group) > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        local = labels - vocab_start
-        in_range = (local >= 0) & (local < logits.shape[-1])
-        local = local.masked_fill(~in_range, 0)
-        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * in_range
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        if comm.group_size(group) > 1:
-            both = torch.stack([target, sum_exp])
-            dist.all_reduce(both, group=group)
-            target, sum_exp = both[0], both[1]
-        valid = labels != -100
-        loss = (sum_exp.log() - target) * valid
-        exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(exp, local, in_range, valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        softmax, local, in_range, valid = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local.unsqueeze(-1), -in_range.to(grad.dtype).unsqueeze(-1))
-        grad.mul_((g * valid).unsqueeze(-1))
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits, labels, group, vocab_start: int = 0) -> torch.Tensor:
-    """Per-token loss ``[T]`` (fp32, 0 where labels == -100); see VocabParallelCrossEntropy.
-
-    For callers that hold logits; training fuses the head into its loss instead
-    (engine/train/loss.py), which never builds the ``[T, V/tp]`` logits.
-
-    With the whole vocabulary on this rank it is plain cross-entropy: the fused log-softmax
-    kernel is faster than the split max / exp / sum the parallel form needs.
-    """
-    if comm.group_size(group) == 1:
-        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
-                               reduction="none")
-        return flat.reshape(labels.shape)
-    return VocabParallelCrossEntropy.apply(logits, labels, group, vocab_start)

@@ -43,7 +43,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     of the vocabulary, from ``vocab_start``), labels int64 ``[T]`` (global ids) -> fp32 scalar,
     the same on every rank of ``group``: the sum over tokens whose label is not ``ignore_index``.
     With a split vocabulary each chunk takes two all-reduces of ``[c]`` rows (max, then the sum
-    of exponentials stacked with the target logit), as VocabParallelCrossEntropy does.
+    of exponentials stacked with the target logit), as Megatron's vocab-parallel cross-entropy does.
     GEMMs run in ``compute_dtype``, the softmax in fp32.
     Backward: ``grad_output`` times the gradients found in forward, in the dtypes of hidden and
     weight; d hidden is this rank's partial sum (the caller's entry into the TP region reduces it).

@@ -1,0 +1,74 @@
+"""Looking at a sharded model as if it were whole: parameters and gradients at their full shapes, and
+whether replicated copies agree. For tests, tools and debugging; training itself never gathers."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.parallel import comm
+from engine.parallel.mesh import ParallelGroups
+from engine.parallel.sharding import shard_spec
+
+
+def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Every parameter at its full (unsharded) shape, identical on all ranks. Collective over TP and PP."""
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out[name] = _unshard(param.detach(), param, groups).clone()
+    return _union_over_stages(out, groups)
+
+
+def full_grads(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Like ``full_state_dict`` but for ``param.grad`` (after the gradient reductions).
+
+    A tied weight is listed once, as at world size 1: the last stage's copy is skipped.
+    """
+    out = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "pp_tied_replica", False) or not param.requires_grad:  # frozen: no grad
+            continue
+        out[name] = _unshard(param.grad.detach(), param, groups).clone()
+    return _union_over_stages(out, groups)
+
+
+def _unshard(tensor: torch.Tensor, param: nn.Parameter, groups: ParallelGroups) -> torch.Tensor:
+    """The full tensor of a TP shard (``tp_dim``) or of an expert shard (its shard spec: etp, then ep)."""
+    dim = getattr(param, "tp_dim", None)
+    if dim is not None:
+        return comm.all_gather(tensor, groups.tp, dim)
+    if getattr(param, "is_expert", False):
+        for split_dim, group in reversed(shard_spec(param)):
+            tensor = comm.all_gather(tensor, group, split_dim)
+    return tensor
+
+
+def _union_over_stages(local: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Merge the stages' disjoint name -> tensor dicts (on CPU) over the pp group."""
+    if comm.group_size(groups.pp) == 1:
+        return local
+    parts = [None] * comm.group_size(groups.pp)
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=groups.pp)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def replicas_out_of_sync(model: nn.Module, groups: ParallelGroups) -> dict[str, list[int]]:
+    """Parameters whose copies differ across ranks: ``{name: ranks that disagree with rank 0}``.
+
+    Every rank joins its full parameters (TP and expert shards gathered, stages merged), so copies
+    in sync give the same bytes on every rank, and one digest per tensor finds any drift of a DP,
+    CP, TP-replicated or expert-data-parallel replica. Collective over the world.
+    """
+    full = full_state_dict(model, groups)
+    digests = {name: hashlib.sha256(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+               for name, t in full.items()}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digests)
+    out = {}
+    for name, digest in every[0].items():
+        ranks = [r for r, d in enumerate(every) if d.get(name) != digest]
+        if ranks:
+            out[name] = ranks
+    return out
