@@ -1,7 +1,8 @@
 """Checkpoints: exact resume in one layout, resharding resume across layouts, atomicity and corruption.
 
 Every run records the tokens each rank consumed, so "identical sample order" is checked on the
-real microbatches, not on the sampler alone.
+real microbatches, not on the sampler alone, and ends with its full parameters and AdamW state
+gathered to global shapes, so a resume is checked tensor by tensor, not on the loss alone.
 """
 import os
 import re
@@ -17,6 +18,7 @@ CONFIG = "launch/configs/tiny_dense.yaml"
 MOE_CONFIG = "launch/configs/tiny_moe.yaml"
 BASE = ["train.dtype=fp32", "model.attn_backend=torch", "train.steps=10", "train.log_interval=100"]
 LOSS_RTOL = 1e-5
+STATE_RTOL = 1e-5  # per tensor, ||got - ref|| / ||ref||; fp32 reduction order across layouts is ~1e-7
 
 
 def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
@@ -24,6 +26,7 @@ def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
     import torch
 
     from engine.config import load_config
+    from engine.train import checkpoint
     from engine.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, config), [*BASE, f"train.run_dir={run_dir}", *overrides])
@@ -41,9 +44,11 @@ def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
     if crash_rank == groups.rank:
         _crash_while_writing()
     history = trainer.fit(until)
+    state = checkpoint.global_state(trainer.model, trainer.optimizer, cfg.model.tie_embeddings)
     out = {"start": start, "losses": [r["loss"] for r in history], "tokens": seen,
            "dp_rank": groups.dp_rank,
-           "replica_lead": groups.tp_rank == 0 and groups.cp_rank == 0 and groups.pp_rank == 0}
+           "replica_lead": groups.tp_rank == 0 and groups.cp_rank == 0 and groups.pp_rank == 0,
+           "state": {k: v.numpy() for k, v in state.items()} if groups.rank == 0 else None}
     groups.destroy()
     return out
 
@@ -77,6 +82,23 @@ def _assert_close(got, ref):
     assert np.abs(got / ref - 1).max() <= LOSS_RTOL, f"{got.tolist()} vs {ref.tolist()}"
 
 
+def _assert_same_state(got, ref, rtol=STATE_RTOL):
+    """Every parameter and AdamW state (exp_avg, exp_avg_sq, step) at global shape: ||got - ref|| <= rtol ||ref||."""
+    assert got.keys() == ref.keys(), f"tensors only in one run: {sorted(got.keys() ^ ref.keys())}"
+    assert any("/exp_avg_sq" in k for k in ref) and any(k.endswith("/step") for k in ref), "no AdamW state"
+    errors = {k: _relative_error(got[k], ref[k]) for k in ref}
+    bad = sorted(((e, k) for k, e in errors.items() if not e <= rtol), reverse=True)
+    assert not bad, f"{len(bad)} tensor(s) differ from the uninterrupted run by more than {rtol}: {bad[:6]}"
+    return max(errors.values())
+
+
+def _relative_error(got, ref):
+    assert got.shape == ref.shape, f"shape {got.shape} vs {ref.shape}"
+    diff = np.linalg.norm((got.astype(np.float64) - ref).ravel())
+    scale = np.linalg.norm(ref.astype(np.float64).ravel())
+    return float(diff / scale) if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
 def _ckpt(run_dir, step):
     return os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
 
@@ -88,7 +110,7 @@ def reference(world4, tmp_path_factory):
     full = world4.run(_train, str(root / "full"), ["parallel.tp=2"])
     stopped_dir = str(root / "stopped")
     stopped = world4.run(_train, stopped_dir, ["parallel.tp=2", "train.save_interval=5"], until=5)
-    return {"root": root, "losses": full[0]["losses"], "tokens": _global_tokens(full),
+    return {"root": root, "losses": full[0]["losses"], "tokens": _global_tokens(full), "state": full[0]["state"],
             "stopped_dir": stopped_dir, "stopped": stopped[0]}
 
 
@@ -100,6 +122,7 @@ def test_resume_same_layout_is_bit_exact(world4, reference):
     losses = reference["stopped"]["losses"] + out[0]["losses"]
     assert losses == reference["losses"], f"{losses} != {reference['losses']}"
     _assert_same_stream(_global_tokens(out), reference["tokens"])
+    assert _assert_same_state(out[0]["state"], reference["state"], rtol=0) == 0
 
 
 @pytest.mark.parametrize("nranks,overrides", [
@@ -113,6 +136,7 @@ def test_resume_other_layout(world4, reference, nranks, overrides):
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], reference["losses"][5:])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
+    _assert_same_state(out[0]["state"], reference["state"])
 
 
 def test_resume_tp2_pp2_to_dp4(world4, reference):
@@ -124,6 +148,7 @@ def test_resume_tp2_pp2_to_dp4(world4, reference):
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], reference["losses"][5:])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
+    _assert_same_state(out[0]["state"], reference["state"])
 
 
 def test_resume_interleaved_tied_pipeline_to_cp2_tp2(world4, tmp_path):
@@ -141,6 +166,7 @@ def test_resume_interleaved_tied_pipeline_to_cp2_tp2(world4, tmp_path):
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], full[0]["losses"][5:])
     _assert_same_stream(_global_tokens(out), ref_tokens)
+    _assert_same_state(out[0]["state"], full[0]["state"])
 
 
 def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
@@ -153,6 +179,7 @@ def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], full[0]["losses"][5:])
     _assert_same_stream(_global_tokens(out), _global_tokens(full))
+    _assert_same_state(out[0]["state"], full[0]["state"])
 
 
 def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
@@ -163,6 +190,7 @@ def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
                                        "train.save_interval=5"], nranks=1)
     _assert_close(first[0]["losses"] + out[0]["losses"], reference["losses"])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
+    _assert_same_state(out[0]["state"], reference["state"])
     # DP replicas are written once: the DP2 checkpoint is no bigger than the world-size-1 one.
     dp2_bytes, dp1_bytes = _data_bytes(_ckpt(run_dir, 5)), _data_bytes(_ckpt(dp1_dir, 10))
     assert dp2_bytes <= 1.05 * dp1_bytes, (dp2_bytes, dp1_bytes)
@@ -170,6 +198,33 @@ def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
 
 def _data_bytes(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
+
+
+def test_state_check_catches_swapped_tp_halves(world4, reference):
+    """A TP2 save that wrote q_proj's two exp_avg shards at each other's offsets moves the resumed
+    losses by about the loss tolerance (1e-5), so only the per-tensor state check is sure to see it."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from engine.train import checkpoint_io as io
+
+    saved, forged = _ckpt(reference["stopped_dir"], 5), reference["root"] / "swapped_halves"
+    state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in io.saved_tensors(saved).items()}
+    io.read_checkpoint(saved, state, {}, no_dist=True)
+    key = "optim/layers.0.attn.q_proj.weight/exp_avg"  # column-parallel: TP splits dim 0
+    top, bottom = state[key].chunk(2, dim=0)
+    state[key] = torch.cat([bottom, top]).contiguous()
+    marker = json.loads((Path(saved) / io.MARKER).read_text())
+    marker = {k: v for k, v in marker.items() if k not in ("format", "version", "files")}
+    io.write_checkpoint(forged, state, {}, marker, no_dist=True)
+
+    out = world4.run(_train, str(reference["root"] / "swapped_dp4"), [f"train.resume={forged}"])
+    assert out[0]["start"] == 5
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+    with pytest.raises(AssertionError, match=r"layers\.0\.attn\.q_proj\.weight/exp_avg'"):
+        _assert_same_state(out[0]["state"], reference["state"])
 
 
 # ----------------------------------------------------------------------------- faults

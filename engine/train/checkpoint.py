@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.parallel import comm
 from engine.parallel.sharding import global_placement, shard_spec
 from engine.train import checkpoint_io as io
 from engine.train.checkpoint_io import CheckpointError, Placement
@@ -85,24 +86,50 @@ def adam_state(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict:
     return state
 
 
+def _entries(modules: Modules, optimizer: Optional[torch.optim.Optimizer], tie_embeddings: bool):
+    """``(key, local tensor, shard spec, placement)`` of everything a checkpoint holds but the RNG."""
+    for name, tensor in named_tensors(modules, tie_embeddings).items():
+        where = placement(name, tensor)
+        spec = shard_spec(tensor) if where else []
+        yield f"model/{name}", tensor.detach(), spec, where
+        if optimizer is None or not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
+            continue
+        for key, value in adam_state(optimizer, tensor).items():
+            sharded = where and value.shape == tensor.shape  # the step counter is a replicated scalar
+            yield f"optim/{name}/{key}", value, spec if sharded else [], where if sharded else None
+
+
 def train_state(modules: Modules, optimizer: Optional[torch.optim.Optimizer], tie_embeddings: bool,
                 with_rng: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Placement]]:
     """Local tensors and the placements of the sharded ones, keyed as the module docstring says."""
     state, placements = {}, {}
-    for name, tensor in named_tensors(modules, tie_embeddings).items():
-        where = placement(name, tensor)
-        state[f"model/{name}"] = tensor.detach()
+    for key, tensor, _, where in _entries(modules, optimizer, tie_embeddings):
+        state[key] = tensor
         if where:
-            placements[f"model/{name}"] = where
-        if optimizer is None or not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
-            continue
-        for key, value in adam_state(optimizer, tensor).items():
-            state[f"optim/{name}/{key}"] = value
-            if where and value.shape == tensor.shape:
-                placements[f"optim/{name}/{key}"] = where
+            placements[key] = where
     if with_rng:
         state.update(rng_state())
     return state, placements
+
+
+def global_state(modules: Modules, optimizer: Optional[torch.optim.Optimizer],
+                 tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """What ``save`` writes (but the RNG), each tensor at its global shape, on CPU, on every rank.
+
+    Lets a test compare a run's full model and AdamW state with another layout's. Collective over
+    the default group: shards are gathered over their shard-spec groups, and pipeline stages,
+    which hold disjoint names, are merged.
+    """
+    local = {}
+    for key, tensor, spec, _ in _entries(modules, optimizer, tie_embeddings):
+        for dim, group in reversed(spec):  # innermost split first, as global_placement nests them
+            tensor = comm.all_gather(tensor, group, dim)
+        local[key] = tensor.detach().cpu().clone()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def rng_state() -> dict[str, torch.Tensor]:

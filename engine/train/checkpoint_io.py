@@ -11,8 +11,13 @@ Ranks hand DCP their *local* tensors plus a placement ``name -> (global_shape, o
 engine/parallel/sharding.py); the planners below turn those into DCP chunks. Replicated tensors
 (DP replicas, TP-replicated norms) are written once: DCP deduplicates chunks with the same key and
 offset. Loading reads, for each local tensor, exactly the saved chunks it overlaps, so any layout
-loads any other. Nothing here unpickles user data: tensors come back through DCP's reader
-(``torch.load(weights_only=True)``), side files are JSON.
+loads any other.
+
+Loading runs no code from the checkpoint. DCP pickles its index (``.metadata``), so it is read
+through an allowlist of DCP's own metadata types (``_MetadataUnpickler``) and its file names are
+checked to stay inside the directory; tensors come back through ``torch.load(weights_only=True)``;
+DCP's one full unpickle, of non-tensor "bytes" items, is refused (``_LoadPlanner.load_bytes``);
+side files are JSON.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -29,7 +35,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -106,6 +114,96 @@ class _LoadPlanner(dcp.DefaultLoadPlanner):
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self.state_dict[index.fqn]
+
+    def load_bytes(self, read_item, value) -> None:
+        # DCP's default is torch.load(weights_only=False); the plan above only ever asks for tensors.
+        raise CheckpointError(f"{self.where}: {read_item.dest_index.fqn!r} is a pickled object, not a tensor")
+
+
+# ----------------------------------------------------------------------------- safe metadata
+
+# Every global a DCP index names (torch 2.x); anything else in ``.metadata`` is refused unrun.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},  # and the dtypes, checked by type below
+    "torch.serialization": {"_get_layout"},  # a table lookup: how torch.layout pickles
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},  # StorageMeta.checkpoint_id
+    "collections": {"OrderedDict"},
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata dataclasses and the torch values they hold.
+
+    Pickle runs code only through the callables that ``find_class`` returns (REDUCE, NEWOBJ,
+    INST, BUILD's ``__setstate__`` all act on them), so an allowlist here is the whole defence.
+    """
+
+    def find_class(self, module: str, name: str):
+        # torch.__dict__, not getattr: torch's module __getattr__ imports submodules on demand
+        if module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype):
+            return torch.__dict__[name]
+        if name not in _METADATA_GLOBALS.get(module, ()):
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise _RefusedGlobal(f"persistent id {pid!r}")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by ``_MetadataUnpickler`` and checked before use."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.dir = Path(path)
+        self._metadata: Optional[Metadata] = None
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None:  # DCP's fallback to per-rank files, which Loom never writes
+            raise CheckpointError(f"checkpoint {self.dir}: no per-rank DCP metadata")
+        if self._metadata is None:
+            self._metadata = read_metadata(self.dir)
+        return self._metadata
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The DCP index of ``path``, unpickled without running code; CheckpointError naming the file."""
+    path = Path(path)
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except _RefusedGlobal as e:
+        raise CheckpointError(f"checkpoint {path}: {file} refers to {e}, which is not a DCP metadata type; "
+                              "refusing to load it (a crafted file could run code)") from None
+    except Exception as e:  # noqa: BLE001 - truncated or garbled: many kinds, one message naming the file
+        raise CheckpointError(f"checkpoint {path}: cannot read DCP metadata {file} ({type(e).__name__}: {e})") from e
+    _check_metadata(md, file)
+    return md
+
+
+def _check_metadata(md, file: Path) -> None:
+    """The index has DCP's shape and names only files in its own directory."""
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        raise CheckpointError(f"{file} is not a DCP index (it unpickles to {type(md).__name__})")
+    for key, value in md.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(value, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise CheckpointError(f"{file}: entry {key!r} is a {type(value).__name__}, not DCP storage metadata")
+    for index, info in md.storage_data.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{file}: storage entry {index!r} is not DCP storage info")
+        name = info.relative_path
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{file}: {index.fqn!r} is stored in {name!r}, outside the checkpoint directory")
 
 
 # ----------------------------------------------------------------------------- write
@@ -227,10 +325,7 @@ def _check_files(path: Path, files: dict[str, int]) -> None:
 
 def saved_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor name in the checkpoint with its global shape and stored dtype."""
-    try:
-        md = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - DCP raises many kinds; the message names the file
-        raise CheckpointError(f"checkpoint {path}: cannot read DCP metadata {path / '.metadata'} ({e})") from e
+    md = read_metadata(path)
     return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 
@@ -239,9 +334,11 @@ def read_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dict
                     no_dist: bool = False) -> None:
     """Fill the local tensors of ``state`` in place from ``path``. Collective unless ``no_dist``."""
     no_dist = no_dist or not _is_dist()
+    reader = _SafeReader(path)
+    reader.read_metadata()  # a refused index raises here on every rank, before DCP's first collective
     try:
         with _single_process(no_dist):
-            dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)),
+            dcp.load(state, storage_reader=reader,
                      planner=_LoadPlanner(placements, f"checkpoint {path}"), no_dist=no_dist)
     except CheckpointError:
         raise
