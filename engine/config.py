@@ -339,7 +339,7 @@ class TrainConfig:
             raise ConfigError(f"train.freeze={self.freeze} leaves nothing to train")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
-        marker = Path(self.resume) / "checkpoint.json"  # engine.train.checkpoint_io.MARKER, which imports torch
+        marker = Path(self.resume) / "checkpoint.json"  # engine.checkpoint.storage.MARKER, which imports torch
         if self.resume not in ("auto", "none") and not marker.is_file():
             raise ConfigError(f"train.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
                               "(name one step_NNNNNNNN directory whose save finished, or use auto)")

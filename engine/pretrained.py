@@ -20,7 +20,7 @@ import torch.nn as nn
 from engine.config import ModelConfig
 from engine.model.decoder import build_model
 from engine.model.vlm import build_vlm
-from engine.train import checkpoint_io as io
+from engine.checkpoint import storage as io
 
 
 def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, None] = None,
@@ -52,7 +52,7 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
 
 def _loom_checkpoint(path: Path):
     from engine.model.hf.convert import checkpoint_model_config
-    from engine.train.checkpoint import named_tensors
+    from engine.checkpoint.names import named_tensors
 
     marker = io.read_marker(path)
     cfg: ModelConfig = checkpoint_model_config(marker, path)

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from engine.parallel.mesh import default_device_and_backend, init_distributed
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
     from engine.train.trainer import Trainer, build_groups
 
     try:

@@ -208,7 +208,7 @@ def test_state_check_catches_swapped_tp_halves(world4, reference):
 
     import torch
 
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     saved, forged = _ckpt(reference["stopped_dir"], 5), reference["root"] / "swapped_halves"
     state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in io.saved_tensors(saved).items()}
@@ -235,7 +235,7 @@ def _resume_error(run_dir, overrides):
 
     Every rank raises before DCP's first collective, so catching it keeps the world alive.
     """
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
 
     try:
         _train(run_dir, overrides, until=0)
@@ -245,7 +245,7 @@ def _resume_error(run_dir, overrides):
 
 
 def test_truncated_shard_is_a_clear_error(world4, tmp_path):
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
     world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=2)
@@ -271,7 +271,7 @@ def test_resume_refuses_a_changed_data_stream(world4, tmp_path):
 @pytest.mark.slow  # a subprocess killed mid-save
 def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
     """Last in the module: the killed rank takes the world down, and nothing here needs it again."""
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
     save_every = ["train.save_interval=1", "train.keep_checkpoints=2"]

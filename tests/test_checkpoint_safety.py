@@ -49,7 +49,7 @@ def _replace_metadata(path, tamper):
 
     import torch.distributed.checkpoint as dcp
 
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     with open(path / ".metadata", "rb") as f:
         metadata = pickle.load(f)  # our own file, written just now
@@ -64,7 +64,7 @@ def _load_with(how, path, model, optimizer, cfg):
     import engine
     from engine.model.hf.convert import export_hf
     from engine.train import checkpoint
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     if how == "resume":
         checkpoint.load(path, model, optimizer, cfg)
@@ -78,7 +78,7 @@ def _load_with(how, path, model, optimizer, cfg):
 
 @pytest.mark.parametrize("how", ["resume", "from_pretrained", "export_hf", "saved_tensors"])
 def test_metadata_pickle_cannot_run_code(tiny, tmp_path, how):
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
 
     path, model, optimizer, cfg = tiny
     ran = tmp_path / "ran"
@@ -96,7 +96,7 @@ def test_metadata_pickle_cannot_run_code(tiny, tmp_path, how):
 
 
 def test_metadata_cannot_point_outside_the_checkpoint(tiny, tmp_path):
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
 
     path, model, optimizer, cfg = tiny
 
@@ -114,7 +114,7 @@ def test_safe_metadata_reader_reads_what_dcp_wrote(tiny):
     """The restricted reader accepts every type DCP puts in a real index, bf16 tensors included."""
     import torch
 
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     path, model, _, _ = tiny
     state = {"model/w": torch.randn(4, 6, dtype=torch.bfloat16), "model/i": torch.arange(5)}
@@ -133,7 +133,7 @@ def test_safe_metadata_reader_reads_what_dcp_wrote(tiny):
 def test_resume_dir_without_marker_is_a_config_error(tmp_path, capsys, contents):
     """Named before any process group or model exists, by the config check and by launch/train.py."""
     from engine.config import ConfigError, load_config
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
     from launch.train import main
 
     resume = tmp_path / "resume"

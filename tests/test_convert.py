@@ -108,7 +108,7 @@ def _train_tp2(loom_dir: str, run_dir: str) -> str:
     """Two ranks: resume from the imported weights, train 2 steps at TP2 (SP for MoE), save."""
     from engine.config import load_config
     from engine.model.hf.convert import checkpoint_model_config
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
     from engine.train.trainer import Trainer, build_groups
 
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
@@ -175,7 +175,7 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     make_hf("LlamaForCausalLM", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "loom")
     os.remove(tmp_path / "loom" / "checkpoint.json")
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
 
     with pytest.raises(CheckpointError, match="incomplete: checkpoint.json is missing"):
         engine.from_pretrained(tmp_path / "loom")

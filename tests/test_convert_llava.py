@@ -124,7 +124,7 @@ def _train_tp2(loom_dir: str, run_dir: str, train_jsonl: str, tokenizer: str) ->
     """Two ranks: resume from the imported weights, train 2 steps at TP2 + SP on image-text data, save."""
     from engine.config import load_config
     from engine.model.hf.convert import checkpoint_model_config
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
     from engine.train.trainer import Trainer, build_groups
 
     cfg = load_config(None, ["parallel.tp=2", "parallel.sp=true", "train.steps=2", "train.save_interval=2",

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.model.hf.convert import export_hf, import_hf
     from engine.model.hf.naming import ConversionError
-    from engine.train.checkpoint_io import CheckpointError
+    from engine.checkpoint.storage import CheckpointError
 
     try:
         if args.command == "import":

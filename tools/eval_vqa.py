@@ -34,7 +34,7 @@ class Question:
 
 def resolve(path: Path) -> tuple[Path, Optional[Path]]:
     """(checkpoint, run config.yaml or None) for a run directory or a checkpoint directory."""
-    from engine.train import checkpoint_io as io
+    from engine.checkpoint import storage as io
 
     if io.is_complete(path):
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None

@@ -1,6 +1,6 @@
 """Training checkpoints that any layout can load: model, AdamW state, RNG and the step.
 
-Keys (every tensor at its global shape, see checkpoint_io.py):
+Keys (every tensor at its global shape, see engine/checkpoint/storage.py):
 
     model/<name>                       parameters and persistent buffers; a tied lm_head is stored
                                        once, under embed.weight
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from engine.parallel import comm
 from engine.parallel.sharding import global_placement, shard_spec
-from engine.train import checkpoint_io as io
-from engine.train.checkpoint_io import CheckpointError, Placement
+from engine.checkpoint import storage as io
+from engine.checkpoint.names import Modules, as_list, named_tensors
+from engine.checkpoint.storage import CheckpointError, Placement
 
-Modules = Union[nn.Module, Iterable[nn.Module]]
 # Training knobs that change nothing a checkpoint holds; everything else in the model section must match.
 _MODEL_FREE_KEYS = ("attn_backend", "init_std", "moe.aux_loss_coeff", "moe.aux_loss_type", "moe.z_loss_coeff",
                     "moe.bias_update_rate", "moe.capacity_factor", "moe.grouped_gemm")
@@ -37,29 +37,6 @@ _DATA_KEYS = (("train", "seed"), ("train", "global_batch_size"), ("data", "sourc
 
 
 # ----------------------------------------------------------------------------- what gets saved
-
-
-def named_tensors(modules: Modules, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Stable name -> local tensor for every parameter and persistent buffer, each tensor once.
-
-    Pipeline chunks keep global names, so several modules simply merge. A tied output layer is
-    keyed ``embed.weight`` (``llm.embed.weight`` in a VLM) even on a stage that holds only the
-    head, so its copy dedups with the embedding's.
-    """
-    out, seen = {}, set()
-    for module in _as_list(modules):
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            if tie_embeddings and (name == "lm_head.weight" or name.endswith(".lm_head.weight")):
-                name = name[: -len("lm_head.weight")] + "embed.weight"
-            out[name] = tensor
-    return out
-
-
-def _as_list(modules: Modules) -> list[nn.Module]:
-    return [modules] if isinstance(modules, nn.Module) else list(modules)
 
 
 def placement(name: str, tensor: torch.Tensor) -> Optional[Placement]:
@@ -156,7 +133,7 @@ def save(path: Path, modules: Modules, optimizer, step: int, cfg, hf_assets: Opt
     state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings)
     world = dist.get_world_size() if dist.is_initialized() else 1
     marker = {"kind": "train", "step": int(step), "world_size": world, "config": cfg.to_dict()}
-    image_token_id = next((m.image_token_id for m in _as_list(modules) if hasattr(m, "image_token_id")), None)
+    image_token_id = next((m.image_token_id for m in as_list(modules) if hasattr(m, "image_token_id")), None)
     if image_token_id is not None:  # a VLM's <image> id comes from the tokenizer, not the config
         marker["image_token_id"] = int(image_token_id)
     io.write_checkpoint(path, state, placements, marker, side_files=_copier(hf_assets))

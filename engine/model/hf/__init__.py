@@ -66,7 +66,7 @@ def loom_to_hf_name(name: str, family: Family = LLAMA) -> str:
 
 def load_hf_state_dict(model, hf_state: dict, family: Family | None = None) -> None:
     """Copy an HF (on-disk format) state dict into a single-device Loom model; names and shapes must match."""
-    from engine.train.checkpoint import named_tensors
+    from engine.checkpoint.names import named_tensors
 
     family = family or family_for_model(model.cfg)
     if family.specialise is not None:

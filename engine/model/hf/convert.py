@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from engine.config import ModelConfig, build
 from engine.model.hf import family_for, family_for_model
 from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, weight_map
-from engine.train import checkpoint_io as io
+from engine.checkpoint import storage as io
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -102,7 +102,7 @@ def hf_model_plan(hf_dir: Path):
 
 def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
     """Fill a single-device Loom model from an HF directory, one tensor at a time (``plan``: hf_model_plan's)."""
-    from engine.train.checkpoint import named_tensors
+    from engine.checkpoint.names import named_tensors
 
     _, _, wmap, index = plan or hf_model_plan(hf_dir)
     own = named_tensors(model, model.cfg.tie_embeddings)

@@ -109,7 +109,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Loom name -> meta tensor for every tensor a model of ``cfg`` has, named as checkpoints name them."""
     from engine.model.decoder import build_model
     from engine.model.vlm import build_vlm
-    from engine.train.checkpoint import named_tensors
+    from engine.checkpoint.names import named_tensors
 
     with torch.device("meta"):
         model = build_vlm(cfg) if cfg.vision.enabled else build_model(cfg)

@@ -1,0 +1,137 @@
+"""The import graph flows one way, and every console script resolves to a callable ``main``.
+
+Layers, top to bottom: launch and tools -> engine's API (engine/__init__, pretrained) -> train ->
+parallel -> model -> checkpoint -> data -> config, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
+own package), and no set of modules imports itself in a cycle, lazy imports inside functions included.
+"""
+import ast
+import importlib
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("engine", "kernels", "launch", "tools")
+RANK = {"version": -1, "compat": 0, "config": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3, "parallel": 4, "train": 5,
+        "api": 6, "launch": 7, "tools": 7}
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    out[module.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports(module: str, path: str, known: set[str]) -> set[str]:
+    """Modules of this tree that ``module`` imports anywhere in its body (resolved to known modules)."""
+    found = set()
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module and name.split(".")[0] in PACKAGES:
+                found.add(name)
+    return found
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] != "engine":
+        return parts[0]
+    if len(parts) == 1 or parts[1] == "pretrained":
+        return "api"
+    return parts[1]
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: _imports(m, p, set(modules)) for m, p in modules.items()}
+
+
+def test_every_import_points_down(graph):
+    upward = [f"{a} -> {b}" for a, deps in sorted(graph.items()) for b in sorted(deps)
+              if _layer(a) != _layer(b) and RANK[_layer(a)] <= RANK[_layer(b)]]
+    assert not upward, "imports that run back up the layers:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle(graph):
+    # Package __init__ files re-export their modules: an edge into one is an edge into what it exports.
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open" and not node.startswith(dep + "."):
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+# Private torch names: torch._x, a private attribute of a torch object (``._Options``), or the
+# DeviceMesh / options internals Loom needs.
+PRIVATE_TORCH = re.compile(r"\btorch(\.\w+)*\._[a-z]\w*|\._(Options|timeout|flatten)\b")
+
+
+def test_private_torch_apis_only_in_the_shim():
+    offenders = []
+    for module, path in _modules().items():
+        if module == "engine.compat" or not module.startswith(("engine", "kernels")):
+            continue
+        for number, line in enumerate(open(path), 1):
+            code = line.split("#")[0]
+            if PRIVATE_TORCH.search(code) and not code.lstrip().startswith(('"', "'")):
+                offenders.append(f"{path}:{number}: {line.strip()}")
+    assert not offenders, "private torch APIs outside engine/compat.py:\n" + "\n".join(offenders)
+
+
+def _console_scripts() -> list[tuple[str, str]]:
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    return re.findall(r'"(loom-[\w-]+)=([\w.]+:\w+)"', setup)
+
+
+def test_console_scripts_resolve():
+    scripts = dict(_console_scripts())
+    assert {"loom-train", "loom-convert", "loom-eval-vqa", "loom-bench"} <= scripts.keys(), scripts
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_no_script_edits_sys_path():
+    offenders = [path for module, path in _modules().items()
+                 if module.split(".")[0] in ("launch", "tools") and "sys.path.insert" in open(path).read()]
+    assert not offenders, offenders
+
+
+def test_bench_dispatches_every_benchmark(capsys):
+    from tools import bench
+
+    assert bench.main([]) == 2 and "loom-bench step" in capsys.readouterr().err
+    for module in bench.BENCHES.values():
+        assert callable(importlib.import_module(f"tools.{module}").main)
