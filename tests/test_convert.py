@@ -60,6 +60,15 @@ def logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
+def assert_exports_bitwise(tmp_path) -> None:
+    """Export ``tmp_path/loom`` to ``tmp_path/out``: the same tensors as ``tmp_path/hf``, names, dtypes and bits."""
+    export_hf(tmp_path / "loom", tmp_path / "out")
+    original, exported = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+
+
 def max_diff(a, b) -> float:
     return float((a - b).abs().max())
 
@@ -76,11 +85,7 @@ def test_import_logits_and_bitwise_export(arch, tmp_path):
         assert out.shape == (2, 12, BASE["vocab_size"])
         assert max_diff(out, ref) <= ATOL, f"{arch} from {source}: max |Loom - HF| = {max_diff(out, ref):.2e}"
 
-    export_hf(tmp_path / "loom", tmp_path / "out")
-    original, exported = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
-    assert sorted(exported) == sorted(original)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    assert_exports_bitwise(tmp_path)
     side = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert side["family"] == arch, "tokenizer files travel with the checkpoint"
 

@@ -18,10 +18,10 @@ import engine  # noqa: E402
 from engine.config import ModelConfig, MoEConfig  # noqa: E402
 from engine.model.decoder import build_model  # noqa: E402
 from engine.model.hf import MIXTRAL, QWEN3_MOE, family_for_model, load_hf_state_dict, model_config_from_hf  # noqa: E402
-from engine.model.hf.convert import export_hf, import_hf  # noqa: E402
+from engine.model.hf.convert import import_hf  # noqa: E402
 from engine.model.hf.naming import ConversionError  # noqa: E402
 from engine.model.moe import route  # noqa: E402
-from tests.test_convert import logits, max_diff, read_safetensors  # noqa: E402
+from tests.test_convert import assert_exports_bitwise, logits, max_diff, read_safetensors  # noqa: E402
 from tools.convert_hf import main as convert_cli  # noqa: E402
 
 HEADS, SEQ, ATOL = 4, 16, 1e-4
@@ -103,11 +103,7 @@ def test_variant_imports_exact_and_exports_bitwise(arch, hf_kwargs, tmp_path):
     assert out.shape == ref.shape
     assert max_diff(out, ref) <= ATOL, f"max |Loom - HF| = {max_diff(out, ref):.2e}"
 
-    export_hf(tmp_path / "loom", tmp_path / "out")
-    original, exported = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
-    assert sorted(exported) == sorted(original)
-    for name, tensor in original.items():
-        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    assert_exports_bitwise(tmp_path)
     reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(reread).__name__ == arch
     assert torch.equal(logits(reread, ids), ref), "the exported config.json means another model to transformers"
