@@ -33,13 +33,12 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from engine.parallel.mesh import default_device_and_backend, init_distributed
     from engine.checkpoint.storage import CheckpointError
+    from engine.parallel.mesh import init_distributed
     from engine.train.trainer import Trainer, build_groups
 
     try:
-        default_device_and_backend(cfg.train.device)  # an absent device fails before any group exists
-        init_distributed(device=cfg.train.device)
+        init_distributed(device=cfg.train.device)  # an absent device fails here, before any group exists
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,10 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
         out = forward_backward(step)
         if step in (0, steps - 1):  # before clipping: the reduced gradients themselves
             reduced = full_grads(trainer.model, groups)
-            grads.update({"first": reduced} if step == 0 else {}, **({"last": reduced} if step == steps - 1 else {}))
+            if step == 0:
+                grads["first"] = reduced
+            if step == steps - 1:
+                grads["last"] = reduced
         return out
 
     trainer.forward_backward = capture
@@ -64,6 +67,11 @@ def _norm(x: np.ndarray) -> float:
     return float(np.linalg.norm(x.astype(np.float64).ravel()))
 
 
+def _floor(tensors: dict) -> float:
+    """FLOOR x the norm of the whole set: below it, a tensor's own norm is rounding noise."""
+    return FLOOR * float(np.sqrt(sum(_norm(t) ** 2 for t in tensors.values())))
+
+
 def relative_error(got: np.ndarray, ref: np.ndarray, floor: float = 0.0) -> float:
     """``||got - ref|| / max(||ref||, floor)`` in float64; 0 when both are zero, inf when only ``ref`` is."""
     diff = _norm(got.astype(np.float64) - ref.astype(np.float64))
@@ -75,7 +83,7 @@ def assert_close_tensors(kind: str, ref: dict, out: dict, rtol: float) -> float:
     """Every tensor of ``out`` within ``rtol`` of ``ref`` (relative, per tensor, above FLOOR of the set).
     Returns the worst error."""
     assert ref.keys() == out.keys(), f"{kind}: names differ: {sorted(ref.keys() ^ out.keys())[:8]}"
-    floor = FLOOR * float(np.sqrt(sum(_norm(t) ** 2 for t in ref.values())))
+    floor = _floor(ref)
     worst = 0.0
     for name, expected in ref.items():
         got = out[name]
@@ -137,9 +145,9 @@ def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, rtol=RTOL, update_r
     # A tensor whose gradient is rounding noise (below the floor) gets a noise update from Adam on
     # either side; its parameters are still compared below.
     grads = ref["first_grads"]
-    floor = FLOOR * float(np.sqrt(sum(_norm(g) ** 2 for g in grads.values())))
-    moved = [k for k in ref["params"] if k not in grads or _norm(grads[k]) >= floor]
-    updates = {which: {k: run["params"][k] - run["initial"][k] for k in moved} for which, run in
+    floor = _floor(grads)
+    learning = [k for k in ref["params"] if k not in grads or _norm(grads[k]) >= floor]
+    updates = {which: {k: run["params"][k] - run["initial"][k] for k in learning} for which, run in
                (("ref", ref), ("out", out))}
     worst["updates"] = assert_close_tensors("updates", updates["ref"], updates["out"], update_rtol)
     worst["params"] = assert_close_tensors("params", ref["params"], out["params"], min(rtol, update_rtol))
