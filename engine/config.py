@@ -320,10 +320,21 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint directory
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: keep all
     freeze: list[str] = field(default_factory=list)  # any of vision, projector, llm: no grads, no optimizer state
+    # Activation recompute: none | selective (attention core and MoE expert activations, as Megatron's
+    # selective) | full (whole blocks: the first recompute_layers blocks of each stage; null: all).
+    recompute: str = "none"
+    recompute_layers: Optional[int] = None
 
     def validate(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"train.recompute={self.recompute!r} must be none, selective or full")
+        if self.recompute_layers is not None and self.recompute_layers < 0:
+            raise ConfigError(f"train.recompute_layers={self.recompute_layers} must be >= 0")
+        if self.recompute_layers is not None and self.recompute != "full":
+            raise ConfigError(f"train.recompute_layers={self.recompute_layers} needs train.recompute=full "
+                              f"(it is {self.recompute!r})")
         for key in ("global_batch_size", "micro_batch_size", "steps", "log_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
@@ -355,8 +366,14 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
+    # Shard fp32 master weights and Adam states over the data-parallel group (expert-data-parallel
+    # for experts), reduce-scatter gradients, all-gather parameters; null: on when dp*cp > 1.
+    distributed: Optional[bool] = None
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients are reduced in over data parallel
 
     def validate(self) -> None:
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"optim.grad_reduce_dtype={self.grad_reduce_dtype!r} must be fp32 or bf16")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive")
         if self.min_lr < 0 or self.min_lr > self.lr:
@@ -385,6 +402,12 @@ class Config:
     def dp_size(self, world_size: int) -> int:
         p = self.parallel
         return world_size // (p.tp * p.pp * p.cp)
+
+    def distributed_optimizer(self, world_size: int) -> bool:
+        """``optim.distributed``, resolved: by default on wherever gradients are reduced over data parallel."""
+        if self.optim.distributed is not None:
+            return self.optim.distributed
+        return self.dp_size(world_size) * self.parallel.cp > 1
 
 
 def check_layout(cfg: Config, world_size: int) -> None:
