@@ -43,7 +43,7 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     def capture(step):
         out = forward_backward(step)
         if step in (0, steps - 1):  # before clipping: the reduced gradients themselves
-            reduced = full_grads(trainer.model, groups)
+            reduced = full_grads(trainer.model, groups, trainer.grads.local_grad)
             if step == 0:
                 grads["first"] = reduced
             if step == steps - 1:
@@ -52,7 +52,7 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
 
     trainer.forward_backward = capture
     records = [trainer.train_step() for _ in range(steps)]
-    final = full_state_dict(trainer.model, groups)
+    final = _with_masters(full_state_dict(trainer.model, groups), trainer, cfg.model.tie_embeddings)
     out_of_sync = replicas_out_of_sync(trainer.model, groups)
     groups.destroy()
     if dist.get_rank() != 0:
@@ -61,6 +61,19 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
             "records": records, "first_grads": as_numpy(grads["first"]), "last_grads": as_numpy(grads["last"]),
             "initial": as_numpy(initial), "params": as_numpy(final), "out_of_sync": out_of_sync}
+
+
+def _with_masters(params: dict, trainer, tied: bool) -> dict:
+    """bf16 parameters are their fp32 masters rounded: compare the masters, which hold every update
+    (a few Adam steps move a norm weight of 1.0 by one or two bf16 ulps)."""
+    from engine.train.checkpoint import global_state
+
+    if not trainer.optimizer.keeps_masters:
+        return params
+    state = global_state(trainer.model, trainer.optimizer, tied)
+    masters = {k[len("optim/"):-len("/master")]: v for k, v in state.items() if k.endswith("/master")}
+    canonical = lambda name: name[: -len("lm_head.weight")] + "embed.weight" if tied and name.endswith("lm_head.weight") else name  # noqa: E731
+    return {k: masters.get(canonical(k), v) for k, v in params.items()}
 
 
 def _norm(x: np.ndarray) -> float:

@@ -139,6 +139,25 @@ def test_resume_other_layout(world4, reference, nranks, overrides):
     _assert_same_state(out[0]["state"], reference["state"])
 
 
+@pytest.mark.parametrize("nranks,overrides", [
+    (2, []),  # DP4 -> DP2
+    (4, ["parallel.tp=2"]),  # DP4 -> TP2 x DP2
+], ids=["dp4_to_dp2", "dp4_to_tp2dp2"])
+def test_distributed_optimizer_dp4_resumes(world4, reference, nranks, overrides):
+    """The distributed optimizer's shards, saved at DP4 (a quarter of every bucket per rank, cut
+    anywhere inside a parameter), resume at DP2 and at TP2 x DP2 as an uninterrupted run continues."""
+    run_dir = str(reference["root"] / "distopt_dp4")
+    if not os.path.isdir(_ckpt(run_dir, 5)):
+        first = world4.run(_train, run_dir, ["optim.distributed=true", "train.save_interval=5"], until=5)
+        _assert_close(first[0]["losses"], reference["losses"][:5])
+    out = world4.run(_train, str(reference["root"] / f"distopt_dp4_to_{nranks}"),
+                     [f"train.resume={_ckpt(run_dir, 5)}", "optim.distributed=true", *overrides], nranks=nranks)
+    assert out[0]["start"] == 5
+    _assert_close(out[0]["losses"], reference["losses"][5:])
+    _assert_same_stream(_global_tokens(out), reference["tokens"])
+    _assert_same_state(out[0]["state"], reference["state"])
+
+
 def test_resume_tp2_pp2_to_dp4(world4, reference):
     """Pipeline stages own disjoint names; the resumed DP4 run reads every stage's tensors."""
     run_dir = str(reference["root"] / "tp2pp2")
@@ -305,11 +324,12 @@ def test_world1_round_trip_restores_model_adam_and_rng(tmp_path):
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     model(torch.randint(0, 256, (2, 8))).square().mean().backward()
-    optimizer.step()
+    optimizer.grads.finish()
+    optimizer.step(1e-3)
     torch.rand(3)
     rng = torch.get_rng_state()
     params = {k: v.clone() for k, v in model.state_dict().items()}
-    adam = [(p, st["exp_avg_sq"].clone(), st["step"].clone()) for p, st in optimizer.state.items()]
+    adam = [(st["exp_avg_sq"].clone(), st["step"].clone()) for st in optimizer.states]
     checkpoint.save(tmp_path / "ck", model, optimizer, 7, cfg)
     assert "model/lm_head.weight" not in checkpoint.train_state(model, optimizer, True)[0], "tied: stored once"
 
@@ -317,14 +337,16 @@ def test_world1_round_trip_restores_model_adam_and_rng(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    for st in optimizer.state.values():
+    for st in optimizer.states:
         st["exp_avg_sq"].zero_()
+    optimizer.set_step_count(torch.tensor(0.0))
     assert checkpoint.load(tmp_path / "ck", model, optimizer, cfg) == 7
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in params.items())
     assert model.lm_head.weight is model.embed.weight
-    for p, exp_avg_sq, step in adam:
-        assert torch.equal(optimizer.state[p]["exp_avg_sq"], exp_avg_sq) and torch.equal(optimizer.state[p]["step"], step)
+    assert adam and optimizer.num_steps == 1
+    for st, (exp_avg_sq, step) in zip(optimizer.states, adam):
+        assert torch.equal(st["exp_avg_sq"], exp_avg_sq) and torch.equal(st["step"], step)
 
 
 def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):

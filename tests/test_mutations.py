@@ -118,7 +118,7 @@ def _dp_skips_bucket0():
 
     def _make_buckets(self, max_numel):
         buckets = make(self, max_numel)
-        buckets[0].group = None
+        buckets[0].group, buckets[0].sharded = None, False
         return buckets
 
     def finish_(self):

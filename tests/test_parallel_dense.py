@@ -48,7 +48,7 @@ def test_dp2_microbatches_is_two_per_rank():
 
 
 def _bf16_dtypes():
-    """bf16 compute keeps fp32 master weights and fp32 gradients."""
+    """bf16 parameters; fp32 gradient buckets, fp32 master weights and Adam states."""
     from engine.config import load_config
     from engine.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
@@ -56,7 +56,9 @@ def _bf16_dtypes():
     cfg = load_config(os.path.join(ROOT, CONFIG), ["train.dtype=bf16", "train.run_dir=runs/test_bf16"])
     trainer = Trainer(cfg, build_groups(cfg))
     loss, _ = trainer.forward_backward(0)
-    dtypes = {p.dtype for p in trainer.params} | {p.grad.dtype for p in trainer.params}
+    opt = trainer.optimizer
+    dtypes = {"params": {p.dtype for p in trainer.params}, "grads": {b.grad_data.dtype for b in trainer.grads.buckets},
+              "optimizer": {m.dtype for m in opt.masters}, "masters kept": opt.keeps_masters}
     return loss.dtype, dtypes
 
 
@@ -77,9 +79,11 @@ def _run_without_one_update(overrides: list[str]) -> dict | None:
 
     def step_but_keep_one(self, lr):
         param = dict(self.model.named_parameters())[FROZEN]
-        kept = param.detach().clone()
+        masters = [m for m, piece in zip(self.optimizer.masters, self.optimizer.pieces) if piece.param is param]
+        kept = [t.detach().clone() for t in (param, *masters)]  # bf16: its fp32 masters hold the update
         norm = step(self, lr)
-        param.data.copy_(kept)
+        for t, k in zip((param, *masters), kept):
+            t.data.copy_(k)
         return norm
 
     Trainer.optimizer_step = step_but_keep_one
@@ -96,7 +100,9 @@ def test_bf16_parity(world4, bf16_reference):
     worst = assert_parity(bf16_reference, out, **BF16_TOLERANCE)
     assert worst["loss"] > 0  # bf16 rounding really differs between the layouts: the tolerance is needed
     loss_dtype, dtypes = world4.run(_bf16_dtypes, nranks=1)[0]
-    assert loss_dtype == torch.float32 and dtypes == {torch.float32}
+    assert loss_dtype == torch.float32
+    assert dtypes == {"params": {torch.bfloat16}, "grads": {torch.float32}, "optimizer": {torch.float32},
+                      "masters kept": True}
 
 
 def test_bf16_parity_catches_a_missing_update(world4, bf16_reference):

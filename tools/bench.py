@@ -5,6 +5,7 @@
     loom-bench attention   Triton / flash-attn / torch attention backends (tools/bench_attention.py)
     loom-bench cp          context-parallel load balance and bytes sent (tools/bench_context_parallel.py)
     loom-bench pipeline    pipeline schedules' bubbles (tools/bench_pipeline.py)
+    loom-bench memory      each rank's memory against its share as the layout grows (tools/bench_memory.py)
 
 ``loom-bench NAME --help`` shows that benchmark's options.
 """
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 BENCHES = {"step": "bench_step", "moe": "bench_moe", "attention": "bench_attention",
-           "cp": "bench_context_parallel", "pipeline": "bench_pipeline"}
+           "cp": "bench_context_parallel", "pipeline": "bench_pipeline", "memory": "bench_memory"}
 
 
 def main(argv=None) -> int:

@@ -46,7 +46,14 @@ FORMAT = "loom-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"step_(\d{8})")
 
-Placement = tuple[tuple[int, ...], tuple[int, ...]]  # (global_shape, offsets)
+# (global_shape, offsets), or (global_shape, offsets, stored_name) for one of several local chunks of
+# one stored tensor (an optimizer shard cut into boxes): the state key is then the chunk's own.
+Placement = tuple
+
+
+def _stored(key: str, placements: dict) -> str:
+    where = placements.get(key)
+    return where[2] if where is not None and len(where) > 2 else key
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +74,7 @@ class _SavePlanner(dcp.DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.placements = placements
         self.sources = sources or {}  # name -> () -> tensor: read lazily, one tensor in memory at a time
+        self.keys = {(_stored(k, placements), tuple(w[1])): k for k, w in placements.items()}
 
     def create_local_plan(self):
         plan = super().create_local_plan()
@@ -75,18 +83,20 @@ class _SavePlanner(dcp.DefaultSavePlanner):
         return self.plan
 
     def _place(self, item: WriteItem) -> WriteItem:
-        fqn = item.index.fqn
-        if fqn not in self.placements or item.tensor_data is None:
+        key = item.index.fqn
+        if key not in self.placements or item.tensor_data is None:
             return item
-        shape, offsets = self.placements[fqn]
+        shape, offsets = self.placements[key][:2]
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=item.tensor_data.chunk.sizes)
         data = TensorWriteData(chunk=chunk, properties=item.tensor_data.properties, size=torch.Size(shape))
-        return WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD, tensor_data=data)
+        index = MetadataIndex(_stored(key, self.placements), torch.Size(offsets))
+        return WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data)
 
     def lookup_object(self, index: MetadataIndex):
-        if index.fqn in self.sources:
-            return self.sources[index.fqn]()
-        return self.state_dict[index.fqn]  # a local tensor, whatever its global offset
+        key = self.keys.get((index.fqn, tuple(index.offset or ())), index.fqn)
+        if key in self.sources:
+            return self.sources[key]()
+        return self.state_dict[key]  # a local tensor, whatever its global offset
 
 
 class _LoadPlanner(dcp.DefaultLoadPlanner):
@@ -98,18 +108,22 @@ class _LoadPlanner(dcp.DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         saved = self.metadata.state_dict_metadata
-        missing = sorted(set(self.state_dict) - set(saved))
+        missing = sorted({_stored(k, self.placements) for k in self.state_dict} - set(saved))
         if missing:
             raise CheckpointError(f"{self.where} lacks {len(missing)} tensor(s) the model needs: {missing[:8]}")
         requests = []
-        for fqn, tensor in self.state_dict.items():
+        for key, tensor in self.state_dict.items():
+            fqn = _stored(key, self.placements)
             md = saved[fqn]
-            shape, offsets = self.placements.get(fqn, (tuple(tensor.shape), (0,) * tensor.dim()))
+            shape, offsets = self.placements.get(key, (tuple(tensor.shape), (0,) * tensor.dim()))[:2]
             if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(shape):
                 got = tuple(md.size) if isinstance(md, TensorStorageMetadata) else "bytes"
                 raise CheckpointError(f"{self.where}: tensor {fqn!r} has global shape {got}, the model needs {shape}")
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.size())
-            requests += create_read_items_for_chunk_list(fqn, md, [chunk])
+            items = create_read_items_for_chunk_list(fqn, md, [chunk])
+            if key != fqn:  # the chunk lands in its own local tensor
+                items = [dataclasses.replace(i, dest_index=dataclasses.replace(i.dest_index, fqn=key)) for i in items]
+            requests += items
         return LoadPlan(requests)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:

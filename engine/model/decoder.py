@@ -11,7 +11,8 @@ import torch.nn as nn
 from engine.config import ModelConfig
 from engine.model.batch import PackedBatch
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
-from engine.model.moe import GroupedExperts, MoE, Router
+from engine.model.init import initialize_full, seed_from_rng
+from engine.model.moe import MoE
 
 
 def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
@@ -22,7 +23,12 @@ def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Built on the meta device (``with torch.device("meta")``) it allocates nothing: the trainer
+    parallelizes it there and fills each rank's shards (engine/model/init.py). Built on a real
+    device it starts from weights drawn with the current torch RNG state (unless ``initialize``
+    is false: a VLM initialises its whole self at once)."""
+
+    def __init__(self, cfg: ModelConfig, initialize: bool = True):
         super().__init__()
         self.cfg = cfg
         hd = cfg.resolved_head_dim
@@ -38,19 +44,10 @@ class Transformer(nn.Module):
         })
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (Router, GroupedExperts)):
-                module.reset_parameters(std)
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        if initialize and not self.embed.weight.is_meta:
+            initialize_full(self, seed_from_rng(), cfg.init_std)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """``[T, h]`` after the final norm: what the fused LM head loss takes (engine/train/loss.py).

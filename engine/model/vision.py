@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import VisionConfig
+from engine.model.init import Init, normal
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
 
 
@@ -78,6 +79,24 @@ class VisionEncoder(nn.Module):
         self.pre_norm = _norm(cfg) if cfg.pre_norm else None
         self.layers = nn.ModuleDict({str(i): vision_block(cfg, backend) for i in range(cfg.num_layers)})
         self.norm = _norm(cfg)
+
+    def init_rules(self, std: float) -> dict:
+        """Learned positions start as 2-D sine-cosine (MAE): from a small random start a tiny ViT learns
+        where its patches are only slowly, and shapes (unlike colours) need it. The class token and
+        its position, which have no grid place, start N(0, std)."""
+        return {"pos_embed": Init("table", table=self._initial_positions(std)), "class_embed": normal(std)}
+
+    def _initial_positions(self, std: float):
+        cfg, rows = self.cfg, self.pos_embed.shape[0]
+        grid = cfg.image_size // cfg.patch_size
+
+        def table(seed: int) -> torch.Tensor:
+            out = torch.empty(rows, cfg.hidden_size)
+            out[rows - grid * grid:] = sincos_2d(grid, cfg.hidden_size)
+            if cfg.class_token:
+                out[0] = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(seed)) * std
+            return out
+        return table
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Weights kept for conversion that the forward never reads: the blocks after

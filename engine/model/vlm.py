@@ -17,7 +17,8 @@ import torch.nn as nn
 from engine.config import ModelConfig
 from engine.model.batch import PackedBatch
 from engine.model.decoder import Transformer
-from engine.model.vision import Projector, VisionEncoder, sincos_2d
+from engine.model.init import initialize_full, seed_from_rng
+from engine.model.vision import Projector, VisionEncoder
 
 
 def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -38,24 +39,10 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = cfg.image_token_id if image_token_id is None else image_token_id
         self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
         self.projector = Projector(cfg.vision, cfg.hidden_size)
-        self.llm = Transformer(cfg)
+        self.llm = Transformer(cfg, initialize=False)
         self.seq_shard: Optional[nn.Module] = None  # set by parallelize under sequence parallelism
-        self._init_vision(cfg.init_std)
-
-    def _init_vision(self, std: float) -> None:
-        for module in (*self.vision.modules(), *self.projector.modules()):
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                nn.init.zeros_(module.bias) if module.bias is not None else None
-        # Learned positions start as 2-D sine-cosine (MAE): from a small random start a tiny ViT
-        # learns where its patches are only slowly, and shapes (unlike colours) need it.
-        v = self.cfg.vision
-        grid = v.image_size // v.patch_size
-        with torch.no_grad():
-            self.vision.pos_embed[-grid * grid:] = sincos_2d(grid, v.hidden_size)
-        if self.vision.class_embed is not None:  # the class token and its position have no grid place
-            nn.init.normal_(self.vision.pos_embed[:1], mean=0.0, std=std)
-            nn.init.normal_(self.vision.class_embed, mean=0.0, std=std)
+        if not self.llm.embed.weight.is_meta:  # on meta the trainer fills each rank's shards
+            initialize_full(self, seed_from_rng(), cfg.init_std)
 
     def pipeline_stage(self, llm: Transformer) -> "VisionLanguageModel":
         """A shell around one pipeline stage of the LLM (pipeline.py's split of ``self.llm``).

@@ -60,6 +60,17 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def reduce_scatter_flat(shard: torch.Tensor, flat: torch.Tensor, group, async_op: bool = False):
+    """Gradient buckets (no autograd): ``shard`` (this rank's ``[numel/n]`` slice, may alias ``flat``)
+    receives the sum over the group of that slice of every rank's ``flat [numel]``."""
+    return _reduce_scatter_single(shard, flat, group=group, async_op=async_op)
+
+
+def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+    """Parameter buckets (no autograd): ``flat [numel]`` gets every rank's ``shard [numel/n]``, in rank order."""
+    return _all_gather_single(flat, shard, group=group, async_op=async_op)
+
+
 def split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's contiguous chunk of ``x`` along ``dim``."""
     n = group_size(group)

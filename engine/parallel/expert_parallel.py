@@ -5,8 +5,8 @@ gives each one this rank's slice of the experts, an ``ExpertParallelDispatcher``
 ``ep x etp`` group, and a ``ShardedBalanceScope`` that knows which ranks share a microbatch.
 
 Expert weights ``[E, F, h]`` / ``[E, h, F]`` are split over ep along E (rank ``ep_rank`` holds
-experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)``) and over etp along F. They are marked
-``param.is_expert``: their gradients are reduced over the expert-data-parallel group only, and
+experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)``) and over etp along F. Their spec says
+``expert``: their gradients are reduced over the expert-data-parallel group only, and
 the gradient norm sums them over the expert-model-parallel group (see mesh.py).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute
 from engine.parallel import comm
 from engine.parallel.index import ranges
 from engine.parallel.context_parallel import CPShard
-from engine.parallel.sharding import add_split
+from engine.parallel.sharding import add_split, set_spec
 from engine.parallel.tensor_parallel import mark
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -179,8 +179,7 @@ def shard_experts(experts: GroupedExperts, groups) -> None:
     for name, f_dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
         full = getattr(experts, name).detach()
         shard = full[groups.ep_rank * local:(groups.ep_rank + 1) * local].chunk(etp, dim=f_dim)[groups.etp_rank]
-        param = mark(nn.Parameter(shard.clone()))
-        param.is_expert = True
+        param = set_spec(mark(nn.Parameter(shard.clone())), expert=True)
         for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
             if size > 1:
                 add_split(param, dim, group)

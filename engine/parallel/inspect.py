@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from engine.parallel import comm
 from engine.parallel.mesh import ParallelGroups
-from engine.parallel.sharding import shard_spec
+from engine.parallel.sharding import spec_of
 
 
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
@@ -21,27 +21,27 @@ def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch
     return _union_over_stages(out, groups)
 
 
-def full_grads(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
-    """Like ``full_state_dict`` but for ``param.grad`` (after the gradient reductions).
+def full_grads(model: nn.Module, groups: ParallelGroups, grad_of=None) -> dict[str, torch.Tensor]:
+    """Like ``full_state_dict`` but for the reduced gradients: ``grad_of(param)`` (the trainer's
+    ``grads.local_grad``, collective with the distributed optimizer), by default ``param.grad``.
 
     A tied weight is listed once, as at world size 1: the last stage's copy is skipped.
     """
     out = {}
     for name, param in model.named_parameters():
-        if getattr(param, "pp_tied_replica", False) or not param.requires_grad:  # frozen: no grad
+        if not param.requires_grad:  # frozen: no grad
             continue
-        out[name] = _unshard(param.grad.detach(), param, groups).clone()
+        grad = grad_of(param) if grad_of is not None else param.grad
+        if spec_of(param).tied_replica:
+            continue
+        out[name] = _unshard(grad.detach(), param, groups).clone()
     return _union_over_stages(out, groups)
 
 
 def _unshard(tensor: torch.Tensor, param: nn.Parameter, groups: ParallelGroups) -> torch.Tensor:
-    """The full tensor of a TP shard (``tp_dim``) or of an expert shard (its shard spec: etp, then ep)."""
-    dim = getattr(param, "tp_dim", None)
-    if dim is not None:
-        return comm.all_gather(tensor, groups.tp, dim)
-    if getattr(param, "is_expert", False):
-        for split_dim, group in reversed(shard_spec(param)):
-            tensor = comm.all_gather(tensor, group, split_dim)
+    """The full tensor of a sharded parameter: gathered over its splits, innermost first."""
+    for split_dim, group in reversed(spec_of(param).splits):
+        tensor = comm.all_gather(tensor, group, split_dim)
     return tensor
 
 

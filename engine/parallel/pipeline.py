@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from engine.config import stage_layout
 from engine.parallel.mesh import ParallelGroups, default_timeout, group_layout
+from engine.parallel.sharding import set_spec
 from engine.parallel.pipeline_schedule import (
     B, F, RECV_F, SEND_B, SEND_F, Action, Table, build_table, last_backward_steps, peer_of,
 )
@@ -91,7 +92,7 @@ def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
 
     With tied embeddings the first stage holds ``embed.weight`` and the last ``lm_head.weight``,
     two copies of one weight. Their gradients are summed over the pair so both copies take the
-    same step; the last stage's copy is marked ``pp_tied_replica`` so the gradient norm and
+    same step; the last stage's copy is marked ``tied_replica`` so the gradient norm and
     gathered gradients count the weight once. Collective: every rank builds every pair's group.
     """
     if not tie or groups.dims.pp == 1:
@@ -107,7 +108,7 @@ def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
         weight = chunks[0].embed.weight
     elif chunks[-1].lm_head is not None:
         weight = chunks[-1].lm_head.weight
-        weight.pp_tied_replica = True
+        set_spec(weight, tied_replica=True)
     return weight, mine
 
 
@@ -284,8 +285,3 @@ class Pipeline:
         """Forward and backward of every microbatch ``(PackedBatch, labels)``; see PipelineExecutor.run."""
         return self.executor.run(self.table(len(shards)), shards, forward_fn, self.boundary,
                                  grad_sync, stat_names)
-
-    def sync_tied_grads(self) -> None:
-        """Sum the tied embedding and LM head gradients (after the DP reduction finished)."""
-        if self.tied_group is not None:
-            dist.all_reduce(self.tied_weight.grad, group=self.tied_group)

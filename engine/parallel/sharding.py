@@ -1,22 +1,63 @@
-"""Where a rank's local tensor sits inside the global (unsharded) tensor.
+"""One typed sharding spec per parameter: what every consumer needs to know about its parallelism.
 
-Every parallelism that splits a parameter records the split on it, so checkpoints can be saved
-with global shapes and loaded under any other layout without knowing which parallelism did what:
+``parallelize`` (and only it, through ``set_spec`` and the helpers here) attaches a ``ParamSpec`` to
+every parameter it touches; initialisation, gradient reduction, the gradient norm, the optimizer
+and checkpoints read it with ``spec_of``. A parameter without one is replicated everywhere.
 
-    param.shard_spec = [(dim, group), ...]   # outermost split first
+    splits           ((dim, group), ...), outermost first: each cuts the current extent of ``dim``
+                     into ``group_size`` equal chunks and keeps chunk ``group_rank``. TP layers add
+                     ``(tp_dim, tp_group)``; expert parallelism adds ``(0, ep_group)`` to stacked expert
+                     weights ``[experts, ...]``, and TP inside an expert its own split after it.
+    tp_dim           the dim split over TP (None: replicated over TP). Such a shard counts in the
+                     gradient norm on every TP rank; a TP-replicated parameter only on TP rank 0.
+    tp_partial_grad  replicated over TP, but each TP rank's gradient is partial (norms under SP see a
+                     slice of the tokens; q/k-norm and the router a slice of the heads or tokens): the
+                     gradient is summed over TP before the optimizer.
+    expert           a routed-expert weight: reduced over the expert-data-parallel group, normed over
+                     the expert-model-parallel group.
+    tied_replica     the last pipeline stage's copy of a tied embedding: its gradient is summed with the
+                     first stage's, and it counts once (on the first stage) in norms and gathers.
 
-Each ``(dim, group)`` cuts the current extent of ``dim`` into ``group_size`` equal chunks and
-keeps chunk ``group_rank``. TP layers add ``(tp_dim, tp_group)``; expert parallelism adds
-``(0, ep_group)`` to stacked expert weights ``[experts, ...]`` (and TP inside an expert adds its
-own split after it). A parameter without splits is replicated: every rank holds all of it, and a
-checkpoint stores it once. Pipeline stages need no mark: they own disjoint parameter names.
+Pipeline stages need no split: they own disjoint parameter names.
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from engine.parallel import comm
+
+_ATTR = "loom_spec"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    splits: tuple[tuple[int, Any], ...] = ()
+    tp_dim: Optional[int] = None
+    tp_partial_grad: bool = False
+    expert: bool = False
+    tied_replica: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return any(comm.group_size(group) > 1 for _, group in self.splits)
+
+
+_REPLICATED = ParamSpec()
+
+
+def spec_of(param: torch.Tensor) -> ParamSpec:
+    return getattr(param, _ATTR, _REPLICATED)
+
+
+def set_spec(param: torch.Tensor, **changes) -> torch.Tensor:
+    """Replace fields of ``param``'s spec (the others kept). Returns ``param``."""
+    setattr(param, _ATTR, dataclasses.replace(spec_of(param), **changes))
+    return param
 
 
 def add_split(param: nn.Parameter | torch.Tensor, dim: int, group) -> nn.Parameter | torch.Tensor:
@@ -25,12 +66,11 @@ def add_split(param: nn.Parameter | torch.Tensor, dim: int, group) -> nn.Paramet
         dim += param.dim()
     if not 0 <= dim < param.dim():
         raise ValueError(f"add_split: dim {dim} out of range for a {param.dim()}-d tensor")
-    param.shard_spec = [*getattr(param, "shard_spec", []), (dim, group)]
-    return param
+    return set_spec(param, splits=(*spec_of(param).splits, (dim, group)))
 
 
 def shard_spec(param: torch.Tensor) -> list[tuple[int, object]]:
-    return list(getattr(param, "shard_spec", []))
+    return list(spec_of(param).splits)
 
 
 def global_placement(local_shape, spec) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -48,4 +88,10 @@ def global_placement(local_shape, spec) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return any(comm.group_size(group) > 1 for _, group in shard_spec(param))
+    return spec_of(param).sharded
+
+
+def counts_in_norm(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this rank's copy of a non-expert ``param`` counts in a norm over the model-parallel group."""
+    spec = spec_of(param)
+    return (spec.tp_dim is not None or tp_rank == 0) and not spec.tied_replica

@@ -1,13 +1,7 @@
 """Tensor-parallel layers (Megatron style) with optional sequence parallelism.
 
-Parameters carry two marks that the rest of the engine reads:
-- ``param.tp_dim``: the dim along which the parameter is split over TP (None: replicated).
-  Sharded parameters are gathered along it and counted on every TP rank in the grad norm.
-- ``param.tp_partial_grad``: a replicated parameter whose gradient is only partial on each TP
-  rank (norms under SP see a slice of the tokens; q/k-norm sees a slice of the heads), so its
-  gradient is summed over TP before the optimizer.
-Sharded parameters also get a ``(tp_dim, group)`` split in their shard spec (see sharding.py),
-which is what checkpoints read to save global shapes.
+Each parameter's ``ParamSpec`` (sharding.py) records its TP split (``tp_dim`` and a ``(tp_dim, group)``
+split) or, for a replicated parameter whose TP ranks see only part of its inputs, ``tp_partial_grad``.
 """
 from __future__ import annotations
 
@@ -16,12 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.parallel import comm
-from engine.parallel.sharding import add_split
+from engine.parallel.sharding import add_split, set_spec
 
 
 def mark(param: nn.Parameter, tp_dim=None, partial=False, group=None) -> nn.Parameter:
-    param.tp_dim = tp_dim
-    param.tp_partial_grad = partial
+    set_spec(param, tp_dim=tp_dim, tp_partial_grad=partial)
     if tp_dim is not None and group is not None:
         add_split(param, tp_dim, group)
     return param

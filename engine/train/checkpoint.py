@@ -4,8 +4,14 @@ Keys (every tensor at its global shape, see engine/checkpoint/storage.py):
 
     model/<name>                       parameters and persistent buffers; a tied lm_head is stored
                                        once, under embed.weight
-    optim/<name>/exp_avg, exp_avg_sq   sharded exactly like the parameter; optim/<name>/step a scalar
+    optim/<name>/exp_avg, exp_avg_sq   fp32, the parameter's global shape; with bf16 parameters also
+    optim/<name>/master                the fp32 master weights
+    optim/step                         Adam's step counter, a scalar
     rng/cpu/<rank>, rng/cuda/<rank>    each rank's generators, restored where that rank exists again
+
+The optimizer's state of a parameter may be cut anywhere: the distributed optimizer holds a flat
+slice of each gradient bucket. Each rank stores its slice of a parameter as a few boxes of the
+global tensor (``flat_boxes``), so a run saved at DP4 resumes at DP2, or under TP, unchanged.
 
 ``checkpoint.json`` holds the step. The step is also the data position (the global batch of a
 step is a pure function of the step, so DP and microbatch changes keep the sample order) and
@@ -23,7 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.parallel import comm
-from engine.parallel.sharding import global_placement, shard_spec
+from engine.parallel.index import flat_boxes
+from engine.parallel.sharding import global_placement, shard_spec, spec_of
 from engine.checkpoint import storage as io
 from engine.checkpoint.names import Modules, as_list, named_tensors
 from engine.checkpoint.storage import CheckpointError, Placement
@@ -42,45 +49,39 @@ _DATA_KEYS = (("train", "seed"), ("train", "global_batch_size"), ("data", "sourc
 def placement(name: str, tensor: torch.Tensor) -> Optional[Placement]:
     """(global shape, offsets) of a sharded tensor, None for a replicated one."""
     spec = shard_spec(tensor)
-    tp_dim = getattr(tensor, "tp_dim", None)
+    tp_dim = spec_of(tensor).tp_dim
     if tp_dim is not None and not any(dim == tp_dim for dim, _ in spec):
         raise CheckpointError(f"parameter {name} is TP-sharded (tp_dim={tp_dim}) but has no shard spec; "
                               "mark it with engine.parallel.sharding.add_split")
     return global_placement(tensor.shape, spec) if spec else None
 
 
-def adam_state(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict:
-    """The parameter's AdamW state, created as torch would on the first step if it is still empty."""
-    state = optimizer.state[param]
-    if not state:
-        group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-        on_device = group.get("capturable", False) or group.get("fused", False)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group.get("amsgrad", False):
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-    return state
+def _entries(modules: Modules, optimizer, tie_embeddings: bool):
+    """``(key, local tensor, placement or None, stored name)`` of everything a checkpoint holds but the RNG."""
+    names = named_tensors(modules, tie_embeddings)
+    for name, tensor in names.items():
+        key = f"model/{name}"
+        yield key, tensor.detach(), placement(name, tensor), key
+    if optimizer is None:
+        return
+    name_of = {id(t): n for n, t in names.items()}
+    yield "optim/step", optimizer.step_count, None, "optim/step"
+    for piece, tensors in optimizer.piece_states():
+        name = name_of[id(piece.param)]
+        shape, offsets = global_placement(piece.param.shape, shard_spec(piece.param))
+        for box, sizes, start, end in flat_boxes(piece.param.shape, piece.lo, piece.hi):
+            where = (shape, tuple(o + b for o, b in zip(offsets, box)))
+            for kind, flat in tensors.items():
+                stored = f"optim/{name}/{kind}"
+                local = flat[start - piece.lo:end - piece.lo].view(sizes)
+                yield f"{stored}@{','.join(map(str, where[1]))}", local, (*where, stored), stored
 
 
-def _entries(modules: Modules, optimizer: Optional[torch.optim.Optimizer], tie_embeddings: bool):
-    """``(key, local tensor, shard spec, placement)`` of everything a checkpoint holds but the RNG."""
-    for name, tensor in named_tensors(modules, tie_embeddings).items():
-        where = placement(name, tensor)
-        spec = shard_spec(tensor) if where else []
-        yield f"model/{name}", tensor.detach(), spec, where
-        if optimizer is None or not isinstance(tensor, nn.Parameter) or not tensor.requires_grad:
-            continue
-        for key, value in adam_state(optimizer, tensor).items():
-            sharded = where and value.shape == tensor.shape  # the step counter is a replicated scalar
-            yield f"optim/{name}/{key}", value, spec if sharded else [], where if sharded else None
-
-
-def train_state(modules: Modules, optimizer: Optional[torch.optim.Optimizer], tie_embeddings: bool,
+def train_state(modules: Modules, optimizer, tie_embeddings: bool,
                 with_rng: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Placement]]:
     """Local tensors and the placements of the sharded ones, keyed as the module docstring says."""
     state, placements = {}, {}
-    for key, tensor, _, where in _entries(modules, optimizer, tie_embeddings):
+    for key, tensor, where, _ in _entries(modules, optimizer, tie_embeddings):
         state[key] = tensor
         if where:
             placements[key] = where
@@ -89,24 +90,52 @@ def train_state(modules: Modules, optimizer: Optional[torch.optim.Optimizer], ti
     return state, placements
 
 
-def global_state(modules: Modules, optimizer: Optional[torch.optim.Optimizer],
-                 tie_embeddings: bool) -> dict[str, torch.Tensor]:
+def global_state(modules: Modules, optimizer, tie_embeddings: bool) -> dict[str, torch.Tensor]:
     """What ``save`` writes (but the RNG), each tensor at its global shape, on CPU, on every rank.
 
     Lets a test compare a run's full model and AdamW state with another layout's. Collective over
-    the default group: shards are gathered over their shard-spec groups, and pipeline stages,
-    which hold disjoint names, are merged.
+    the default group: optimizer shards are summed over their data-parallel group, tensor shards
+    gathered over their shard-spec groups, and pipeline stages, which hold disjoint names, merged.
     """
-    local = {}
-    for key, tensor, spec, _ in _entries(modules, optimizer, tie_embeddings):
-        for dim, group in reversed(spec):  # innermost split first, as global_placement nests them
-            tensor = comm.all_gather(tensor, group, dim)
-        local[key] = tensor.detach().cpu().clone()
+    names = named_tensors(modules, tie_embeddings)
+    local = {f"model/{name}": t.detach() for name, t in names.items()}
+    if optimizer is not None:
+        local["optim/step"] = optimizer.step_count
+        local.update(_whole_optimizer_state(optimizer, names))
+    out = {}
+    for key, tensor in local.items():
+        param = names.get(key.split("/", 2)[1].rsplit("/", 1)[0] if key.startswith("optim/") else key[6:])
+        for dim, group in reversed(shard_spec(param) if param is not None else []):
+            tensor = comm.all_gather(tensor, group, dim)  # innermost split first, as global_placement nests them
+        out[key] = tensor.detach().cpu().clone()
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
+        return out
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, out)
     return {k: v for part in parts for k, v in part.items()}
+
+
+def _whole_optimizer_state(optimizer, names: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each trainable parameter's whole local (TP/EP-sharded) optimizer state: the pieces of the
+    distributed optimizer's shards are summed over the bucket's group (they are disjoint)."""
+    kinds = ["exp_avg", "exp_avg_sq"] + (["master"] if optimizer.keeps_masters else [])
+    pieces: dict = {}
+    for piece, tensors in optimizer.piece_states():
+        for kind, flat in tensors.items():
+            pieces.setdefault((id(piece.param), kind), []).append((piece, flat))
+    out = {}
+    for name, param in names.items():
+        if not isinstance(param, nn.Parameter) or not param.requires_grad:
+            continue
+        bucket = optimizer.grads.bucket_of(param)
+        for kind in kinds:
+            whole = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            for piece, flat in pieces.get((id(param), kind), []):
+                whole[piece.lo:piece.hi] = flat
+            if bucket.sharded:
+                dist.all_reduce(whole, group=bucket.group)
+            out[f"optim/{name}/{kind}"] = whole.view(param.shape)
+    return out
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -155,12 +184,17 @@ def load(path: Path, modules: Modules, optimizer, cfg) -> int:
     marker = io.read_marker(path)
     check_compatible(marker, cfg, path)
     train = marker.get("kind") == "train"
-    state, placements = train_state(modules, optimizer if train else None, cfg.model.tie_embeddings,
-                                     with_rng=False)
+    fresh_optimizer, optimizer = (None, optimizer) if train else (optimizer, None)
+    state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings, with_rng=False)
     saved = io.saved_tensors(path)
     rng = {k: v.clone() for k, v in rng_state().items() if k in saved}
     io.read_checkpoint(path, {**state, **rng}, placements)
     _restore_rng(rng)
+    if optimizer is not None:
+        optimizer.set_step_count(state["optim/step"])
+        optimizer.sync_params_from_masters()
+    if fresh_optimizer is not None:  # fp32 masters start from the loaded weights
+        fresh_optimizer.masters_from_params()
     return int(marker.get("step", 0))
 
 

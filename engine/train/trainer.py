@@ -15,17 +15,15 @@ from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_to
 from engine.model.batch import PackedBatch
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
-from engine.parallel.data_parallel import GradBuffer
 from engine.parallel.expert_parallel import finish_moe_step
 from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend
-from engine.parallel.parallelize import parallelize_stages
-from engine.parallel.pipeline import Pipeline, StageOutput, join_chunks
+from engine.parallel.pipeline import StageOutput
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.metrics import MetricsLogger
-from engine.train.multimodal import (MultimodalDataset, build_any_model, build_multimodal_dataset, freeze,
-                                     text_model, with_images)
-from engine.train.optim import build_optimizer, clip_grads, global_grad_norm, lr_at, set_lr
+from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
+from engine.train.optim import lr_at
+from engine.train.setup import build_rank
 
 
 def build_groups(cfg: Config) -> ParallelGroups:
@@ -53,16 +51,14 @@ class Trainer:
         self.cfg, self.groups = cfg, groups
         self.device = groups.device
         self.dataset = build_dataset(cfg)  # first: a VLM takes its <image> id from the data's tokenizer
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and layout
-        model = build_any_model(cfg, self.dataset).to(self.device)
-        self.chunks = parallelize_stages(model, groups, cfg)  # this rank's pipeline stages; [model] without PP
-        self.model = join_chunks(self.chunks)  # all of them, under their world-size-1 parameter names
-        freeze(self.model, cfg)  # train.freeze; after parallelize, which makes new Parameters
-        self.pipeline = Pipeline([text_model(c) for c in self.chunks], groups, cfg) if cfg.parallel.pp > 1 else None
+        torch.manual_seed(cfg.train.seed)  # the RNG state runs continue from (and checkpoints restore)
+        rank = build_rank(cfg, groups, self.dataset, self.device)  # only this rank's shards, ever
+        self.chunks = rank.chunks  # this rank's pipeline stages; [model] without PP
+        self.model = rank.model  # all of them, under their world-size-1 parameter names
+        self.pipeline = rank.pipeline
+        self.optimizer = rank.optimizer  # fp32 masters and Adam states, sharded with optim.distributed
+        self.grads = self.optimizer.grads  # fp32 gradient buckets, reduced over data parallel
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.grads = GradBuffer(self.params, groups.dp_cp, groups.tp, cfg.parallel.bucket_size_mb,
-                                expert_dp_group=groups.edp)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
                                           shuffle=cfg.data.shuffle)
         self.checkpoints = Checkpointer(cfg)
@@ -113,7 +109,6 @@ class Trainer:
         forward = functools.partial(self._stage_forward, num_tokens=num_tokens)
         stats = self.pipeline.run(shards, forward, grad_sync=self.grads.set_sync)
         self.grads.finish()
-        self.pipeline.sync_tied_grads()
         return comm.all_reduce(stats["loss_sum"], self.groups.dp_cp) / num_tokens, num_tokens
 
     def _stage_forward(self, chunk: int, hidden, shard, num_tokens: int) -> StageOutput:
@@ -144,10 +139,9 @@ class Trainer:
 
     def optimizer_step(self, lr: float) -> torch.Tensor:
         """Clip by the global norm, then step. Returns the norm before clipping."""
-        grad_norm = global_grad_norm(self.params, self.groups.mp, self.groups.tp_rank, expert_group=self.groups.emp)
-        clip_grads(self.params, grad_norm, self.cfg.optim.clip_grad)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        grad_norm = self.optimizer.grad_norm()
+        self.optimizer.clip(grad_norm, self.cfg.optim.clip_grad)
+        self.optimizer.step(lr)
         return grad_norm
 
     def fit(self, until: int | None = None) -> list[dict]:
