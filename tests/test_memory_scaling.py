@@ -86,24 +86,25 @@ def test_setup_never_holds_the_full_model(world4):
     assert max(held) < 0.75 * full, held
 
 
-LAYOUTS = {"tp4": ["parallel.tp=4"], "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"], "dp4": []}
+LAYOUTS = {"tp4": ["parallel.tp=4", "parallel.sp=true"], "tp2_pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"],
+           "dp4": []}
 
 
 @pytest.fixture(scope="module")
-def world1_footprint(world4, tmp_path_factory):
-    from tools.bench_memory import model_overrides, rank_footprint
+def world1_footprint():
+    from tools.bench_memory import measure, model_overrides
 
-    model = model_overrides(512, 4, 16, 8, 1408, 8192)  # ~21M parameters
-    run = str(tmp_path_factory.mktemp("mem") / "ws1")
-    return model, world4.run(rank_footprint, model, [], run, nranks=1)[0]
+    model = model_overrides(768, 4, 16, 8, 2048, 16384)  # ~50M parameters
+    return model, measure(1, model, [])[0]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_memory_scales_with_the_layout(world4, world1_footprint, layout, tmp_path):
-    from tools.bench_memory import rank_footprint, summarize
+def test_memory_scales_with_the_layout(world1_footprint, layout):
+    """Fresh processes per layout (the bench's own): earlier tests would leave their heap behind."""
+    from tools.bench_memory import measure, summarize
 
     model, ws1 = world1_footprint
-    ranks = world4.run(rank_footprint, model, LAYOUTS[layout], str(tmp_path / layout))
+    ranks = measure(4, model, LAYOUTS[layout])
     result = summarize(ws1, ranks)
     print(f"{layout}: largest/ideal {result['ratio']:.3f} "
           f"({[round(r['footprint'] / 2**20) for r in result['ranks']]} MiB, ideal {result['ideal'] / 2**20:.0f})")

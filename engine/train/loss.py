@@ -85,10 +85,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
+        # In place: the saved gradients are used once, and a second copy of d weight ([V/g, h] fp32)
+        # would double the LM head's share of a rank's peak memory.
         if grad_h is not None:
-            grad_h = (grad_h * grad_output).to(ctx.dtypes[0])
+            grad_h = grad_h.mul_(grad_output).to(ctx.dtypes[0])
         if grad_w is not None:
-            grad_w = (grad_w * grad_output).to(ctx.dtypes[1])
+            grad_w = grad_w.mul_(grad_output).to(ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
