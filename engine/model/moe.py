@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from engine.compat import grouped_mm, grouped_mm_runs
 from engine.model.layers import SwiGLU
+from engine.model.recompute import recomputing
 
 # ----------------------------------------------------------------------------- routing
 
@@ -264,8 +265,11 @@ class GroupedExperts(nn.Module):
         def mm(a, w):  # w: [E, out, in]
             return _ContiguousGrad.apply(grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
 
-        hidden = F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj)
-        return mm(hidden, self.down_proj)
+        return mm(self.activation(mm(x, self.gate_proj), mm(x, self.up_proj)), self.down_proj)
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's ``silu(gate) * up``: its own method so selective recompute can drop its output."""
+        return F.silu(gate) * up
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind: one backward that stacks the per-expert gradients (indexing would zero-fill E times)
@@ -275,7 +279,7 @@ class GroupedExperts(nn.Module):
             rows = x[start:start + n]
             start += n
             if n:
-                outs.append(F.linear(F.silu(F.linear(rows, w1)) * F.linear(rows, w3), w2))
+                outs.append(F.linear(self.activation(F.linear(rows, w1), F.linear(rows, w3)), w2))
         if not outs:  # stay in the graph: every EP rank must run the backward collectives
             return (x * 0).to(compute_dtype(x))
         return torch.cat(outs)
@@ -387,7 +391,8 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        self.stats.add(routing.experts, dropped, aux, z)
+        if not recomputing():  # a recompute in backward replays the forward: count it once
+            self.stats.add(routing.experts, dropped, aux, z)
         loss = aux + z
         if torch.is_tensor(loss) and loss.requires_grad:
             out = AttachLoss.apply(out, loss)

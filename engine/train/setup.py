@@ -22,6 +22,7 @@ import torch.nn as nn
 from engine.checkpoint.names import named_tensors
 from engine.config import Config
 from engine.model.init import fill_shard, init_rules
+from engine.model.recompute import apply_recompute
 from engine.parallel.data_parallel import place
 from engine.parallel.mesh import ParallelGroups
 from engine.parallel.parallelize import parallelize_stages
@@ -52,6 +53,7 @@ def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.devic
     del whole
     model = join_chunks(chunks)
     freeze(model, cfg)  # after parallelize, which makes new Parameters
+    apply_recompute(chunks, cfg.train.recompute, cfg.train.recompute_layers)
     for p in model.parameters():  # bf16 parameters; buffers (e.g. routing biases) stay fp32
         p.data = p.data.to(param_dtype(cfg))
     pipeline = Pipeline([text_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None

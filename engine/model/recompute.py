@@ -1,0 +1,97 @@
+"""Activation recompute (``train.recompute``): keep fewer activations, recompute them in backward.
+
+- ``full``: whole decoder blocks run under ``torch.utils.checkpoint``: only a block's input is kept,
+  and its forward runs again when backward reaches it (Megatron's ``--recompute-granularity full
+  --recompute-method block``: the first ``train.recompute_layers`` blocks of each pipeline chunk,
+  all when null).
+- ``selective``: what is cheap to recompute and costly to keep: the attention core (its inputs q,
+  k, v are kept, not its internals) and the routed experts' activation ``silu(gate) * up`` (the two
+  GEMM outputs are kept, not the product), as Megatron's selective recompute of ``core_attn`` and
+  ``moe_act``.
+
+Recomputing replays the same operations on the same inputs, so losses and gradients are bitwise
+those of ``none``. What a forward *records* must not happen twice: the MoE statistics check
+``recomputing()``, which is true while a checkpointed region runs again in backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+_state = threading.local()
+# Callbacks told about the tensors a checkpoint keeps for its recompute (its inputs): the activation
+# tracker counts them (engine/train/activations.py), since they are held until backward.
+input_observers: list[Callable[[list[torch.Tensor]], None]] = []
+
+
+def recomputing() -> bool:
+    """Whether the forward now running is a recompute in backward (record nothing a second time)."""
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recompute_phase():
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def _contexts():
+    return contextlib.nullcontext(), _recompute_phase()
+
+
+def checkpointed(fn: Callable, *args):
+    """``fn(*args)``, its activations dropped and recomputed in backward."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    kept = [a for a in args if torch.is_tensor(a)]
+    for observe in input_observers:
+        observe(kept)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+
+
+def _wrap(obj, attr: str) -> None:
+    """Replace ``obj.attr`` (a callable: a module's forward or a method) by its checkpointed self, once."""
+    original = getattr(obj, attr)
+    if getattr(original, "recomputed", False):
+        return
+    wrapped = functools.partial(checkpointed, original)
+    wrapped.recomputed = True
+    setattr(obj, attr, wrapped)
+
+
+def _text_blocks(chunk: nn.Module) -> list[nn.Module]:
+    model = chunk.llm if hasattr(chunk, "llm") else chunk
+    return [block for _, block in sorted(model.layers.items(), key=lambda kv: int(kv[0]))]
+
+
+def _all_blocks(chunk: nn.Module) -> list[nn.Module]:
+    vision = getattr(chunk, "vision", None)
+    return _text_blocks(chunk) + (list(vision.layers.values()) if vision is not None else [])
+
+
+def apply_recompute(chunks: list[nn.Module], mode: str, layers: Optional[int] = None) -> None:
+    """Make this rank's model chunks recompute as ``train.recompute`` says (see the module docstring)."""
+    if mode == "none":
+        return
+    if mode not in ("selective", "full"):
+        raise ValueError(f"recompute mode {mode!r} must be none, selective or full")
+    for chunk in chunks:
+        if mode == "full":
+            blocks = _text_blocks(chunk)
+            for block in blocks[:len(blocks) if layers is None else layers]:
+                _wrap(block, "forward")
+            continue
+        for block in _all_blocks(chunk):
+            _wrap(block.attn.core, "forward")
+            experts = getattr(block.mlp, "experts", None)
+            if experts is not None and hasattr(experts, "activation"):
+                _wrap(experts, "activation")
