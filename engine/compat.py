@@ -67,3 +67,11 @@ def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def foreach_mul_(tensors: list[torch.Tensor], scalar: float) -> None:
     """Scale every tensor in place in few kernels."""
     torch._foreach_mul_(tensors, scalar)
+
+
+def fake_process_group_store():
+    """A store for torch's ``fake`` backend: every rank of any world size in one process, collectives
+    no-ops (a dry run's process groups). A testing module of torch, hence here."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()

@@ -22,6 +22,8 @@ from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.metrics import MetricsLogger
 from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
+from engine.train.activations import ActivationTracker
+from engine.train.memory import MemoryReport, report_rank
 from engine.train.optim import lr_at
 from engine.train.setup import build_rank
 
@@ -67,6 +69,10 @@ class Trainer:
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+        self.memory = self.memory_report()  # activations by formula until the first step measures them
+        if groups.rank == 0:
+            print(self.memory.format(), flush=True)
+            self.memory.write(cfg.train.run_dir)
 
     # ------------------------------------------------------------------ one step
 
@@ -148,7 +154,7 @@ class Trainer:
         """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule)."""
         history = []
         while self.step < (self.cfg.train.steps if until is None else until):
-            record = self.train_step()
+            record = self.train_step() if history else self._measured_step()
             self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
             history.append(record)
             if self.checkpoints.should_save(self.step):
@@ -159,6 +165,28 @@ class Trainer:
         return history
 
     # ------------------------------------------------------------------ helpers
+
+    def memory_report(self, activations: int | None = None) -> MemoryReport:
+        return report_rank(self.cfg, self.groups, self.model, self.optimizer, activations)
+
+    def _measured_step(self) -> dict:
+        """The first step of a run, with its activations measured (on CUDA the allocator's peak above
+        the state; elsewhere the tensors kept for backward, per microbatch); rank 0 rewrites the report."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        tracker = ActivationTracker(exclude=[b.param_data for b in self.grads.buckets])
+        with contextlib.nullcontext() if cuda else tracker:
+            record = self.train_step()
+        if cuda:
+            held = self.memory.params_bytes + self.memory.grads_bytes + self.memory.optimizer_bytes
+            measured = max(0, torch.cuda.max_memory_allocated(self.device) - held)
+        else:
+            measured = tracker.peak
+        self.memory = self.memory_report(activations=measured)
+        if self.groups.rank == 0:
+            self.memory.write(self.cfg.train.run_dir)
+        return record
 
     def loss(self, model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed fp32 loss of the last stage's final hidden states: its LM head (vocabulary-split
