@@ -22,6 +22,7 @@ setup(
         "loom-plot=tools.plot_metrics:main",
         "loom-make-vqa=tools.make_synthetic_vqa:main",
         "loom-train-tokenizer=tools.train_tokenizer:main",
+        "loom-memory=tools.memory:main",
     ]},
     extras_require={
         "triton": ["triton"],

@@ -46,8 +46,8 @@ def _state_bytes(config, overrides):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_distributed_optimizer_matches_plain(world4, layout):
     config, nranks, overrides = LAYOUTS[layout]
-    plain = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=false"], nranks=nranks)[0]
-    sharded = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=true"], nranks=nranks)[0]
+    plain = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=false"], steps=3, nranks=nranks)[0]
+    sharded = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=true"], steps=3, nranks=nranks)[0]
     assert not sharded["out_of_sync"], f"replicas differ after the all-gather: {sharded['out_of_sync']}"
     for key in ("losses", "grad_norms"):
         err = _relative(sharded[key], plain[key])

@@ -85,7 +85,7 @@ def _dry_run(*args) -> tuple[dict, float]:
 
 
 DRY_RUNS = {"llama3_70b_rank0": ("llama3_70b", 64, ["--rank", "0"]),
-            "llama3_70b_most_loaded": ("llama3_70b", 64, ["--most-loaded"]),
+            "llama3_70b_last_stage": ("llama3_70b", 64, ["--rank", "48"]),
             "mixtral_8x7b_most_loaded": ("mixtral_8x7b", 64, ["--most-loaded"]),
             "qwen3_235b_a22b_most_loaded": ("qwen3_235b_a22b", 128, ["--most-loaded"])}
 
@@ -102,6 +102,7 @@ def test_dry_run_agrees_with_megatron(run):
     assert seconds < 60
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
         assert abs(report[key] / report["formula"][key] - 1) <= 0.02, (key, report[key], report["formula"][key])
+    assert report["activations_source"] == "formula" and report["activations_bytes"] > 0
 
 
 def _real_report(overrides):

@@ -5,8 +5,8 @@ Two checks on real gloo ranks, each in processes of its own (this module's world
   TP2 x PP2: the budget is enforced by the kernel (RLIMIT_DATA), so building the whole model
   anywhere would fail;
 - the most loaded rank's resident footprint, above its fixed overhead, stays within 1.15x of its
-  share of the world-size-1 footprint under TP4, TP2 x PP2 and DP4 with the distributed optimizer
-  (``loom-bench memory`` measures the same at 8 ranks and 160M parameters).
+  share of the world-size-1 footprint under TP2 x PP2 and DP4 with the distributed optimizer
+  (``loom-bench memory`` measures the same, TP8 included, at 8 ranks and 160M parameters).
 """
 import os
 
@@ -65,12 +65,12 @@ def _train_under_budget(model: list[str], layout: list[str], setup_fraction: flo
     return full, loss, held
 
 
-# About 104M parameters (417 MB of fp32 weights): 16k vocabulary, 6 layers of width 1024.
+# About 60M parameters (240 MB of fp32 weights): 16k vocabulary, 6 layers of width 768.
 
 def _big():
     from tools.bench_memory import model_overrides
 
-    return model_overrides(1024, 6, 16, 8, 2816, 16384)
+    return model_overrides(768, 6, 16, 8, 2048, 16384)
 
 
 def test_setup_never_holds_the_full_model(world4):
@@ -80,21 +80,21 @@ def test_setup_never_holds_the_full_model(world4):
     with their gradients 2x. A set-up that built the whole model first would be refused."""
     out = world4.run(_train_under_budget, _big(), ["parallel.tp=2", "parallel.pp=2"], 0.75, 1.25)
     full, loss, _ = out[0]
-    assert full > 400e6
+    assert full > 200e6
     assert all(o[1] == loss and loss == loss for o in out), out  # every rank finished the step with the loss
     held = [o[2] for o in out]
     assert max(held) < 0.75 * full, held
 
 
-LAYOUTS = {"tp4": ["parallel.tp=4", "parallel.sp=true"], "tp2_pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"],
-           "dp4": []}
+# TP x PP and DP with the distributed optimizer; TP alone (TP8) is in the benchmark.
+LAYOUTS = {"tp2_pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"], "dp4": []}
 
 
 @pytest.fixture(scope="module")
 def world1_footprint():
     from tools.bench_memory import measure, model_overrides
 
-    model = model_overrides(768, 4, 16, 8, 2048, 16384)  # ~50M parameters
+    model = model_overrides(768, 4, 16, 8, 2048, 16384)  # ~50M: the state dwarfs a rank's fixed costs
     return model, measure(1, model, [])[0]
 
 

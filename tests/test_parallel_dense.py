@@ -93,10 +93,12 @@ def _run_without_one_update(overrides: list[str]) -> dict | None:
         Trainer.optimizer_step = step  # the worker process runs other tasks next
 
 
-def test_bf16_parity(world4, bf16_reference):
-    """TP2+SP in bf16 against world size 1 in bf16, within tolerances that bf16 rounding alone stays inside
-    and that one layer missing its update breaks (next test). Master weights and gradients stay fp32."""
-    out = world4.run(train_layout, CONFIG, BASE + BF16 + LAYOUTS["tp2_sp"][1], nranks=2)[0]
+@pytest.mark.parametrize("layout", ["tp2_sp", "dp2"])
+def test_bf16_parity(world4, bf16_reference, layout):
+    """bf16 parameters (TP2+SP; DP2 with the distributed optimizer's sharded fp32 masters) against world
+    size 1 in bf16, within tolerances that bf16 rounding alone stays inside and that one layer missing its
+    update breaks (next test). Master weights and gradients stay fp32."""
+    out = world4.run(train_layout, CONFIG, BASE + BF16 + LAYOUTS[layout][1], nranks=LAYOUTS[layout][0])[0]
     worst = assert_parity(bf16_reference, out, **BF16_TOLERANCE)
     assert worst["loss"] > 0  # bf16 rounding really differs between the layouts: the tolerance is needed
     loss_dtype, dtypes = world4.run(_bf16_dtypes, nranks=1)[0]

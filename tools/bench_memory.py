@@ -45,8 +45,10 @@ from datetime import timedelta
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 _MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
-LAYOUTS = {"tp8": ["parallel.tp=8"], "tp4pp2": ["parallel.tp=4", "parallel.pp=2"], "dp8": [],
-           "tp4": ["parallel.tp=4"], "tp2pp2": ["parallel.tp=2", "parallel.pp=2"], "dp4": []}
+# TP with SP, as Megatron runs it: without SP the norms' and block inputs' activations stay whole on every TP rank.
+LAYOUTS = {"tp8": ["parallel.tp=8", "parallel.sp=true"], "tp4pp2": ["parallel.tp=4", "parallel.sp=true", "parallel.pp=2"],
+           "dp8": [], "tp4": ["parallel.tp=4", "parallel.sp=true"],
+           "tp2pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"], "dp4": []}
 
 
 def model_overrides(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
