@@ -72,7 +72,9 @@ def _with_masters(params: dict, trainer, tied: bool) -> dict:
         return params
     state = global_state(trainer.model, trainer.optimizer, tied)
     masters = {k[len("optim/"):-len("/master")]: v for k, v in state.items() if k.endswith("/master")}
-    canonical = lambda name: name[: -len("lm_head.weight")] + "embed.weight" if tied and name.endswith("lm_head.weight") else name  # noqa: E731
+    def canonical(name: str) -> str:  # a tied head's master is the embedding's
+        return name[: -len("lm_head.weight")] + "embed.weight" if tied and name.endswith("lm_head.weight") else name
+
     return {k: masters.get(canonical(k), v) for k, v in params.items()}
 
 

@@ -112,7 +112,8 @@ def test_memory_scales_with_the_layout(world1_footprint, layout):
 
 
 def test_budget_refuses_the_whole_model(world4):
-    """(Last: a failed task restarts the world.) The budget check can fail: at world size 1 the same set-up needs the whole model and is refused."""
+    """(Last: a failed task restarts the world.) The budget check can fail: at world size 1 the same
+    set-up needs the whole model and is refused."""
     from tests.harness import RankError
 
     with pytest.raises(RankError, match="can't allocate memory"):

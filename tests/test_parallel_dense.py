@@ -93,12 +93,17 @@ def _run_without_one_update(overrides: list[str]) -> dict | None:
         Trainer.optimizer_step = step  # the worker process runs other tasks next
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "dp2"])
+BF16_LAYOUTS = {"tp2_sp": LAYOUTS["tp2_sp"], "dp2": LAYOUTS["dp2"],
+                "dp2_bf16_reduce": (2, ["optim.grad_reduce_dtype=bf16"])}
+
+
+@pytest.mark.parametrize("layout", sorted(BF16_LAYOUTS))
 def test_bf16_parity(world4, bf16_reference, layout):
-    """bf16 parameters (TP2+SP; DP2 with the distributed optimizer's sharded fp32 masters) against world
-    size 1 in bf16, within tolerances that bf16 rounding alone stays inside and that one layer missing its
-    update breaks (next test). Master weights and gradients stay fp32."""
-    out = world4.run(train_layout, CONFIG, BASE + BF16 + LAYOUTS[layout][1], nranks=LAYOUTS[layout][0])[0]
+    """bf16 parameters (TP2+SP; DP2 with the distributed optimizer's sharded fp32 masters, its gradients
+    reduced in fp32 or in bf16) against world size 1 in bf16, within tolerances that bf16 rounding alone
+    stays inside and that one layer missing its update breaks (next test). Master weights stay fp32."""
+    nranks, overrides = BF16_LAYOUTS[layout]
+    out = world4.run(train_layout, CONFIG, BASE + BF16 + overrides, nranks=nranks)[0]
     worst = assert_parity(bf16_reference, out, **BF16_TOLERANCE)
     assert worst["loss"] > 0  # bf16 rounding really differs between the layouts: the tolerance is needed
     loss_dtype, dtypes = world4.run(_bf16_dtypes, nranks=1)[0]

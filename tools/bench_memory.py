@@ -46,7 +46,8 @@ from datetime import timedelta
 CONFIG = "launch/configs/tiny_dense.yaml"
 _MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 # TP with SP, as Megatron runs it: without SP the norms' and block inputs' activations stay whole on every TP rank.
-LAYOUTS = {"tp8": ["parallel.tp=8", "parallel.sp=true"], "tp4pp2": ["parallel.tp=4", "parallel.sp=true", "parallel.pp=2"],
+LAYOUTS = {"tp8": ["parallel.tp=8", "parallel.sp=true"],
+           "tp4pp2": ["parallel.tp=4", "parallel.sp=true", "parallel.pp=2"],
            "dp8": [], "tp4": ["parallel.tp=4", "parallel.sp=true"],
            "tp2pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"], "dp4": []}
 
@@ -135,6 +136,7 @@ def summarize(ws1: dict, ranks: list[dict]) -> dict:
 
 def _worker(rank, world, store_path, model, layout, run_dir, results) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    sys.stdout = open(os.devnull, "w")  # the trainers' own reports: the table is the parent's output
     import torch
     import torch.distributed as dist
 
@@ -156,8 +158,8 @@ def measure(world: int, model: list[str], layout: list[str]) -> list[dict]:
     os.environ[_MMAP_THRESHOLD] = str(1 << 20)  # read by each rank's malloc at start-up (module docstring)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), model, layout, os.path.join(tmp, "run"),
-                                              results), nprocs=world, join=True, start_method="spawn")
+            args = (world, os.path.join(tmp, "store"), model, layout, os.path.join(tmp, "run"), results)
+            mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method="spawn")
     finally:
         if previous is None:
             os.environ.pop(_MMAP_THRESHOLD)

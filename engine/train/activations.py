@@ -1,13 +1,13 @@
 """How many bytes of activations a forward keeps for backward, measured on any device.
 
 ``ActivationTracker`` counts the tensors autograd saves while a forward runs inside it (through
-``torch.autograd.graph.saved_tensors_hooks``), each storage once, leaving out the parameters
-(which are held anyway) and adding the inputs an activation checkpoint keeps for its recompute
-(engine/model/recompute.py reports them). Each is counted while it lives (until its
-graph runs backward), so ``peak`` is the most bytes held for backward at once: one microbatch's at
-the end of its forward under gradient accumulation, several under a pipeline schedule. It is not an allocator peak: transient buffers inside an
-op, and what a recompute briefly rebuilds in backward, are not in it. On CUDA the allocator's peak
-(torch.cuda.max_memory_allocated) measures those too.
+``torch.autograd.graph.saved_tensors_hooks``), each storage once, leaving out the parameters (which
+are held anyway) and adding the inputs an activation checkpoint keeps for its recompute
+(engine/model/recompute.py reports them). Each is counted while it lives (until its graph runs
+backward), so ``peak`` is the most bytes held for backward at once: one microbatch's at the end of
+its forward under gradient accumulation, several under a pipeline schedule. It is not an allocator
+peak: transient buffers inside an op, and what a recompute briefly rebuilds in backward, are not in
+it. On CUDA the allocator's peak (torch.cuda.max_memory_allocated) measures those too.
 """
 from __future__ import annotations
 

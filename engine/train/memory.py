@@ -92,7 +92,8 @@ def activation_units_per_layer(cfg: Config, dims: ParallelDims, moe_layer: bool,
     split = 4 + 4 * g  # Q, K, V, the core's output
     if moe_layer:
         k = m.moe.top_k
-        per_copy = 2 + (4 if recompute == "selective" else 6) * m.moe_intermediate_size / dims.resolved_etp / m.hidden_size
+        expert_width = m.moe_intermediate_size / dims.resolved_etp / m.hidden_size
+        per_copy = 2 + (4 if recompute == "selective" else 6) * expert_width
         split += k * per_copy + 6 * m.shared_expert_intermediate_size / t / m.hidden_size
     else:
         split += 6 * m.intermediate_size / m.hidden_size
@@ -176,7 +177,8 @@ def build_report(*, cfg: Config, dims: ParallelDims, rank: int, pp_rank: int, pa
                         "formula" if activations is None else "measured", formula)
 
 
-def report_rank(cfg: Config, groups, model: torch.nn.Module, optimizer, activations: Optional[int] = None) -> MemoryReport:
+def report_rank(cfg: Config, groups, model: torch.nn.Module, optimizer,
+                activations: Optional[int] = None) -> MemoryReport:
     """The report of this rank from what it holds (``model``: every chunk under global names)."""
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]

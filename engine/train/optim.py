@@ -84,7 +84,8 @@ class MixedPrecisionAdamW:
         """
         g = self.groups
         tp_rank = g.tp_rank if g is not None else 0
-        dense = [self.grads.grad(p) for p in self.pieces if not spec_of(p.param).expert and counts_in_norm(p.param, tp_rank)]
+        dense = [self.grads.grad(p) for p in self.pieces
+                 if not spec_of(p.param).expert and counts_in_norm(p.param, tp_rank)]
         experts = [self.grads.grad(p) for p in self.pieces if spec_of(p.param).expert]
         device = self.grads.device
         dense_sq, expert_sq = _sum_of_squares(dense, device), _sum_of_squares(experts, device)

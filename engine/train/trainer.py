@@ -18,12 +18,12 @@ from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.expert_parallel import finish_moe_step
 from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend
 from engine.parallel.pipeline import StageOutput
+from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.metrics import MetricsLogger
-from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
-from engine.train.activations import ActivationTracker
 from engine.train.memory import MemoryReport, report_rank
+from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
 from engine.train.optim import lr_at
 from engine.train.setup import build_rank
 
