@@ -64,33 +64,30 @@ def _cp_ring_skips_last_block():
     return _replaced(ring, "_ring_forward", ring_forward)
 
 
-class _OtherEpRank:
-    """``groups`` as seen by a rank that believes it is the next EP rank."""
-
-    def __init__(self, groups):
-        self._groups = groups
-
-    def __getattr__(self, name):
-        return getattr(self._groups, name)
-
-    @property
-    def ep_rank(self):
-        from engine.parallel import comm
-
-        return (self._groups.ep_rank + 1) % comm.group_size(self._groups.ep)
-
-
 def _ep_swapped_shards():
-    """Each EP rank loads the other rank's expert shard, while the dispatcher still routes by the true rank."""
-    from engine.parallel import expert_parallel
+    """Each EP rank starts with the next EP rank's expert shard, while the dispatcher still routes by the
+    true rank (initial values follow each shard's spec, so the swap is made after initialisation)."""
+    import torch
 
-    shard = expert_parallel.shard_experts
+    from engine.parallel import comm
+    from engine.parallel.sharding import spec_of
+    from engine.train import setup
 
-    def shard_experts(experts, groups):
-        _fired["ep"] += 1
-        return shard(experts, _OtherEpRank(groups))
+    initialize = setup.initialize
 
-    return _replaced(expert_parallel, "shard_experts", shard_experts)
+    def initialize_swapped(chunks, rules, cfg):
+        initialize(chunks, rules, cfg)
+        for chunk in chunks:
+            for param in chunk.parameters():
+                spec = spec_of(param)
+                if spec.expert and spec.splits and spec.splits[0][0] == 0:
+                    group = spec.splits[0][1]
+                    parts = comm.all_gather(param.data, group, 0).chunk(comm.group_size(group))
+                    with torch.no_grad():
+                        param.copy_(parts[(comm.group_rank(group) + 1) % len(parts)])
+                    _fired["ep"] += 1
+
+    return _replaced(setup, "initialize", initialize_swapped)
 
 
 def _pp_drops_microbatch0_grad():
