@@ -7,7 +7,7 @@ step's loss and gradient norm, and every parameter, agree within a relative 1e-6
 import numpy as np
 import pytest
 
-from tests.parity import assert_close_tensors, train_layout
+from tests.parity import assert_close_tensors, params, train_layout
 
 DENSE, MOE = "launch/configs/tiny_dense.yaml", "launch/configs/tiny_moe.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_distopt", "model.attn_backend=torch"]
@@ -43,7 +43,7 @@ def _state_bytes(config, overrides):
     return out
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", params(sorted(LAYOUTS), slow=["dp4", "pp2_dp2"]))
 def test_distributed_optimizer_matches_plain(world4, layout):
     config, nranks, overrides = LAYOUTS[layout]
     plain = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=false"], steps=3, nranks=nranks)[0]

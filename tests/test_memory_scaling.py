@@ -14,6 +14,8 @@ import pytest
 
 from tests.parity import ROOT
 
+pytestmark = pytest.mark.slow  # a minute of 50-60M-parameter models: the full suite runs it
+
 CONFIG = "launch/configs/tiny_dense.yaml"
 
 
