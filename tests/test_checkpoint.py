@@ -141,7 +141,7 @@ def test_resume_other_layout(world4, reference, nranks, overrides):
 
 @pytest.mark.parametrize("nranks,overrides", [
     (2, []),  # DP4 -> DP2
-    (4, ["parallel.tp=2"]),  # DP4 -> TP2 x DP2
+    pytest.param(4, ["parallel.tp=2"], marks=pytest.mark.slow),  # DP4 -> TP2 x DP2
 ], ids=["dp4_to_dp2", "dp4_to_tp2dp2"])
 def test_distributed_optimizer_dp4_resumes(world4, reference, nranks, overrides):
     """The distributed optimizer's shards, saved at DP4 (a quarter of every bucket per rank, cut
@@ -158,6 +158,7 @@ def test_distributed_optimizer_dp4_resumes(world4, reference, nranks, overrides)
     _assert_same_state(out[0]["state"], reference["state"])
 
 
+@pytest.mark.slow
 def test_bf16_resume_restores_fp32_masters(world4, tmp_path):
     """bf16 parameters are their fp32 masters rounded: a DP2 run with the distributed optimizer, stopped at
     step 5 and resumed, ends bit-identical to the uninterrupted run only if the masters came back."""

@@ -43,7 +43,7 @@ def _state_bytes(config, overrides):
     return out
 
 
-@pytest.mark.parametrize("layout", params(sorted(LAYOUTS), slow=["dp4", "pp2_dp2"]))
+@pytest.mark.parametrize("layout", params(sorted(LAYOUTS), slow=["dp4", "pp2_dp2", "ep2_dp2"]))
 def test_distributed_optimizer_matches_plain(world4, layout):
     config, nranks, overrides = LAYOUTS[layout]
     plain = world4.run(train_layout, config, BASE + overrides + ["optim.distributed=false"], steps=3, nranks=nranks)[0]
@@ -56,6 +56,7 @@ def test_distributed_optimizer_matches_plain(world4, layout):
         assert_close_tensors(kind, plain[kind], sharded[kind], RTOL)
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_sharded_over_dp(world4):
     """DP4: each rank keeps a quarter of the Adam states (plus bucket padding) instead of all of them."""
     plain = world4.run(_state_bytes, DENSE, ["optim.distributed=false"], nranks=4)

@@ -76,7 +76,7 @@ def _initial(config, overrides):
 
 
 @pytest.mark.parametrize("kind,overrides", [
-    LAYOUTS[0], pytest.param(*LAYOUTS[1], marks=pytest.mark.slow), LAYOUTS[2],
+    LAYOUTS[0], pytest.param(*LAYOUTS[1], marks=pytest.mark.slow), pytest.param(*LAYOUTS[2], marks=pytest.mark.slow),
     pytest.param(*LAYOUTS[3], marks=pytest.mark.slow)], ids=["tp2pp2_tied", "tp4_sp", "ep2_tp2", "ep4_etp1"])
 def test_initial_weights_identical_across_layouts(world4, kind, overrides):
     """Gathered at full shape, every initial weight equals world size 1's, bit for bit."""

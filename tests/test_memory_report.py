@@ -116,6 +116,7 @@ def _real_report(overrides):
     return report
 
 
+@pytest.mark.slow
 def test_dry_run_matches_a_real_rank(world4):
     """The dry run of rank 3 of TP2 x EP2 (+ the distributed optimizer) holds exactly what that rank allocates."""
     layout = ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "train.run_dir=runs/test_memory_report"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.parity import BF16 as BF16_TOLERANCE
-from tests.parity import assert_parity, relative_error, train_layout, world1_references
+from tests.parity import assert_parity, params, relative_error, train_layout, world1_references
 
 CONFIG = "launch/configs/tiny_dense.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_parity", "model.attn_backend=torch"]
@@ -97,7 +97,7 @@ BF16_LAYOUTS = {"tp2_sp": LAYOUTS["tp2_sp"], "dp2": LAYOUTS["dp2"],
                 "dp2_bf16_reduce": (2, ["optim.grad_reduce_dtype=bf16"])}
 
 
-@pytest.mark.parametrize("layout", sorted(BF16_LAYOUTS))
+@pytest.mark.parametrize("layout", params(sorted(BF16_LAYOUTS), slow=["dp2_bf16_reduce"]))
 def test_bf16_parity(world4, bf16_reference, layout):
     """bf16 parameters (TP2+SP; DP2 with the distributed optimizer's sharded fp32 masters, its gradients
     reduced in fp32 or in bf16) against world size 1 in bf16, within tolerances that bf16 rounding alone

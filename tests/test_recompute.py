@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.parity import ROOT, train_layout
+from tests.parity import ROOT, params, train_layout
 
 DENSE, MOE = "launch/configs/tiny_dense.yaml", "launch/configs/tiny_moe.yaml"
 BASE = ["train.dtype=fp32", "train.run_dir=runs/test_recompute", "model.attn_backend=torch"]
@@ -31,7 +31,7 @@ def references(world2):
 
 
 @pytest.mark.parametrize("model", ["dense", "moe"])
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", params(sorted(MODES), slow=["full_1_layer"]))
 def test_recompute_is_bitwise_the_same(world2, references, model, mode):
     config, extra = (DENSE, []) if model == "dense" else (MOE, MOE_LOSSES)
     out = world2.run(train_layout, config, BASE + extra + MODES[mode], steps=2, nranks=1)[0]
