@@ -250,9 +250,6 @@ class GradBuffer:
         start, end = bucket.offsets[id(param)]
         return data[start:end].view(param.shape)
 
-    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
-        return {"params": [b.param_data for b in self.buckets], "grads": [b.grad_data for b in self.buckets]}
-
 
 def place(param: nn.Parameter, data: torch.Tensor) -> None:
     """Make ``param`` (the same Python object: modules, hooks and specs keep referring to it) use

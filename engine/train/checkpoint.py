@@ -98,14 +98,13 @@ def global_state(modules: Modules, optimizer, tie_embeddings: bool) -> dict[str,
     gathered over their shard-spec groups, and pipeline stages, which hold disjoint names, merged.
     """
     names = named_tensors(modules, tie_embeddings)
-    local = {f"model/{name}": t.detach() for name, t in names.items()}
+    local = [(f"model/{name}", t.detach(), t) for name, t in names.items()]  # (key, local tensor, owner)
     if optimizer is not None:
-        local["optim/step"] = optimizer.step_count
-        local.update(_whole_optimizer_state(optimizer, names))
+        local.append(("optim/step", optimizer.step_count, None))
+        local += _whole_optimizer_state(optimizer, names)
     out = {}
-    for key, tensor in local.items():
-        param = names.get(key.split("/", 2)[1].rsplit("/", 1)[0] if key.startswith("optim/") else key[6:])
-        for dim, group in reversed(shard_spec(param) if param is not None else []):
+    for key, tensor, owner in local:
+        for dim, group in reversed(shard_spec(owner) if owner is not None else []):
             tensor = comm.all_gather(tensor, group, dim)  # innermost split first, as global_placement nests them
         out[key] = tensor.detach().cpu().clone()
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -115,7 +114,7 @@ def global_state(modules: Modules, optimizer, tie_embeddings: bool) -> dict[str,
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _whole_optimizer_state(optimizer, names: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _whole_optimizer_state(optimizer, names: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, nn.Parameter]]:
     """Each trainable parameter's whole local (TP/EP-sharded) optimizer state: the pieces of the
     distributed optimizer's shards are summed over the bucket's group (they are disjoint)."""
     kinds = ["exp_avg", "exp_avg_sq"] + (["master"] if optimizer.keeps_masters else [])
@@ -123,7 +122,7 @@ def _whole_optimizer_state(optimizer, names: dict[str, torch.Tensor]) -> dict[st
     for piece, tensors in optimizer.piece_states():
         for kind, flat in tensors.items():
             pieces.setdefault((id(piece.param), kind), []).append((piece, flat))
-    out = {}
+    out = []
     for name, param in names.items():
         if not isinstance(param, nn.Parameter) or not param.requires_grad:
             continue
@@ -134,7 +133,7 @@ def _whole_optimizer_state(optimizer, names: dict[str, torch.Tensor]) -> dict[st
                 whole[piece.lo:piece.hi] = flat
             if bucket.sharded:
                 dist.all_reduce(whole, group=bucket.group)
-            out[f"optim/{name}/{kind}"] = whole.view(param.shape)
+            out.append((f"optim/{name}/{kind}", whole.view(param.shape), param))
     return out
 
 

@@ -114,11 +114,9 @@ class MixedPrecisionAdamW:
                 group["lr"] = lr
             self.inner.step()
         self.num_steps += 1
-        for master, piece in zip(self.masters, self.pieces):
+        for master in self.masters:
             master.grad = None
-            if self.keeps_masters:
-                piece.bucket.param_data[piece.start:piece.end].copy_(master)
-        self.grads.all_gather_params()
+        self.sync_params_from_masters()
 
     # ------------------------------------------------------------------ state
 
@@ -151,7 +149,7 @@ class MixedPrecisionAdamW:
 
     @torch.no_grad()
     def sync_params_from_masters(self) -> None:
-        """After masters were loaded: round them into the parameters and share them."""
+        """After a step or a load of the masters: round them into the parameters and share them."""
         for master, piece in zip(self.masters, self.pieces):
             if self.keeps_masters:
                 piece.bucket.param_data[piece.start:piece.end].copy_(master)
