@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from engine.checkpoint.names import named_tensors
 from engine.model.layers import RMSNorm
 from engine.model.moe import GroupedExperts, Router
 
@@ -116,16 +117,9 @@ def fill_shard(out: torch.Tensor, init: Init, seed: int, name: str,
 def initialize_full(model: nn.Module, seed: int, std: float) -> None:
     """Fill a whole, unsharded ``model`` (on a real device) as ``fill_shard`` would at world size 1."""
     rules = init_rules(model, std)
-    for name, tensor in _named_tensors(model):
+    # Whole and untied by name: a tied head is the embedding's tensor, so it is listed (and filled) once.
+    for name, tensor in named_tensors(model, tie_embeddings=False).items():
         fill_shard(tensor.data, rules[name], seed, name, tuple(tensor.shape), (0,) * tensor.dim())
-
-
-def _named_tensors(model: nn.Module):
-    seen = set()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor
 
 
 def seed_from_rng() -> int:

@@ -143,15 +143,16 @@ class MixedPrecisionAdamW:
     @torch.no_grad()
     def masters_from_params(self) -> None:
         """After the parameters were set from outside (initialisation, a weights-only checkpoint)."""
+        if not self.keeps_masters:
+            return
         for master, piece in zip(self.masters, self.pieces):
-            if self.keeps_masters:
-                master.copy_(piece.bucket.param_data[piece.start:piece.end])
+            master.copy_(piece.bucket.param_data[piece.start:piece.end])
 
     @torch.no_grad()
     def sync_params_from_masters(self) -> None:
         """After a step or a load of the masters: round them into the parameters and share them."""
-        for master, piece in zip(self.masters, self.pieces):
-            if self.keeps_masters:
+        if self.keeps_masters:
+            for master, piece in zip(self.masters, self.pieces):
                 piece.bucket.param_data[piece.start:piece.end].copy_(master)
         self.grads.all_gather_params()
 
