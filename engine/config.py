@@ -46,6 +46,9 @@ class MoEConfig:
     first_k_dense: int = 0  # the first k layers keep a dense MLP
     layer_freq: int = 1  # then every layer_freq-th layer is MoE
     grouped_gemm: bool = True  # torch._grouped_mm where it runs; false: a loop over experts
+    # Benchmarks only: assign each token's k experts round-robin instead of by score, a uniform load
+    # (what published MoE tables measure). The weights stay the router's probabilities of those experts.
+    force_balanced_routing: bool = False
 
     def validate(self) -> None:
         if self.num_experts < 0:

@@ -20,7 +20,7 @@ def test_torchrun_tiny_dense_learns(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOM_PG_TIMEOUT_S": "120"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "step    40 | loss" in proc.stdout
+    assert "step 40/40 | loss" in proc.stdout and "ETA" in proc.stdout and "\r" not in proc.stdout
 
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["parallel"]["tp"] == 2 and resolved["train"]["steps"] == 40

@@ -1,7 +1,9 @@
 """``loom-bench NAME [ARGS ...]``: one entry point for the benchmarks under tools/.
 
     loom-bench step        Loom's train step against HF's at world size 1 (tools/bench_step.py)
-    loom-bench moe         routed experts: grouped GEMM against a loop (tools/bench_moe.py)
+    loom-bench moe         a MoE model's training steps under torchrun: time, TFLOP/s, MFU, bytes, expert
+                           load, real against balanced routing (tools/bench_moe.py)
+    loom-bench grouped-gemm  routed experts: grouped GEMM against a loop (tools/bench_grouped_gemm.py)
     loom-bench attention   Triton / flash-attn / torch attention backends (tools/bench_attention.py)
     loom-bench cp          context-parallel load balance and bytes sent (tools/bench_context_parallel.py)
     loom-bench pipeline    pipeline schedules' bubbles (tools/bench_pipeline.py)
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"step": "bench_step", "moe": "bench_moe", "attention": "bench_attention",
+BENCHES = {"step": "bench_step", "moe": "bench_moe", "grouped-gemm": "bench_grouped_gemm", "attention": "bench_attention",
            "cp": "bench_context_parallel", "pipeline": "bench_pipeline", "memory": "bench_memory"}
 
 

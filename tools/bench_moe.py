@@ -1,67 +1,305 @@
-"""Routed experts: ``torch._grouped_mm`` against the loop over experts, forward + backward.
+"""A MoE model's training steps, measured: time, throughput, TFLOP/s, MFU, memory, bytes, expert load.
 
-    python tools/bench_moe.py [--experts 8] [--hidden 256] [--ffn 512] [--tokens 4096] [--top-k 2] [--dtype bf16]
+    torchrun --nproc-per-node 4 tools/bench_moe.py --config launch/configs/models/tiny/mixtral_8x7b.yaml \\
+        [--steps 10] [--warmup 2] [--peak-tflops X] [--routing real|balanced|both] [a.b=value ...]
 
-Reports each path's time and their ratio, measured in the same run (a benchmark, never a test).
+Runs real training steps (Trainer.train_step) under the config's layout and reports, over the timed
+steps, the median, min and max of each figure, for the router's own assignment (``real``) and a
+forced uniform one (``balanced``: token t's choice j goes to expert (t k + j) mod E, what published
+MoE tables measure), side by side by default, each after its own warm-up steps. What each figure is:
+
+- step time: rank 0's wall time of forward, backward, optimizer step and MoE statistics;
+  tokens/s: the global batch's tokens over it, and that over the world size per rank.
+- TFLOP/s per rank: engine/train/flops.py's model FLOPs of the step's global batch (causal attention
+  over the real packed document lengths, routed experts counting the kept assignments only, the LM
+  head; x3 for backward, more with recompute) over the step time and the world size.
+- MFU: that over ``--peak-tflops``; by default the device table's bf16 peak (H100/H200 989, A100 312)
+  on CUDA, and on CPU the fp32 matmul throughput measured on every rank at once in this run (so MFU
+  there says how close the step comes to the machine's own matmul speed).
+- peak memory per rank: the memory report (engine/train/memory.py) with activations measured in the
+  first warm-up step; on CUDA also the allocator's peak.
+- bytes per collective kind, per rank and step, counted at the torch.distributed call boundary
+  (tools/traffic.py), beside the theoretical volume of the layout (tp = pp = cp = 1, uniform routing)
+  and their ratio. Under real routing the all-to-all ratio is the cost of imbalance in bytes.
+- expert load per MoE layer: max/mean and coefficient of variation of the assignments per expert;
+  per EP rank: the assignments its experts receive, max/mean over the ep ranks (the imbalance that
+  runs a rank out of memory); dropped assignments; the auxiliary loss.
+
+Writes ``bench.json``, ``expert_load_<routing>_layer<L>.png`` (expert x step heatmaps),
+``ep_rank_load.png`` and ``step_time.png`` in the run directory (``train.run_dir``, default
+runs/bench_moe). A benchmark, never a test: the figures are measured, nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from engine.model.moe import GroupedExperts
+ROUTINGS = ("real", "balanced")
 
 
-def time_path(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, dtype, iters: int) -> float:
-    def step():
-        xi = x.detach().requires_grad_()
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            y = experts(xi, counts)
-        y.float().square().mean().backward()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per routing")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each routing's timed ones")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-rank peak for MFU (default: see above)")
+    p.add_argument("--routing", choices=ROUTINGS + ("both",), default="both")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be at least 1 (the first warm-up step measures activations)")
+    return args
 
-    step()  # warm up
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+
+def measure_matmul_tflops(device: torch.device, n: int = 1024, reps: int = 5) -> float:
+    """This rank's fp32 matmul TFLOP/s, measured while every rank measures (they share the machine)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    dist.barrier()
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    dist.barrier()
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(args, device) -> tuple[float, str]:
+    from engine.train.flops import device_peak_tflops
+
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    table = device_peak_tflops(device)
+    if table:
+        return table, f"device table ({torch.cuda.get_device_name(device)}, bf16 dense)"
+    return measure_matmul_tflops(device), "fp32 1024^3 matmul measured on every rank at once in this run"
+
+
+def global_doc_lengths(trainer, step: int) -> list[int]:
+    """Every document length of step ``step``'s global batch (the layout does not change it)."""
+    from engine.data import rank_microbatches
+    from engine.train.multimodal import MultimodalDataset
+
+    share = (trainer.sampler.indices(step), 0, 1, trainer.cfg.train.micro_batch_size)
+    if isinstance(trainer.dataset, MultimodalDataset):
+        mbs = trainer.dataset.microbatches(*share)
+    else:
+        mbs = rank_microbatches(trainer.dataset, *share)
+    return [int(n) for mb in mbs for n in torch.diff(mb.cu_seqlens).tolist()]
+
+
+def set_routing(model, balanced: bool) -> None:
+    from engine.model.moe import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.cfg.force_balanced_routing = balanced
+
+
+def run_routing(trainer, counter, routing: str, warmup: int, steps: int, first: bool) -> list[dict]:
+    """``warmup`` then ``steps`` timed steps under ``routing``; one record per timed step (bytes: this rank's)."""
+    from engine.train.flops import step_flops
+
+    set_routing(trainer.model, routing == "balanced")
+    records = []
+    for i in range(warmup + steps):
+        docs = global_doc_lengths(trainer, trainer.step)
+        counter.reset()
+        record = trainer.measured_step() if first and i == 0 else trainer.train_step()
+        if i < warmup:
+            continue
+        loads = {k: sum(v) for k, v in record["expert_load"].items()}
+        flops = step_flops(trainer.cfg.model, docs, loads, trainer.cfg.train.recompute).total
+        record.update(model_flops=flops, bytes=counter.by_kind(),
+                      bytes_by_group={f"{kind} {list(ranks)}": n for (kind, ranks), n in counter.bytes.items()})
+        trainer.metrics.log(record, print_line=False)
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def spread(values) -> dict:
+    values = [float(v) for v in values]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def load_figures(expert_load: dict, placement: list[list[int]] | None, groups: int) -> dict:
+    """Per layer: max/mean and CV of the experts' load; per ep rank: its experts' load per EP group."""
+    out = {}
+    for layer, load in expert_load.items():
+        t = torch.tensor(load, dtype=torch.float64)
+        mean = t.mean().clamp(min=1e-12)
+        row = {"max_over_mean": float(t.max() / mean), "cv": float(t.std(unbiased=False) / mean)}
+        if placement is not None:
+            ranks = torch.stack([t[experts].sum() / groups for experts in placement])
+            row["ep_rank_load"] = ranks.tolist()
+            row["ep_rank_max_over_mean"] = float(ranks.max() / ranks.mean().clamp(min=1e-12))
+        out[layer] = row
+    return out
+
+
+def summarize(records: list[dict], world: int, peak: float, placement, groups: int) -> dict:
+    times = [r["step_time_s"] for r in records]
+    tflops = [r["model_flops"] / r["step_time_s"] / world / 1e12 for r in records]
+    loads = [load_figures(r["expert_load"], placement, groups) for r in records]
+    layers = list(loads[0])
+    s = {"step_time_s": spread(times), "tokens_per_s": spread([r["tokens_per_s"] for r in records]),
+         "tokens_per_s_per_rank": spread([r["tokens_per_s"] / world for r in records]),
+         "tflops_per_rank": spread(tflops), "mfu": spread([x / peak for x in tflops]),
+         "dropped_tokens": spread([r["dropped_tokens"] for r in records]),
+         "aux_loss": spread([r["aux_loss"] for r in records]),
+         "expert_max_over_mean": {k: spread([f[k]["max_over_mean"] for f in loads]) for k in layers},
+         "expert_cv": {k: spread([f[k]["cv"] for f in loads]) for k in layers}}
+    if placement is not None:
+        s["ep_rank_max_over_mean"] = {k: spread([f[k]["ep_rank_max_over_mean"] for f in loads]) for k in layers}
+        s["ep_rank_load"] = {k: [statistics.mean(f[k]["ep_rank_load"][r] for f in loads)
+                                 for r in range(len(placement))] for k in layers}
+    return s
+
+
+def traffic(records_by_rank: list[list[dict]], theory: dict | None) -> dict:
+    """Per kind: counted bytes per rank and step (median over ranks and steps), theory, their ratio."""
+    from tools.traffic import KINDS
+
+    out = {}
+    for kind in KINDS:
+        counted = [r["bytes"][kind] for recs in records_by_rank for r in recs]
+        row = {"counted": spread(counted)}
+        if theory is not None:
+            row["theory"] = theory[kind]
+            row["ratio"] = spread([c / theory[kind] for c in counted]) if theory[kind] else None
+        out[kind] = row
+    return out
+
+
+def fmt(x: dict, scale: float = 1.0, digits: int = 3) -> str:
+    return f"{x['median'] * scale:.{digits}g} [{x['min'] * scale:.{digits}g}, {x['max'] * scale:.{digits}g}]"
+
+
+def markdown(result: dict) -> str:
+    modes = list(result["routing"])
+    rows = [("step time (ms)", "step_time_s", 1e3), ("tokens/s", "tokens_per_s", 1),
+            ("tokens/s per rank", "tokens_per_s_per_rank", 1), ("model TFLOP/s per rank", "tflops_per_rank", 1),
+            ("MFU (%)", "mfu", 100), ("dropped assignments", "dropped_tokens", 1), ("aux loss", "aux_loss", 1)]
+    lines = [f"| figure (median [min, max] over {result['steps']} steps) | " + " | ".join(modes) + " |",
+             "|---|" + "---|" * len(modes)]
+    for name, key, scale in rows:
+        cells = [fmt(result["routing"][m]["summary"][key], scale) for m in modes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for layer in result["routing"][modes[0]]["summary"]["expert_max_over_mean"]:
+        for label, key in (("expert load max/mean", "expert_max_over_mean"), ("expert load CV", "expert_cv"),
+                           ("EP rank load max/mean", "ep_rank_max_over_mean")):
+            if key in result["routing"][modes[0]]["summary"]:
+                cells = [fmt(result["routing"][m]["summary"][key][layer]) for m in modes]
+                lines.append(f"| layer {layer} {label} | " + " | ".join(cells) + " |")
+    for kind in result["routing"][modes[0]]["traffic"]:
+        cells = []
+        for m in modes:
+            row = result["routing"][m]["traffic"][kind]
+            ratio = f" = {fmt(row['ratio'], digits=4)} x theory" if row.get("ratio") else ""
+            cells.append(f"{fmt(row['counted'], 2.0**-20)}{ratio}")
+        theory = result["theory_bytes"]
+        label = f"{kind} MiB/rank/step" + (f" (theory {theory[kind] / 2**20:.3g})" if theory else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    mem = result["memory_peak_bytes"]
+    lines.append("| peak memory per rank (MiB, max over ranks; both routings) | "
+                 + " | ".join(f"{max(mem) / 2**20:.1f}" for _ in modes) + " |")
+    return "\n".join(lines)
+
+
+def draw(result: dict, run_dir: Path) -> None:
+    from tools.plots import heatmap, line_plot
+
+    for mode, data in result["routing"].items():
+        steps = [r["step"] for r in data["records"]]
+        for layer in data["records"][0]["expert_load"]:
+            matrix = [[r["expert_load"][layer][e] for r in data["records"]]
+                      for e in range(len(data["records"][0]["expert_load"][layer]))]
+            heatmap(run_dir / f"expert_load_{mode}_layer{layer}.png", matrix, xlabel="step", ylabel="expert",
+                    title=f"layer {layer} expert load, {mode} routing", colorbar_label="assignments", x=steps)
+    series = {mode: (list(range(1, len(d["records"]) + 1)), [r["step_time_s"] * 1e3 for r in d["records"]])
+              for mode, d in result["routing"].items()}
+    line_plot(run_dir / "step_time.png", series, xlabel="timed step", ylabel="step time (ms)", title="step time")
+    ranks = {}
+    for mode, d in result["routing"].items():
+        for layer, loads in d["summary"].get("ep_rank_load", {}).items():
+            ranks[f"{mode} layer {layer}"] = (list(range(len(loads))), loads)
+    if ranks:
+        line_plot(run_dir / "ep_rank_load.png", ranks, xlabel="ep rank", ylabel="assignments per step (mean)",
+                  title="token load per EP rank")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--iters", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    experts = GroupedExperts(args.experts, args.hidden, args.ffn).to(device)
-    experts.reset_parameters(0.02)
-    rows = args.tokens * args.top_k
-    counts = torch.bincount(torch.randint(0, args.experts, (rows,)), minlength=args.experts).to(device)
-    x = torch.randn(rows, args.hidden, device=device)
-    if not experts.use_grouped_mm(device, dtype):
-        print(f"torch._grouped_mm does not run on {device.type} in {args.dtype}: only the loop is available")
-        return 0
-    times = {}
-    for grouped in (True, False):
-        experts.grouped_gemm = grouped
-        times[grouped] = time_path(experts, x, counts, dtype, args.iters)
-    print(f"{device.type} {args.dtype} E={args.experts} h={args.hidden} F={args.ffn} rows={rows}: "
-          f"grouped_mm {times[True] * 1e3:.1f} ms, loop {times[False] * 1e3:.1f} ms, "
-          f"loop/grouped {times[False] / times[True]:.2f}x")
+    args = parse_args(argv)
+    from engine.config import load_config
+    from engine.parallel.mesh import init_distributed
+    from engine.train.trainer import Trainer, build_groups
+    from tools.traffic import CollectiveCounter, expected_traffic
+
+    overrides = ["train.run_dir=runs/bench_moe", "train.save_interval=0", "train.resume=none", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    if not cfg.model.moe.num_experts:
+        raise SystemExit(f"bench_moe: {args.config} has no MoE layers (model.moe.num_experts=0)")
+    modes = ROUTINGS if args.routing == "both" else (args.routing,)
+    cfg.train.steps = max(cfg.train.steps, len(modes) * (args.warmup + args.steps))
+    init_distributed(device=cfg.train.device)
+    trainer = Trainer(cfg, build_groups(cfg))
+    world, rank, p = dist.get_world_size(), dist.get_rank(), cfg.parallel
+    peak, peak_source = peak_tflops(args, trainer.device)
+    peak = statistics.mean(_gather(peak))  # one figure for the job: the ranks' mean
+    e_local = cfg.model.moe.num_experts // p.ep
+    placement = [list(range(r * e_local, (r + 1) * e_local)) for r in range(p.ep)] if p.ep > 1 else None
+    edp_groups = world // (p.ep * p.resolved_etp)
+    numel = {"dense": trainer.memory.formula["dense_params"], "expert": trainer.memory.formula["expert_params"]}
+    try:
+        theory = expected_traffic(cfg, world, numel)
+    except ValueError:
+        theory = None
+    result = {"config": args.config, "overrides": args.overrides, "layout": trainer.memory.layout, "world": world,
+              "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_source,
+              "theory_bytes": theory, "routing": {}}
+    counter = CollectiveCounter()
+    for i, mode in enumerate(modes):
+        with counter:
+            records = run_routing(trainer, counter, mode, args.warmup, args.steps, first=(i == 0))
+        everyone = _gather(records)
+        result["routing"][mode] = {"records": records, "summary": summarize(records, world, peak, placement,
+                                                                            edp_groups),
+                                   "traffic": traffic(everyone, theory)}
+    memory = trainer.memory
+    held = memory.params_bytes + memory.grads_bytes + memory.optimizer_bytes + memory.activations_bytes
+    if trainer.device.type == "cuda":
+        held = max(held, torch.cuda.max_memory_allocated(trainer.device))
+    result["memory_peak_bytes"] = _gather(held)
+    trainer.metrics.close()
+    if rank == 0:
+        run_dir = Path(cfg.train.run_dir)
+        (run_dir / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\n{cfg.model.num_layers}-layer MoE, {cfg.model.moe.num_experts} experts top-{cfg.model.moe.top_k}, "
+              f"{result['layout']}, {world} ranks; peak {peak:.3g} TFLOP/s per rank ({peak_source})\n")
+        print(markdown(result))
+        draw(result, run_dir)
+        print(f"\nbench.json and plots in {run_dir}")
+    dist.destroy_process_group()
     return 0
+
+
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 if __name__ == "__main__":

@@ -108,11 +108,20 @@ def route(logits: torch.Tensor, cfg, bias: Optional[torch.Tensor] = None) -> Rou
     if cfg.n_group > 1:
         select = _limit_groups(select, cfg.n_group, cfg.topk_group)
     experts = torch.topk(select, cfg.top_k, dim=-1).indices
+    if cfg.force_balanced_routing:
+        experts = balanced_assignment(logits.shape[0], cfg.top_k, logits.shape[1], logits.device)
     scores = probs.gather(-1, experts)
     weights = scores
     if renormalises(cfg):
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return Routing(experts, weights * cfg.routed_scaling_factor, scores.detach(), balance)
+
+
+def balanced_assignment(num_tokens: int, top_k: int, num_experts: int, device) -> torch.Tensor:
+    """``[T, k]``: assignment j of token t goes to expert ``(t k + j) mod E``, so every expert gets
+    ``T k / E`` of them (exactly when E divides T k) and each token k distinct experts (k <= E)."""
+    slots = torch.arange(num_tokens * top_k, device=device).view(num_tokens, top_k)
+    return slots % num_experts
 
 
 def renormalises(cfg) -> bool:

@@ -21,7 +21,8 @@ from engine.parallel.pipeline import StageOutput
 from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
-from engine.train.metrics import MetricsLogger
+from engine.train.flops import device_peak_tflops, step_flops
+from engine.train.metrics import MetricsLogger, Progress
 from engine.train.memory import MemoryReport, report_rank
 from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
 from engine.train.optim import lr_at
@@ -66,6 +67,7 @@ class Trainer:
         self.checkpoints = Checkpointer(cfg)
         self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
+        self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -133,15 +135,27 @@ class Trainer:
     def train_step(self) -> dict:
         start = time.perf_counter()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        loss, num_loss_tokens = self.forward_backward(self.step)
+        microbatches = self.microbatches(self.step)
+        loss, num_loss_tokens = self.forward_backward(self.step, microbatches)
         grad_norm = self.optimizer_step(lr)
         moe = finish_moe_step(text_model(self.model), self.cfg.model, self.device)  # {} for a dense model
         self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        tflops = self.estimated_flops(microbatches) / elapsed / self.groups.world_size / 1e12
         return {"step": self.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": tokens, "loss_tokens": num_loss_tokens, "step_time_s": elapsed,
-                "tokens_per_s": tokens / elapsed, **moe}
+                "tokens_per_s": tokens / elapsed, "tflops_per_rank": tflops,
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None, **moe}
+
+    def estimated_flops(self, microbatches) -> float:
+        """The step's model FLOPs (engine/train/flops.py), from this rank's documents taken dp times: the
+        other replicas' document lengths are not known here. tools/bench_moe.py counts the global batch."""
+        docs = [int(n) for mb in microbatches for n in torch.diff(mb.cu_seqlens.cpu()).tolist()]
+        dp = self.cfg.dp_size(self.groups.world_size)
+        return step_flops(self.cfg.model, docs * dp, recompute=self.cfg.train.recompute).total
 
     def optimizer_step(self, lr: float) -> torch.Tensor:
         """Clip by the global norm, then step. Returns the norm before clipping."""
@@ -153,8 +167,9 @@ class Trainer:
     def fit(self, until: int | None = None) -> list[dict]:
         """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule)."""
         history = []
+        self.metrics.progress = Progress(self.cfg.train.steps, first_step=self.step) if self.groups.rank == 0 else None
         while self.step < (self.cfg.train.steps if until is None else until):
-            record = self.train_step() if history else self._measured_step()
+            record = self.train_step() if history else self.measured_step()
             self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
             history.append(record)
             if self.checkpoints.should_save(self.step):
@@ -169,7 +184,7 @@ class Trainer:
     def memory_report(self, activations: int | None = None) -> MemoryReport:
         return report_rank(self.cfg, self.groups, self.model, self.optimizer, activations)
 
-    def _measured_step(self) -> dict:
+    def measured_step(self) -> dict:
         """The first step of a run, with its activations measured (on CUDA the allocator's peak above
         the state; elsewhere the tensors kept for backward, per microbatch); rank 0 rewrites the report."""
         cuda = self.device.type == "cuda"
