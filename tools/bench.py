@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = {"step": "bench_step", "moe": "bench_moe", "grouped-gemm": "bench_grouped_gemm", "attention": "bench_attention",
-           "cp": "bench_context_parallel", "pipeline": "bench_pipeline", "memory": "bench_memory"}
+BENCHES = {"step": "bench_step", "moe": "bench_moe", "grouped-gemm": "bench_grouped_gemm",
+           "attention": "bench_attention", "cp": "bench_context_parallel", "pipeline": "bench_pipeline",
+           "memory": "bench_memory"}
 
 
 def main(argv=None) -> int:

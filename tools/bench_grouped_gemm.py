@@ -1,6 +1,7 @@
 """Routed experts: ``torch._grouped_mm`` against the loop over experts, forward + backward.
 
-    python tools/bench_grouped_gemm.py [--experts 8] [--hidden 256] [--ffn 512] [--tokens 4096] [--top-k 2] [--dtype bf16]
+    python tools/bench_grouped_gemm.py [--experts 8] [--hidden 256] [--ffn 512] [--tokens 4096] \\
+        [--top-k 2] [--dtype bf16]
 
 Reports each path's time and their ratio, measured in the same run (a benchmark, never a test).
 """

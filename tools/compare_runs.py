@@ -17,12 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: import the tools beside this file, not those of whatever checkout is installed.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.plot_metrics import by_step, metrics_path  # noqa: E402
-from tools.plots import line_plots  # noqa: E402
+from tools.plot_metrics import by_step, metrics_path
+from tools.plots import line_plots
 
 
 def load_run(path) -> tuple[Path, list[dict]]:

@@ -16,11 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: import the tools beside this file, not those of whatever checkout is installed.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tools.plots import heatmap, line_plot  # noqa: E402
+from tools.plots import heatmap, line_plot
 
 
 def metrics_path(path: Path) -> Path:
