@@ -226,6 +226,11 @@ class ParallelConfig:
     bucket_size_mb: float = 25.0  # DP gradient bucket size
     ep: int = 1  # expert parallelism, folded over the dp*cp (and, with etp=1, tp) ranks
     etp: Optional[int] = None  # tensor parallelism inside each expert: 1 or tp; null: tp (Megatron)
+    # Which experts each EP rank holds: contiguous (rank r: experts [r E/ep, (r+1) E/ep)) or balanced, from
+    # the per-layer plan tools/place_experts.py computes out of a run's recorded load. Checkpoints keep
+    # experts in logical order, so a run resumes under any placement.
+    expert_placement: str = "contiguous"
+    expert_placement_plan: Optional[str] = None  # its JSON; null: <train.run_dir>/expert_placement.json
 
     @property
     def resolved_etp(self) -> int:
@@ -239,6 +244,10 @@ class ParallelConfig:
             raise ConfigError("parallel.sp=true needs parallel.tp > 1")
         if self.cp_mode not in ("ring", "ulysses"):
             raise ConfigError(f"parallel.cp_mode={self.cp_mode!r} must be ring or ulysses")
+        if self.expert_placement not in ("contiguous", "balanced"):
+            raise ConfigError(f"parallel.expert_placement={self.expert_placement!r} must be contiguous or balanced")
+        if self.expert_placement == "balanced" and self.ep == 1:
+            raise ConfigError("parallel.expert_placement=balanced needs parallel.ep > 1 (one rank holds every expert)")
         self.validate_pipeline()
 
     def validate_pipeline(self) -> None:

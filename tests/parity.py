@@ -40,8 +40,8 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     grads = {}
     forward_backward = trainer.forward_backward
 
-    def capture(step):
-        out = forward_backward(step)
+    def capture(step, microbatches=None):
+        out = forward_backward(step, microbatches)
         if step in (0, steps - 1):  # before clipping: the reduced gradients themselves
             reduced = full_grads(trainer.model, groups, trainer.grads.local_grad)
             if step == 0:

@@ -23,7 +23,8 @@ MoE tables measure), side by side by default, each after its own warm-up steps. 
   and their ratio. Under real routing the all-to-all ratio is the cost of imbalance in bytes.
 - expert load per MoE layer: max/mean and coefficient of variation of the assignments per expert;
   per EP rank: the assignments its experts receive, max/mean over the ep ranks (the imbalance that
-  runs a rank out of memory); dropped assignments; the auxiliary loss.
+  runs a rank out of memory) under the run's expert placement (``parallel.expert_placement``);
+  dropped assignments; the auxiliary loss.
 
 Writes ``bench.json``, ``expert_load_<routing>_layer<L>.png`` (expert x step heatmaps),
 ``ep_rank_load.png`` and ``step_time.png`` in the run directory (``train.run_dir``, default
@@ -135,15 +136,16 @@ def spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def load_figures(expert_load: dict, placement: list[list[int]] | None, groups: int) -> dict:
-    """Per layer: max/mean and CV of the experts' load; per ep rank: its experts' load per EP group."""
+def load_figures(expert_load: dict, placement: dict | None, groups: int) -> dict:
+    """Per layer: max/mean and CV of the experts' load; per ep rank (``placement``: the experts of each,
+    by layer): its experts' load per EP group."""
     out = {}
     for layer, load in expert_load.items():
         t = torch.tensor(load, dtype=torch.float64)
         mean = t.mean().clamp(min=1e-12)
         row = {"max_over_mean": float(t.max() / mean), "cv": float(t.std(unbiased=False) / mean)}
         if placement is not None:
-            ranks = torch.stack([t[experts].sum() / groups for experts in placement])
+            ranks = torch.stack([t[experts].sum() / groups for experts in placement[int(layer)]])
             row["ep_rank_load"] = ranks.tolist()
             row["ep_rank_max_over_mean"] = float(ranks.max() / ranks.mean().clamp(min=1e-12))
         out[layer] = row
@@ -165,7 +167,7 @@ def summarize(records: list[dict], world: int, peak: float, placement, groups: i
     if placement is not None:
         s["ep_rank_max_over_mean"] = {k: spread([f[k]["ep_rank_max_over_mean"] for f in loads]) for k in layers}
         s["ep_rank_load"] = {k: [statistics.mean(f[k]["ep_rank_load"][r] for f in loads)
-                                 for r in range(len(placement))] for k in layers}
+                                 for r in range(len(placement[int(k)]))] for k in layers}
     return s
 
 
@@ -244,6 +246,7 @@ def draw(result: dict, run_dir: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.config import load_config
+    from engine.parallel.expert_parallel import expert_placement
     from engine.parallel.mesh import init_distributed
     from engine.train.trainer import Trainer, build_groups
     from tools.traffic import CollectiveCounter, expected_traffic
@@ -259,8 +262,7 @@ def main(argv=None) -> int:
     world, rank, p = dist.get_world_size(), dist.get_rank(), cfg.parallel
     peak, peak_source = peak_tflops(args, trainer.device)
     peak = statistics.mean(_gather(peak))  # one figure for the job: the ranks' mean
-    e_local = cfg.model.moe.num_experts // p.ep
-    placement = [list(range(r * e_local, (r + 1) * e_local)) for r in range(p.ep)] if p.ep > 1 else None
+    placement = expert_placement(cfg) if p.ep > 1 else None
     edp_groups = world // (p.ep * p.resolved_etp)
     numel = {"dense": trainer.memory.formula["dense_params"], "expert": trainer.memory.formula["expert_params"]}
     try:

@@ -4,19 +4,26 @@ The model's ``MoE`` layer (engine/model/moe.py) stays single-device code; ``para
 gives each one this rank's slice of the experts, an ``ExpertParallelDispatcher`` over the
 ``ep x etp`` group, and a ``ShardedBalanceScope`` that knows which ranks share a microbatch.
 
-Expert weights ``[E, F, h]`` / ``[E, h, F]`` are split over ep along E (rank ``ep_rank`` holds
-experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)``) and over etp along F. Their spec says
-``expert``: their gradients are reduced over the expert-data-parallel group only, and
-the gradient norm sums them over the expert-model-parallel group (see mesh.py).
+Expert weights ``[E, F, h]`` / ``[E, h, F]`` are split over ep along E and over etp along F.
+Which experts an ep rank holds is the layer's placement: ``contiguous`` (rank r holds experts
+``[r E/ep, (r + 1) E/ep)``) or ``balanced``, a plan computed from recorded load
+(tools/place_experts.py) that evens out the tokens each rank receives. The dispatcher sends an
+assignment to the rank holding its expert; the weights' spec records their global rows, so
+checkpoints stay in logical expert order under any placement. Their spec says ``expert``: their
+gradients are reduced over the expert-data-parallel group only, and the gradient norm sums them
+over the expert-model-parallel group (see mesh.py).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.config import ConfigError
 from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, unpermute
 from engine.parallel import comm
 from engine.parallel.index import ranges
@@ -56,16 +63,24 @@ class ExpertParallelDispatcher:
     ranks get their gradients summed by the duplication's backward.
     """
 
-    def __init__(self, group, num_experts: int, ep: int, etp: int):
+    def __init__(self, group, num_experts: int, ep: int, etp: int, placement: Optional[list[list[int]]] = None):
         if num_experts % ep:
             raise ValueError(f"ep={ep} does not divide num_experts={num_experts}")
         if comm.group_size(group) != ep * etp:
             raise ValueError(f"the dispatch group has {comm.group_size(group)} ranks, not ep*etp = {ep}*{etp}")
         self.group, self.num_experts, self.ep, self.etp = group, num_experts, ep, etp
         self.local_experts = num_experts // ep
+        # logical expert -> its slot in ep-rank order (None: the identity of the contiguous placement)
+        slots = [e for rank in placement or () for e in rank]
+        self.slot_of = None if not slots or slots == list(range(num_experts)) else \
+            torch.argsort(torch.tensor(slots))
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
-        xp, perm = permute(x, routing.experts, self.num_experts)
+        chosen = routing.experts
+        if self.slot_of is not None:
+            slot = self.slot_of.to(chosen.device)[chosen.clamp(min=0)]
+            chosen = torch.where(chosen >= 0, slot, chosen)  # dropped assignments stay -1
+        xp, perm = permute(x, chosen, self.num_experts)
         plan = self._plan(perm.counts)
         xp = xp.to(compute_dtype(x))  # under autocast the experts run in bf16: send bf16
         if plan.copies is not None:
@@ -161,30 +176,84 @@ def parallelize_moe(model: nn.Module, groups, cfg) -> None:
                                 groups.tp, groups.tp_cp)
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
     tp_split = comm.group_size(groups.tp) > 1
-    for moe in layers.values():
+    placement = expert_placement(cfg)
+    for i, moe in layers.items():
         moe.scope = scope
         if ep * etp > 1:
-            moe.dispatcher = ExpertParallelDispatcher(groups.ep_etp, cfg.model.moe.num_experts, ep, etp)
-        shard_experts(moe.experts, groups)
+            moe.dispatcher = ExpertParallelDispatcher(groups.ep_etp, cfg.model.moe.num_experts, ep, etp, placement[i])
+        shard_experts(moe.experts, groups, placement[i][groups.ep_rank])
         if tp_split:
             mark(moe.gate.weight, partial=True)
             if moe.shared_expert_gate is not None:
                 mark(moe.shared_expert_gate.weight, partial=True)
 
 
-def shard_experts(experts: GroupedExperts, groups) -> None:
-    """Keep this rank's experts (over ep, dim 0) and its slice of F (over etp); mark them as expert params."""
+def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = None) -> None:
+    """Keep this rank's experts ``mine`` (over ep, dim 0; default the contiguous range) and its slice of F
+    (over etp); mark them as expert params."""
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
     local = experts.num_experts // ep
+    contiguous = list(range(groups.ep_rank * local, (groups.ep_rank + 1) * local))
+    mine = contiguous if mine is None else list(mine)
     for name, f_dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
         full = getattr(experts, name).detach()
-        shard = full[groups.ep_rank * local:(groups.ep_rank + 1) * local].chunk(etp, dim=f_dim)[groups.etp_rank]
-        param = set_spec(mark(nn.Parameter(shard.clone())), expert=True)
+        shard = full[torch.tensor(mine, device=full.device)].chunk(etp, dim=f_dim)[groups.etp_rank]
+        param = set_spec(mark(nn.Parameter(shard.clone())), expert=True,
+                         rows=None if mine == contiguous else tuple(mine))
         for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
             if size > 1:
                 add_split(param, dim, group)
         setattr(experts, name, param)
     experts.num_experts = local
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def contiguous_placement(num_experts: int, ep: int) -> list[list[int]]:
+    local = num_experts // ep
+    return [list(range(r * local, (r + 1) * local)) for r in range(ep)]
+
+
+def expert_placement(cfg) -> dict[int, list[list[int]]]:
+    """The experts of each ep rank, per MoE layer (global index): ``parallel.expert_placement``'s."""
+    m, p = cfg.model, cfg.parallel
+    layers = [i for i in range(m.num_layers) if m.is_moe_layer(i)]
+    plan = {i: contiguous_placement(m.moe.num_experts, p.ep) for i in layers}
+    if p.expert_placement == "balanced":
+        plan.update(read_placement_plan(placement_plan_path(cfg), m.moe.num_experts, p.ep, layers))
+    return plan
+
+
+def placement_plan_path(cfg) -> Path:
+    return Path(cfg.parallel.expert_placement_plan or Path(cfg.train.run_dir) / "expert_placement.json")
+
+
+def read_placement_plan(path: Path, num_experts: int, ep: int, layers: list[int]) -> dict[int, list[list[int]]]:
+    """A plan file's placements (JSON: ``{"num_experts", "ep", "layers": {layer: [[experts of rank r]]}}``);
+    layers it leaves out stay contiguous. Every error names the file."""
+    where = f"expert placement plan {path} (parallel.expert_placement_plan)"
+    try:
+        plan = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found: write one with `python tools/place_experts.py RUN`") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where} is not readable JSON: {e}") from None
+    if not isinstance(plan, dict) or plan.get("num_experts") != num_experts or plan.get("ep") != ep:
+        raise ConfigError(f"{where} is for num_experts={plan.get('num_experts') if isinstance(plan, dict) else None}, "
+                          f"ep={plan.get('ep') if isinstance(plan, dict) else None}; this run has "
+                          f"model.moe.num_experts={num_experts}, parallel.ep={ep}")
+    out = {}
+    for key, ranks in dict(plan.get("layers") or {}).items():
+        if not str(key).isdigit() or int(key) not in layers:
+            raise ConfigError(f"{where}: layer {key!r} is not one of the MoE layers {layers}")
+        flat = [e for rank in ranks for e in rank] if isinstance(ranks, list) else None
+        if flat is None or len(ranks) != ep or any(len(r) != num_experts // ep for r in ranks) \
+                or sorted(flat) != list(range(num_experts)):
+            raise ConfigError(f"{where}: layer {key} must list {ep} ranks of {num_experts // ep} experts each, "
+                              f"every expert 0..{num_experts - 1} once; got {ranks!r}")
+        out[int(key)] = [[int(e) for e in rank] for rank in ranks]
+    return out
 
 
 # ----------------------------------------------------------------------------- step statistics

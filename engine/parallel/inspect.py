@@ -10,14 +10,14 @@ import torch.nn as nn
 
 from engine.parallel import comm
 from engine.parallel.mesh import ParallelGroups
-from engine.parallel.sharding import spec_of
+from engine.parallel.sharding import spec_of, unshard
 
 
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """Every parameter at its full (unsharded) shape, identical on all ranks. Collective over TP and PP."""
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        out[name] = _unshard(param.detach(), param, groups).clone()
+        out[name] = unshard(param.detach(), param).clone()
     return _union_over_stages(out, groups)
 
 
@@ -34,15 +34,8 @@ def full_grads(model: nn.Module, groups: ParallelGroups, grad_of=None) -> dict[s
         grad = grad_of(param) if grad_of is not None else param.grad
         if spec_of(param).tied_replica:
             continue
-        out[name] = _unshard(grad.detach(), param, groups).clone()
+        out[name] = unshard(grad.detach(), param).clone()
     return _union_over_stages(out, groups)
-
-
-def _unshard(tensor: torch.Tensor, param: nn.Parameter, groups: ParallelGroups) -> torch.Tensor:
-    """The full tensor of a sharded parameter: gathered over its splits, innermost first."""
-    for split_dim, group in reversed(spec_of(param).splits):
-        tensor = comm.all_gather(tensor, group, split_dim)
-    return tensor
 
 
 def _union_over_stages(local: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[str, torch.Tensor]:

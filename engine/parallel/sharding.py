@@ -17,6 +17,10 @@ and checkpoints read it with ``spec_of``. A parameter without one is replicated 
                      the expert-model-parallel group.
     tied_replica     the last pipeline stage's copy of a tied embedding: its gradient is summed with the
                      first stage's, and it counts once (on the first stage) in norms and gathers.
+    rows             the global dim-0 index of each local row, when they are not the one contiguous
+                     range the splits give (experts under a balanced placement: a rank may hold experts
+                     1 and 6). Checkpoints and initialisation then address the global tensor in runs
+                     of consecutive rows (``global_runs``), so the stored order stays logical.
 
 Pipeline stages need no split: they own disjoint parameter names.
 """
@@ -41,6 +45,7 @@ class ParamSpec:
     tp_partial_grad: bool = False
     expert: bool = False
     tied_replica: bool = False
+    rows: Optional[tuple[int, ...]] = None
 
     @property
     def sharded(self) -> bool:
@@ -85,6 +90,37 @@ def global_placement(local_shape, spec) -> tuple[tuple[int, ...], tuple[int, ...
         offsets[dim] += r * shape[dim]
         shape[dim] *= n
     return tuple(shape), tuple(offsets)
+
+
+def global_runs(tensor: torch.Tensor) -> tuple[tuple[int, ...], list[tuple[int, int, tuple[int, ...]]]]:
+    """``(global_shape, [(first local row, rows, global offsets)])``: where this rank's tensor lies in
+    the global one, as runs of local dim-0 rows that are consecutive there (one run unless ``rows``)."""
+    spec = spec_of(tensor)
+    shape, offsets = global_placement(tensor.shape, spec.splits)
+    if spec.rows is None or tensor.dim() == 0:
+        return shape, [(0, tensor.shape[0] if tensor.dim() else 1, offsets)]
+    runs, start = [], 0
+    for i in range(1, len(spec.rows) + 1):
+        if i == len(spec.rows) or spec.rows[i] != spec.rows[i - 1] + 1:
+            runs.append((start, i - start, (spec.rows[start], *offsets[1:])))
+            start = i
+    return shape, runs
+
+
+def unshard(tensor: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (shaped as ``owner``, this rank's shard of it) at its global shape, in global row order,
+    on every rank of its split groups: gathered over the splits, innermost first, as global_placement
+    nests them. Collective over those groups."""
+    spec = spec_of(owner)
+    for dim, group in reversed(spec.splits):
+        tensor = comm.all_gather(tensor, group, dim)
+    if spec.rows is None:
+        return tensor
+    index = torch.tensor(spec.rows, device=tensor.device)
+    for dim, group in reversed(spec.splits):
+        if dim == 0:
+            index = comm.all_gather(index, group, 0)
+    return torch.empty_like(tensor).index_copy_(0, index, tensor)
 
 
 def is_sharded(param: torch.Tensor) -> bool:

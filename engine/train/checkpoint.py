@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.parallel import comm
 from engine.parallel.index import flat_boxes
-from engine.parallel.sharding import global_placement, shard_spec, spec_of
+from engine.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
 from engine.checkpoint import storage as io
 from engine.checkpoint.names import Modules, as_list, named_tensors
 from engine.checkpoint.storage import CheckpointError, Placement
@@ -61,20 +60,44 @@ def _entries(modules: Modules, optimizer, tie_embeddings: bool):
     names = named_tensors(modules, tie_embeddings)
     for name, tensor in names.items():
         key = f"model/{name}"
-        yield key, tensor.detach(), placement(name, tensor), key
+        if spec_of(tensor).rows is None:
+            yield key, tensor.detach(), placement(name, tensor), key
+            continue
+        shape, runs = global_runs(tensor)  # rows scattered over the global tensor: one entry per run
+        for first, n, offsets in runs:
+            yield f"{key}@{_at(offsets)}", tensor.detach()[first:first + n], (shape, offsets, key), key
     if optimizer is None:
         return
     name_of = {id(t): n for n, t in names.items()}
     yield "optim/step", optimizer.step_count, None, "optim/step"
     for piece, tensors in optimizer.piece_states():
         name = name_of[id(piece.param)]
-        shape, offsets = global_placement(piece.param.shape, shard_spec(piece.param))
+        shape, runs = global_runs(piece.param)
         for box, sizes, start, end in flat_boxes(piece.param.shape, piece.lo, piece.hi):
-            where = (shape, tuple(o + b for o, b in zip(offsets, box)))
-            for kind, flat in tensors.items():
-                stored = f"optim/{name}/{kind}"
-                local = flat[start - piece.lo:end - piece.lo].view(sizes)
-                yield f"{stored}@{','.join(map(str, where[1]))}", local, (*where, stored), stored
+            for offsets, part, a, b in _box_runs(box, sizes, start, runs):
+                for kind, flat in tensors.items():
+                    stored = f"optim/{name}/{kind}"
+                    local = flat[a - piece.lo:b - piece.lo].view(part)
+                    yield f"{stored}@{_at(offsets)}", local, (shape, offsets, stored), stored
+
+
+def _at(offsets) -> str:
+    return ",".join(map(str, offsets))
+
+
+def _box_runs(box, sizes, start: int, runs):
+    """A local box (``flat_boxes``: offsets, sizes, flat start) cut by the runs of ``global_runs``:
+    ``(global offsets, sizes, flat start, flat end)`` of each part. A box of several dim-0 rows spans
+    whole trailing dims, so a cut along dim 0 keeps every part contiguous in the flat buffer."""
+    inner = 1
+    for n in sizes[1:]:
+        inner *= n
+    for first, n, offsets in runs:
+        a, b = max(box[0], first), min(box[0] + sizes[0], first + n)
+        if a < b:
+            flat = start + (a - box[0]) * inner
+            where = (offsets[0] + a - first, *(o + x for o, x in zip(offsets[1:], box[1:])))
+            yield where, (b - a, *sizes[1:]), flat, flat + (b - a) * inner
 
 
 def train_state(modules: Modules, optimizer, tie_embeddings: bool,
@@ -104,9 +127,7 @@ def global_state(modules: Modules, optimizer, tie_embeddings: bool) -> dict[str,
         local += _whole_optimizer_state(optimizer, names)
     out = {}
     for key, tensor, owner in local:
-        for dim, group in reversed(shard_spec(owner) if owner is not None else []):
-            tensor = comm.all_gather(tensor, group, dim)  # innermost split first, as global_placement nests them
-        out[key] = tensor.detach().cpu().clone()
+        out[key] = (unshard(tensor, owner) if owner is not None else tensor).detach().cpu().clone()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return out
     parts = [None] * dist.get_world_size()

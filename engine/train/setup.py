@@ -27,7 +27,7 @@ from engine.parallel.data_parallel import place
 from engine.parallel.mesh import ParallelGroups
 from engine.parallel.parallelize import parallelize_stages
 from engine.parallel.pipeline import Pipeline, join_chunks
-from engine.parallel.sharding import global_placement, shard_spec
+from engine.parallel.sharding import global_runs
 from engine.train.multimodal import build_any_model, freeze, text_model
 from engine.train.optim import MixedPrecisionAdamW, build_optimizer
 
@@ -85,5 +85,7 @@ def _allocate_rest(modules: list[nn.Module], device: torch.device) -> None:
 def initialize(chunks: list[nn.Module], rules: dict, cfg: Config) -> None:
     """Fill every local tensor with its initial values (a tied LM head with its embedding's)."""
     for name, tensor in named_tensors(chunks, cfg.model.tie_embeddings).items():
-        shape, offsets = global_placement(tensor.shape, shard_spec(tensor))
-        fill_shard(tensor.data, rules[name], cfg.train.seed, name, shape, offsets)
+        shape, runs = global_runs(tensor)
+        for first, n, offsets in runs:
+            part = tensor.data if len(runs) == 1 else tensor.data[first:first + n]
+            fill_shard(part, rules[name], cfg.train.seed, name, shape, offsets)
