@@ -336,8 +336,15 @@ class TrainConfig:
     # selective) | full (whole blocks: the first recompute_layers blocks of each stage; null: all).
     recompute: str = "none"
     recompute_layers: Optional[int] = None
+    # Rank 0 warns when one expert takes more than this share of its layer's assignments for
+    # hot_expert_steps steps in a row (a collapsing router); 0 steps: no warning.
+    hot_expert_share: float = 0.5
+    hot_expert_steps: int = 10
 
     def validate(self) -> None:
+        if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
+            raise ConfigError(f"train.hot_expert_share={self.hot_expert_share} must be in (0, 1] and "
+                              f"train.hot_expert_steps={self.hot_expert_steps} >= 0")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
         if self.recompute not in ("none", "selective", "full"):

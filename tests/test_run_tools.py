@@ -135,3 +135,46 @@ def test_plot_metrics_experts(tmp_path, capsys):
     dense = write_run(tmp_path / "dense", FALLING)
     assert plot_metrics.main([str(dense / "metrics.jsonl"), "--experts"]) == 1
     assert "no expert_load" in capsys.readouterr().err
+
+
+def test_live_hot_expert_warning_fires_once_per_streak():
+    from engine.train.metrics import HotExperts
+
+    watch = HotExperts(share=0.5, steps=10)
+    warnings = {}
+    for step in range(1, 31):
+        hot = 3 <= step <= 14 or 20 <= step <= 23  # a 12-step streak, then a 4-step one
+        load = [10, 10, 70 if hot else 10, 10]
+        for w in watch.update({"step": step, "expert_load": {"1": load, "2": [25, 25, 25, 25]}}):
+            warnings[step] = w
+    assert list(warnings) == [12], warnings
+    assert "layer 1 expert 2" in warnings[12] and "50%" in warnings[12] and "10 steps" in warnings[12]
+    assert HotExperts(0.5, 0).update({"step": 1, "expert_load": {"1": [9, 1]}}) == []
+
+
+def test_progress_line_in_a_log_file_and_a_terminal():
+    import io
+
+    from engine.train.metrics import Progress
+
+    record = {"step": 3, "loss": 2.5, "grad_norm": 0.5, "lr": 1e-3, "tokens_per_s": 1234.0, "step_time_s": 0.1,
+              "tflops_per_rank": 0.02, "mfu": 0.25}
+    log = io.StringIO()
+    progress = Progress(10, stream=log)
+    progress.update(record, keep=False)
+    assert log.getvalue() == ""  # not a TTY: only the log-interval lines
+    progress.update(record, keep=True)
+    line = log.getvalue()
+    assert line.startswith("step  3/10 | loss 2.5000") and "ETA" in line and "MFU 25.0%" in line
+    assert line.count("\n") == 1 and "\r" not in line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    progress = Progress(10, stream=term)
+    progress.update(record, keep=False)
+    assert term.getvalue().startswith("\r") and not term.getvalue().endswith("\n")
+    progress.close()
+    assert term.getvalue().endswith("\n")

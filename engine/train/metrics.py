@@ -73,6 +73,31 @@ class Progress:
             self.drawn = False
 
 
+class HotExperts:
+    """Streaks of steps in which one expert holds more than ``share`` of its layer's assignments.
+
+    ``update(record)`` returns a warning the step a streak reaches ``steps`` steps (once per streak);
+    a collapsing router shows here long before the loss says anything.
+    """
+
+    def __init__(self, share: float, steps: int):
+        self.share, self.steps = share, steps
+        self.streak: dict[tuple[str, int], int] = {}
+
+    def update(self, record: dict) -> list[str]:
+        warnings = []
+        for layer, load in (record.get("expert_load") or {}).items() if self.steps else ():
+            total = sum(load)
+            for expert, n in enumerate(load):
+                key = (layer, expert)
+                self.streak[key] = self.streak.get(key, 0) + 1 if total and n > self.share * total else 0
+                if self.streak[key] == self.steps:
+                    warnings.append(f"WARNING: step {record['step']}: layer {layer} expert {expert} has held more "
+                                    f"than {self.share:.0%} of its layer's assignments for {self.steps} steps "
+                                    f"(now {n / total:.0%})")
+        return warnings
+
+
 def metrics_filename(rank: int) -> str:
     return "metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"
 

@@ -22,7 +22,7 @@ from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.flops import device_peak_tflops, step_flops
-from engine.train.metrics import MetricsLogger, Progress
+from engine.train.metrics import HotExperts, MetricsLogger, Progress
 from engine.train.memory import MemoryReport, report_rank
 from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
 from engine.train.optim import lr_at
@@ -68,6 +68,7 @@ class Trainer:
         self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
         self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
+        self.hot_experts = HotExperts(cfg.train.hot_expert_share, cfg.train.hot_expert_steps)
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -171,6 +172,8 @@ class Trainer:
         while self.step < (self.cfg.train.steps if until is None else until):
             record = self.train_step() if history else self.measured_step()
             self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
+            for warning in self.hot_experts.update(record) if self.groups.rank == 0 else ():
+                print(warning, flush=True)
             history.append(record)
             if self.checkpoints.should_save(self.step):
                 self.checkpoints.save(self.step, self.model, self.optimizer)
