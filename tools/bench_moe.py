@@ -19,8 +19,9 @@ MoE tables measure), side by side by default, each after its own warm-up steps. 
 - peak memory per rank: the memory report (engine/train/memory.py) with activations measured in the
   first warm-up step; on CUDA also the allocator's peak.
 - bytes per collective kind, per rank and step, counted at the torch.distributed call boundary
-  (tools/traffic.py), beside the theoretical volume of the layout (tp = pp = cp = 1, uniform routing)
-  and their ratio. Under real routing the all-to-all ratio is the cost of imbalance in bytes.
+  (tools/traffic.py), beside the theoretical volume of the layout (uniform routing) and their ratio,
+  per kind and, in bench.json, per group. Under real routing the all-to-all ratio is the cost of
+  imbalance in bytes.
 - expert load per MoE layer: max/mean and coefficient of variation of the assignments per expert;
   per EP rank: the assignments its experts receive, max/mean over the ep ranks (the imbalance that
   runs a rank out of memory) under the run's expert placement (``parallel.expert_placement``);
@@ -33,6 +34,7 @@ runs/bench_moe). A benchmark, never a test: the figures are measured, nothing is
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -43,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 ROUTINGS = ("real", "balanced")
+DIMS = ("tp", "cp", "dp", "pp", "dp_cp", "tp_cp", "mp", "ep", "etp", "edp", "ep_etp", "emp", "world")
 
 
 def parse_args(argv=None):
@@ -107,9 +110,11 @@ def set_routing(model, balanced: bool) -> None:
             module.cfg.force_balanced_routing = balanced
 
 
-def run_routing(trainer, counter, routing: str, warmup: int, steps: int, first: bool) -> list[dict]:
-    """``warmup`` then ``steps`` timed steps under ``routing``; one record per timed step (bytes: this rank's)."""
+def run_routing(trainer, counter, theory, routing: str, warmup: int, steps: int, first: bool) -> list[dict]:
+    """``warmup`` then ``steps`` timed steps under ``routing``; one record per timed step with this rank's
+    bytes, counted and (``theory(loss_tokens)``: (kind, dim) -> bytes) expected."""
     from engine.train.flops import step_flops
+    from tools.traffic import by_kind
 
     set_routing(trainer.model, routing == "balanced")
     records = []
@@ -121,8 +126,10 @@ def run_routing(trainer, counter, routing: str, warmup: int, steps: int, first: 
             continue
         loads = {k: sum(v) for k, v in record["expert_load"].items()}
         flops = step_flops(trainer.cfg.model, docs, loads, trainer.cfg.train.recompute).total
-        record.update(model_flops=flops, bytes=counter.by_kind(),
-                      bytes_by_group={f"{kind} {list(ranks)}": n for (kind, ranks), n in counter.bytes.items()})
+        expected = theory(record["loss_tokens"])
+        record.update(model_flops=flops, bytes=counter.by_kind(), theory_bytes=by_kind(expected),
+                      theory_by_group=theory_by_group(expected, trainer.groups),
+                      bytes_by_group={f"{kind} {_ranks(ranks)}": n for (kind, ranks), n in counter.bytes.items()})
         trainer.metrics.log(record, print_line=False)
         records.append(record)
     return records
@@ -171,19 +178,36 @@ def summarize(records: list[dict], world: int, peak: float, placement, groups: i
     return s
 
 
-def traffic(records_by_rank: list[list[dict]], theory: dict | None) -> dict:
-    """Per kind: counted bytes per rank and step (median over ranks and steps), theory, their ratio."""
+def traffic(records_by_rank: list[list[dict]]) -> dict:
+    """Per kind: counted bytes per rank and step (median, min, max over ranks and steps), the theory
+    (median over ranks and steps) and, per step, the ratio of the world's count to the world's theory
+    (the theory's data-dependent terms are means over ranks; tools/traffic.py)."""
     from tools.traffic import KINDS
 
     out = {}
+    steps = list(zip(*records_by_rank))  # per step: every rank's record
     for kind in KINDS:
-        counted = [r["bytes"][kind] for recs in records_by_rank for r in recs]
-        row = {"counted": spread(counted)}
-        if theory is not None:
-            row["theory"] = theory[kind]
-            row["ratio"] = spread([c / theory[kind] for c in counted]) if theory[kind] else None
+        row = {"counted": spread([r["bytes"][kind] for recs in records_by_rank for r in recs]),
+               "theory": statistics.median(r["theory_bytes"][kind] for recs in records_by_rank for r in recs)}
+        if all(sum(r["theory_bytes"][kind] for r in step) for step in steps):
+            row["ratio"] = spread([sum(r["bytes"][kind] for r in step) / sum(r["theory_bytes"][kind] for r in step)
+                                   for step in steps])
         out[kind] = row
     return out
+
+
+def group_traffic(records_by_rank: list[list[dict]], labels: list[dict]) -> list:
+    """Rows (rank, kind, group, counted and expected bytes per step, medians): every group a rank used
+    or was expected to use."""
+    rows = []
+    for rank, (recs, label) in enumerate(zip(records_by_rank, labels)):
+        keys = sorted({k for r in recs for k in (*r["bytes_by_group"], *r["theory_by_group"])})
+        for key in keys:
+            kind, ranks = key.split(" ", 1)
+            rows.append({"rank": rank, "kind": kind, "group": label.get(ranks, "?"), "ranks": ranks,
+                         "counted": statistics.median(r["bytes_by_group"].get(key, 0) for r in recs),
+                         "theory": statistics.median(r["theory_by_group"].get(key, 0) for r in recs)})
+    return rows
 
 
 def fmt(x: dict, scale: float = 1.0, digits: int = 3) -> str:
@@ -212,8 +236,8 @@ def markdown(result: dict) -> str:
             row = result["routing"][m]["traffic"][kind]
             ratio = f" = {fmt(row['ratio'], digits=4)} x theory" if row.get("ratio") else ""
             cells.append(f"{fmt(row['counted'], 2.0**-20)}{ratio}")
-        theory = result["theory_bytes"]
-        label = f"{kind} MiB/rank/step" + (f" (theory {theory[kind] / 2**20:.3g})" if theory else "")
+        theory = result["routing"][modes[0]]["traffic"][kind]["theory"]
+        label = f"{kind} MiB/rank/step (theory {theory / 2**20:.3g})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     mem = result["memory_peak_bytes"]
     lines.append("| peak memory per rank (MiB, max over ranks; both routings) | "
@@ -265,21 +289,20 @@ def main(argv=None) -> int:
     placement = expert_placement(cfg) if p.ep > 1 else None
     edp_groups = world // (p.ep * p.resolved_etp)
     numel = {"dense": trainer.memory.formula["dense_params"], "expert": trainer.memory.formula["expert_params"]}
-    try:
-        theory = expected_traffic(cfg, world, numel)
-    except ValueError:
-        theory = None
+    theory = functools.partial(expected_traffic, cfg, world, numel, trainer.groups.pp_rank)
+    labels = _gather(group_labels(trainer.groups))
     result = {"config": args.config, "overrides": args.overrides, "layout": trainer.memory.layout, "world": world,
               "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_source,
-              "theory_bytes": theory, "routing": {}}
+              "routing": {}}
     counter = CollectiveCounter()
     for i, mode in enumerate(modes):
         with counter:
-            records = run_routing(trainer, counter, mode, args.warmup, args.steps, first=(i == 0))
+            records = run_routing(trainer, counter, theory, mode, args.warmup, args.steps, first=(i == 0))
         everyone = _gather(records)
         result["routing"][mode] = {"records": records, "summary": summarize(records, world, peak, placement,
                                                                             edp_groups),
-                                   "traffic": traffic(everyone, theory)}
+                                   "traffic": traffic(everyone),
+                                   "traffic_by_group": group_traffic(everyone, labels)}
     memory = trainer.memory
     held = memory.params_bytes + memory.grads_bytes + memory.optimizer_bytes + memory.activations_bytes
     if trainer.device.type == "cuda":
@@ -296,6 +319,30 @@ def main(argv=None) -> int:
         print(f"\nbench.json and plots in {run_dir}")
     dist.destroy_process_group()
     return 0
+
+
+def _ranks(ranks) -> str:
+    return ",".join(map(str, ranks))
+
+
+def group_labels(groups) -> dict[str, str]:
+    """This rank's groups by their ranks ("0,2"): the parallel dimensions that share them ("dp/ep_etp")."""
+    labels: dict[str, list[str]] = {}
+    for name in DIMS:
+        ranks = list(range(dist.get_world_size())) if name == "world" else groups.ranks(name)
+        labels.setdefault(_ranks(ranks), []).append(name)
+    return {ranks: "/".join(names) for ranks, names in labels.items()}
+
+
+def theory_by_group(theory: dict, groups) -> dict[str, float]:
+    """``expected_traffic``'s (kind, dim) bytes keyed like the counter's: "kind ranks"."""
+    out: dict[str, float] = {}
+    for (kind, dim), nbytes in theory.items():
+        ranks = list(range(dist.get_world_size())) if dim == "world" else groups.ranks(dim)
+        if len(ranks) > 1:
+            key = f"{kind} {_ranks(ranks)}"
+            out[key] = out.get(key, 0) + nbytes
+    return out
 
 
 def _gather(obj) -> list:

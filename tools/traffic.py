@@ -14,9 +14,9 @@ Bytes per rank and call, one convention for the count and the theory:
     all-to-all      the rows sent to other ranks (a rank's rows to itself never leave it)
     p2p             the tensors sent (receives are the sender's bytes already)
 
-``expected_traffic`` predicts the same figures from the config and the layout alone. It models
-tp = pp = cp = 1 exactly, token routing as uniform over the experts (what ``--routing balanced``
-forces), and no capacity drops.
+``expected_traffic`` predicts the same figures, per parallel dimension, from the config and the
+layout alone, with token routing uniform over the experts (what ``--routing balanced`` forces) and
+no capacity drops. The planner (tools/plan.py) turns them into time.
 """
 from __future__ import annotations
 
@@ -73,12 +73,13 @@ class CollectiveCounter:
         self._saved = []
 
     def __enter__(self):
+        wrapped = {}  # one wrapper per function: P2POp checks its op against distributed_c10d's isend
         for name in KIND:
             for module in (dist, c10d):
                 fn = getattr(module, name, None)
                 if fn is not None:
                     self._saved.append((module, name, fn))
-                    setattr(module, name, self._wrap(name, fn))
+                    setattr(module, name, wrapped.setdefault(id(fn), self._wrap(name, fn)))
         return self
 
     def __exit__(self, *exc):
@@ -131,57 +132,173 @@ def _dtype_bytes(name: str) -> int:
     return 2 if name == "bf16" else 4
 
 
-def expected_traffic(cfg, world: int, numel: dict, steps: int = 1) -> dict:
-    """Bytes per kind that one rank moves in ``steps`` training steps, from the layout alone.
+def rank_layers(cfg, pp_rank: int) -> tuple[list[int], list[tuple[bool, bool]]]:
+    """The global layers on ``pp_rank`` and, per chunk, (first virtual stage, last virtual stage)."""
+    from engine.config import stage_layout
 
-    ``numel``: this rank's trainable elements by role, from its shard shapes: ``dense``
-    (reduced over dp x cp) and ``expert`` (over the expert-data-parallel group). Models tp = pp = cp = 1
-    (data and expert parallelism, with or without the distributed optimizer): the sequence-parallel
-    and pipeline exchanges are not in it.
+    p, n = cfg.parallel, cfg.model.num_layers
+    if p.pp == 1:
+        return list(range(n)), [(True, True)]
+    vpp = max(1, p.vpp)
+    sizes = stage_layout(n, p.pp, vpp, p.pp_layout)
+    starts = [sum(sizes[:v]) for v in range(len(sizes))]
+    stages = [c * p.pp + pp_rank for c in range(vpp)]
+    layers = [i for v in stages for i in range(starts[v], starts[v] + sizes[v])]
+    return layers, [(v == 0, v == len(sizes) - 1) for v in stages]
+
+
+class _Ledger(dict):
+    def add(self, kind: str, dim: str, nbytes: float) -> None:
+        if nbytes:
+            self[(kind, dim)] = self.get((kind, dim), 0) + nbytes
+
+
+def expected_traffic(cfg, world: int, numel: dict, pp_rank: int = 0,
+                     loss_tokens: int | None = None) -> dict[tuple[str, str], float]:
+    """Bytes per (kind, parallel dimension) that a rank of pipeline stage ``pp_rank`` moves in one step.
+
+    From the config and the layout alone: ``numel`` holds the rank's trainable elements by role,
+    ``dense`` (reduced over dp x cp) and ``expert`` (over the expert-data-parallel group), as its
+    shard shapes give them (engine/train/memory.py's report). Exact for the data, tensor (with or
+    without SP), expert and pipeline dimensions under uniform routing without capacity drops;
+    context parallelism follows ring_attention.py's and ulysses.py's stated volumes. Recompute
+    replays the forward's exchanges once more (``full``).
+
+    Two terms are the mean over the ranks of a stage, not each rank's own: the vocabulary-split
+    loss exchanges statistics for the rows that have a label (``loss_tokens`` of the step; default
+    every token), which the data decides, and with the distributed optimizer each rank all-reduces
+    over tp only the TP-partial gradients inside its shard of the buckets.
     """
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    if p.tp > 1 or p.pp > 1 or p.cp > 1:
-        raise ValueError("expected_traffic models tp = pp = cp = 1 only")
-    ep, etp = p.ep, p.resolved_etp
+    tp, cp, pp, ep, etp = p.tp, p.cp, p.pp, p.ep, p.resolved_etp
     dp = cfg.dp_size(world)
-    edp = world // (ep * etp)
-    act = _dtype_bytes(t.dtype)
+    edp = world // (pp * ep * etp)
+    a, h = _dtype_bytes(t.dtype), m.hidden_size
     micro = t.global_batch_size // (dp * t.micro_batch_size)
-    tokens = t.micro_batch_size * cfg.data.seq_len  # one microbatch's tokens on this rank
-    moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers))
-    fwd = 2 if t.recompute == "full" else 1  # a full recompute replays each forward's exchanges
-    out = dict.fromkeys(KINDS, 0)
+    seq = t.micro_batch_size * cfg.data.seq_len // cp  # a microbatch's tokens on this CP rank
+    local = seq // tp if p.sp else seq  # ... in the residual stream (SP slices it)
+    layers, chunks = rank_layers(cfg, pp_rank)
+    moe = [i for i in layers if m.is_moe_layer(i)]
+    fwd = 2 if t.recompute == "full" else 1
+    out = _Ledger()
+    per_micro = _Ledger()
+    _tensor_parallel(per_micro, cfg, layers, chunks, seq, a, fwd)
+    _context_parallel(per_micro, cfg, len(layers), seq, a, fwd)
+    _experts(per_micro, cfg, len(moe), local, a, fwd)
+    for first, last in chunks:  # activations to the next stage, gradients to the previous one
+        per_micro.add("p2p", "pp", (not last) * local * h * a + (not first) * local * h * a)
+    for key, nbytes in per_micro.items():
+        out.add(*key, nbytes * micro)
+    if tp > 1 and chunks[-1][1]:  # the vocabulary-split loss: (max), then (sum, target) per loss row
+        rows = t.global_batch_size * cfg.data.seq_len if loss_tokens is None else loss_tokens
+        out.add("all-reduce", "tp", 3 * 4 * rows / (dp * cp))
+    _gradients(out, cfg, numel, dp * cp, edp, layers, chunks)
+    _scalars(out, cfg, world, dp, cp, tp * pp, pp * ep * etp, edp)
+    return dict(out)
 
-    # Routed tokens: a dispatch group of n = ep x etp ranks; each ep slot's rows go to its etp ranks.
+
+def _tensor_parallel(out: _Ledger, cfg, layers, chunks, seq: int, a: int, fwd: int) -> None:
+    """SP: an all-gather into and a reduce-scatter out of every attention and MLP (shared expert
+    included), mirrored in backward; without SP, all-reduces. The embedding reduce-scatters (or
+    all-reduces) its output, and the LM head gathers its input."""
+    p, m = cfg.parallel, cfg.model
+    if p.tp == 1:
+        return
+    full = seq * m.hidden_size * a
+    blocks = sum(1 + (not m.is_moe_layer(i) or m.shared_expert_intermediate_size > 0) for i in layers)
+    edges = sum(first for first, _ in chunks[:1]) + sum(last for _, last in chunks[-1:])
+    if p.sp:
+        out.add("all-gather", "tp", (fwd + 1) * blocks * full + edges * full)
+        out.add("reduce-scatter", "tp", (fwd + 1) * blocks * full + edges * full)
+    else:
+        out.add("all-reduce", "tp", (fwd + 1) * blocks * full + edges * full)
+
+
+def _context_parallel(out: _Ledger, cfg, n_layers: int, seq: int, a: int, fwd: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    if p.cp == 1:
+        return
+    heads = m.num_kv_heads // p.tp if m.num_kv_heads >= p.tp else 1
+    kv = 2 * seq * heads * m.resolved_head_dim
+    if p.cp_mode == "ring":  # forward (cp-1) K/V hops; backward the same plus cp fp32 dK/dV hops
+        out.add("p2p", "cp", n_layers * ((fwd + 1) * (p.cp - 1) * kv * a + p.cp * kv * 4))
+    else:  # Ulysses: q, k, v and the output through all-to-alls, mirrored in backward
+        q = seq * (m.num_heads // p.tp) * m.resolved_head_dim
+        out.add("all-to-all", "cp", n_layers * (fwd + 1) * (2 * q + kv) * a * (p.cp - 1) / p.cp)
+
+
+def _experts(out: _Ledger, cfg, n_moe: int, tokens: int, a: int, fwd: int) -> None:
+    """Dispatch over n = ep x etp ranks: each ep slot's rows go to its etp ranks, come back, and the
+    backward mirrors both; a rank's rows for its own slot never leave it. Plus the int64 row counts,
+    and the balancing counts [units, E] and sizes [units] of a microbatch split over tp x cp."""
+    p, m = cfg.parallel, cfg.model
+    if n_moe and p.tp * p.cp > 1 and m.moe.aux_loss_coeff > 0:
+        units = cfg.train.micro_batch_size if m.moe.aux_loss_type == "seq" else 1
+        out.add("all-reduce", "tp_cp", fwd * n_moe * units * (m.moe.num_experts + 1) * 4)
+    ep, etp = p.ep, p.resolved_etp
     n = ep * etp
-    if moe_layers and n > 1:
-        rows = tokens * m.moe.top_k  # every assignment kept; uniform over the ep slots
-        sent = rows * etp - rows // ep  # rows for this rank's own slot stay here
-        received_back = n * rows // ep - rows // ep  # what comes back, mirrored
-        per_layer = (sent + received_back) * m.hidden_size * act * (fwd + 1)  # + the mirrors in backward
-        per_layer += fwd * (n - 1) * (m.moe.num_experts // ep) * 8  # the int64 row counts of each dispatch
-        out["all-to-all"] += per_layer * moe_layers * micro
+    if not n_moe or n == 1:
+        return
+    rows = tokens * m.moe.top_k
+    sent = rows * etp - rows // ep
+    back = n * rows // ep - rows // ep
+    out.add("all-to-all", "ep_etp", n_moe * ((sent + back) * m.hidden_size * a * (fwd + 1)
+                                         + fwd * (n - 1) * (m.moe.num_experts // ep) * 8))
 
-    # Gradients and parameters over data parallelism.
-    grad_bytes = _dtype_bytes(cfg.optim.grad_reduce_dtype or "fp32")
-    param_bytes = act
+
+def _gradients(out: _Ledger, cfg, numel: dict, dp_cp: int, edp: int, layers, chunks) -> None:
+    """Gradients over data parallelism (reduce-scatter + parameter all-gather with the distributed
+    optimizer, else all-reduce), TP-partial gradients over tp, a tied embedding over its two stages."""
+    p, m = cfg.parallel, cfg.model
+    grad = _dtype_bytes(cfg.optim.grad_reduce_dtype or "fp32")
+    param = _dtype_bytes(cfg.train.dtype)
+    world = dp_cp * p.tp * p.pp
+    for role, dim, size in (("dense", "dp_cp", dp_cp), ("expert", "edp", edp)):
+        if size > 1 and cfg.distributed_optimizer(world):
+            out.add("reduce-scatter", dim, numel.get(role, 0) * grad)
+            out.add("all-gather", dim, numel.get(role, 0) * param)
+        elif size > 1:
+            out.add("all-reduce", dim, numel.get(role, 0) * grad)
+    if p.tp > 1:  # with the distributed optimizer, each rank's share of them
+        share = dp_cp if cfg.distributed_optimizer(world) else 1
+        out.add("all-reduce", "tp", _tp_partial_numel(cfg, layers, chunks[-1][1]) * 4 / share)
+    tied_stage = chunks[0][0] or chunks[-1][1]
+    if m.tie_embeddings and p.pp > 1 and tied_stage:
+        out.add("all-reduce", "pp", m.vocab_size // p.tp * m.hidden_size * 4)
+
+
+def _tp_partial_numel(cfg, layers, has_head: bool) -> int:
+    """Replicated weights whose gradient each TP rank holds a part of: norms under SP, q/k-norms,
+    the router and the shared-expert gate (they see a slice of the tokens or heads)."""
+    p, m = cfg.parallel, cfg.model
+    n = (m.hidden_size if p.sp and has_head else 0)
+    for i in layers:
+        n += 2 * m.hidden_size * p.sp + 2 * m.resolved_head_dim * m.qk_norm
+        if m.is_moe_layer(i):
+            n += m.moe.num_experts * m.hidden_size
+            n += m.hidden_size * bool(m.shared_expert_intermediate_size and m.moe.shared_expert_gate)
+    return n
+
+
+def _scalars(out: _Ledger, cfg, world: int, dp: int, cp: int, mp: int, emp: int, edp: int) -> None:
+    """The step's loss-token count (dp), its loss (dp x cp), the pipeline's loss (pp), the grad norm's
+    partial sums (model-parallel groups, then data-parallel ones with the distributed optimizer), and
+    the MoE statistics table (fp64 [MoE layers, E + 3] over the world)."""
+    m = cfg.model
     distributed = cfg.distributed_optimizer(world)
-    for role, size in (("dense", dp), ("expert", edp)):
-        if size > 1:
-            if distributed:
-                out["reduce-scatter"] += numel[role] * grad_bytes
-                out["all-gather"] += numel[role] * param_bytes
-            else:
-                out["all-reduce"] += numel[role] * grad_bytes
+    out.add("all-reduce", "dp", 4 * (dp > 1))
+    out.add("all-reduce", "dp_cp", 4 * (dp * cp > 1) + 4 * (distributed and dp * cp > 1))
+    out.add("all-reduce", "pp", 4 * (cfg.parallel.pp > 1))
+    out.add("all-reduce", "mp", 4 * (mp > 1))
+    out.add("all-reduce", "emp", 4 * (emp > 1))
+    out.add("all-reduce", "edp", 4 * (distributed and edp > 1))
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+    out.add("all-reduce", "world", n_moe * (m.moe.num_experts + 3) * 8 * (world > 1))
 
-    # Scalars: the step's loss-token count (dp), its loss (dp x cp), the grad norm's partial sums
-    # (model-parallel groups, then data-parallel ones with the distributed optimizer), and the
-    # MoE statistics table (fp64 [moe layers, E + 3] over the world).
-    scalars = (dp > 1) + (dp > 1)
-    scalars += distributed and dp > 1
-    if numel.get("expert"):
-        scalars += (ep * etp > 1) + (distributed and edp > 1)
-    out["all-reduce"] += 4 * scalars
-    if moe_layers and world > 1:
-        out["all-reduce"] += moe_layers * (m.moe.num_experts + 3) * 8
-    return {k: v * steps for k, v in out.items()}
+
+def by_kind(traffic: dict) -> dict:
+    """``expected_traffic``'s bytes summed per kind."""
+    out = dict.fromkeys(KINDS, 0)
+    for (kind, _), nbytes in traffic.items():
+        out[kind] += nbytes
+    return out

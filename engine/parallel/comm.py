@@ -13,9 +13,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch renamed the tensor-in/tensor-out collectives; keep one spelling here.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# torch renamed the tensor-in/tensor-out collectives; keep one spelling here. Looked up at each call,
+# so that whatever wraps torch.distributed's functions (tools/traffic.py's counter) sees these too.
+def _all_gather_single(out, x, group, async_op: bool = False):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+def _reduce_scatter_single(out, x, group, async_op: bool = False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, group=group, async_op=async_op)
 
 
 def group_size(group) -> int:
