@@ -24,6 +24,7 @@ setup(
         "loom-make-vqa=tools.make_synthetic_vqa:main",
         "loom-train-tokenizer=tools.train_tokenizer:main",
         "loom-memory=tools.memory:main",
+        "loom-plan=tools.plan:main",
     ]},
     extras_require={
         "triton": ["triton"],
