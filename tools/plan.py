@@ -27,23 +27,21 @@ Step time (tools/plan_costs.py; every constant is a field of HardwareProfile):
 - compute: engine/train/flops.py's FLOPs of the global batch (3 x forward + recompute, the routed experts
   scaled by ``ep_imbalance``) over world x peak x efficiency, assuming the work splits evenly over ranks;
 - per-layer host overhead per microbatch (0 on GPU; measured on CPU);
-- TP/SP: per layer and microbatch 4 all-gather / reduce-scatter of the [tokens/cp, h] activations forward
-  (2 in a MoE layer with etp 1), mirrored backward, again under full recompute; never overlapped;
-- CP ring: cp-1 K/V blocks per layer forward, twice that backward (K/V and their gradients), not overlapped;
-- EP: dispatch + combine all-to-all of tokens x top_k x h per MoE layer (the rank's SP/CP slice of tokens),
-  mirrored backward, bytes scaled by ``ep_imbalance``, one extra latency each for the split sizes;
-- DP (distributed optimizer): reduce-scatter of fp32 (or bf16) gradients and all-gather of parameters, dense
-  over dp x cp, experts over the expert-data-parallel group, one latency per 25 MB bucket; ``dp_overlap`` of
-  the reduce-scatter is hidden behind backward, the all-gather never is;
+- communication: tools/traffic.py's bytes and calls per parallel dimension, the same theory tools/bench_moe.py
+  checks against the bytes it counts at the torch.distributed boundary (TP/SP activations and the
+  vocabulary-split loss, CP ring or Ulysses, EP dispatch and combine, PP sends, DP gradients and parameters,
+  the small all-reduces), for the last pipeline stage, which paces the pipeline. Each call costs ``latency +
+  wire bytes / bandwidth`` (ring factors: (n-1)/n of an all-gather's output or a reduce-scatter's input,
+  2(n-1)/n of an all-reduce); the bandwidth is the intra-node one when the group's ranks fit in one node under
+  Megatron's rank order (tp fastest, then cp, then dp; experts etp, ep, edp; pp slowest), else the inter-node
+  one. All-to-all bytes grow with ``ep_imbalance``; ``dp_overlap`` of the gradient reduce-scatter is hidden
+  behind backward, nothing else is (no TP or EP overlap is modelled);
+- the optimizer step: ~32 bytes of memory traffic per element of the rank's optimizer shard;
 - PP: the bubble, (pp-1)/vpp microbatch-times of compute + layer communication (1F1B and interleaved with
-  m microbatches: (pp-1)/(vpp m) of the step), plus the p2p sends of [tokens/(cp tp), h] per chunk and
-  microbatch, forward and backward.
+  m microbatches: (pp-1)/(vpp m) of the step).
 
-Each collective costs ``latency + factor x bytes / bandwidth``, factor (n-1)/n for ring all-gather,
-reduce-scatter and all-to-all, 2(n-1)/n for all-reduce. Its bandwidth is the intra-node one when the group's
-ranks fit in one node under Megatron's rank order (tp fastest, then cp, then dp; experts etp, ep, edp; pp
-slowest), else the inter-node one. Not modelled: the optimizer step, the embedding / LM head's TP traffic, a
-vision tower's FLOPs, imbalance between pipeline stages (the LM head's stage), Ulysses CP, TP overlap.
+Not modelled: a vision tower's FLOPs, imbalance between pipeline stages beyond the LM head's, compute and
+communication sharing a CPU's cores (see the calibration in the closing figures of README.md).
 
 TFLOP/s per GPU and MFU count model FLOPs (3 x forward, recompute excluded; causal attention counts the
 pairs it needs, Megatron's count a full square) over the peak of the profile.
@@ -66,6 +64,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tools.plan_costs import HardwareProfile, Layout, StepEstimate, estimate, param_counts
+from tools.traffic import rank_layers
 
 RECOMPUTE = ("none", "selective", "full")
 GIB = 2.0**30
@@ -121,16 +120,6 @@ def enumerate_layouts(base, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
 # ----------------------------------------------------------------------------- memory
 
 
-def _stage_layers(cfg, pp_rank: int) -> list[int]:
-    from engine.config import stage_layout
-
-    p = cfg.parallel
-    layout = stage_layout(cfg.model.num_layers, p.pp, p.vpp, p.pp_layout)
-    starts = [sum(layout[:s]) for s in range(len(layout))]
-    stages = [c * p.pp + pp_rank for c in range(p.vpp)]
-    return [i for s in stages for i in range(starts[s], starts[s] + layout[s])]
-
-
 def _dims(lay: Layout):
     from engine.parallel.mesh import ParallelDims
 
@@ -140,14 +129,14 @@ def _dims(lay: Layout):
 def activations(cfg, lay: Layout, pp_rank: int) -> int:
     from engine.train.memory import activation_bytes
 
-    return activation_bytes(cfg, _dims(lay), _stage_layers(cfg, pp_rank), pp_rank)
+    return activation_bytes(cfg, _dims(lay), rank_layers(cfg, pp_rank)[0], pp_rank)
 
 
 def stage_representatives(cfg, lay: Layout) -> list[int]:
     """The lowest pipeline rank of each distinct stage shape (embedding, head, which layers are MoE)."""
     reps, seen = [], set()
     for r in range(lay.pp):
-        shape = (r == 0, r == lay.pp - 1, tuple(cfg.model.is_moe_layer(i) for i in _stage_layers(cfg, r)))
+        shape = (r == 0, r == lay.pp - 1, tuple(cfg.model.is_moe_layer(i) for i in rank_layers(cfg, r)[0]))
         if shape not in seen:
             seen.add(shape)
             reps.append(r)

@@ -5,7 +5,8 @@
 1. Profile: ``--ranks`` processes (gloo, one thread each, as torchrun runs them) measure together: a
    512^3 fp32 matmul's rate per rank while every rank runs one (the peak), a small all_reduce after a small
    matmul, less the matmul (latency as a step sees it: every call waits for the slowest rank), a 4 MiB
-   all_reduce (bus bandwidth, the intra- and inter-node figure alike: one host), and the model's own
+   all_reduce (bus bandwidth, the intra- and inter-node figure alike: one host), an in-place add over
+   32 MiB tensors (memory bandwidth, which the optimizer step is bound by), and the model's own
    forward + backward on one microbatch at two token counts, whose intercept is the per-layer overhead and
    whose slope the model's compute rate (efficiency = that rate over the matmul peak).
 2. Predict each layout of the tiny Mixtral twin (GQA 4/2 so that tp 2 is valid, fp32, torch attention) with
@@ -59,7 +60,30 @@ def _model_times(cfg, tokens: list[int]) -> list[float]:
         ids = torch.randint(0, cfg.model.vocab_size, (1, n))
         model(ids).float().square().mean().backward()
 
-    return [_timed(lambda n=n: step(n), 5) for n in tokens]
+    return [_timed(lambda n=n: step(n), 9) for n in tokens]
+
+
+def _latency(a, b, one, rounds: int = 6, block: int = 20) -> float:
+    """A collective between computations, as in a step, where it also waits for the slowest of the
+    oversubscribed ranks: blocks of matmuls with and without a small all_reduce after each, alternated
+    (ABAB) so that the machine's drift hits both alike; the median over rounds of the difference per call."""
+    import torch.distributed as dist
+
+    def run(with_collective: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(block):
+            a @ b
+            if with_collective:
+                dist.all_reduce(one)
+        return time.perf_counter() - start
+
+    diffs = []
+    for i in range(rounds):
+        order = (True, False) if i % 2 else (False, True)
+        t = {w: run(w) for w in order}
+        diffs.append((t[True] - t[False]) / block)
+    return max(statistics.median(diffs), 0.0)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -75,21 +99,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     matmul = _timed(lambda: a @ b, 20)
     one = torch.zeros(1)
     dist.barrier()
-    # A collective between computations, as in a step: it waits for the slowest of the oversubscribed ranks.
-    c, d = torch.randn(192, 192), torch.randn(192, 192)
-    alone = _timed(lambda: c @ d, 50)
-    dist.barrier()
-    latency = max(_timed(lambda: (c @ d, dist.all_reduce(one)), 50) - alone, 0.0)
+    latency = _latency(a, b, one)
     big = torch.zeros(2**20)
     dist.barrier()
     allreduce = _timed(lambda: dist.all_reduce(big), 10)
+    x, y = torch.zeros(2**23), torch.ones(2**23)  # 32 MiB each: past the caches
+    dist.barrier()
+    stream = _timed(lambda: x.add_(y), 10)  # reads 64 MiB, writes 32 MiB
     cfg = load_config(str(ROOT / CONFIG), OVERRIDES)
     seq = cfg.data.seq_len
     dist.barrier()
-    model = _model_times(cfg, [seq // 8, seq])
+    model = _model_times(cfg, [seq // 2, 4 * seq])
     dist.barrier()
-    result = {"matmul_s": matmul, "latency_s": latency, "allreduce_4mib_s": allreduce, "model_s": model,
-              "model_tokens": [seq // 8, seq]}
+    result = {"matmul_s": matmul, "latency_s": latency, "allreduce_4mib_s": allreduce, "stream_96mib_s": stream,
+              "model_s": model,
+              "model_tokens": [seq // 2, 4 * seq]}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -113,19 +137,24 @@ def measure_profile(ranks: int) -> tuple[HardwareProfile, dict]:
         out = os.path.join(tmp, "profile.json")
         mp.spawn(_worker, args=(ranks, port, out), nprocs=ranks, join=True)
         per_rank = json.loads(Path(out).read_text())
-    med = {k: statistics.median(r[k] for r in per_rank) for k in ("matmul_s", "latency_s", "allreduce_4mib_s")}
+    med = {k: statistics.median(r[k] for r in per_rank)
+           for k in ("matmul_s", "latency_s", "allreduce_4mib_s", "stream_96mib_s")}
     peak = 2 * 512**3 / med["matmul_s"]
     bw = 2 * (ranks - 1) / ranks * 4 * 2**20 / max(med["allreduce_4mib_s"] - med["latency_s"], 1e-9)
     (t_small, t_big) = [statistics.median(r["model_s"][i] for r in per_rank) for i in range(2)]
     cfg = load_config(str(ROOT / CONFIG), OVERRIDES)
     small, big = per_rank[0]["model_tokens"]
     slope = (t_big - t_small) / (big - small)
+    if slope <= 0:
+        raise SystemExit(f"calibrate: the model's step took {t_small:.4f} s at {small} tokens and {t_big:.4f} s at "
+                         f"{big}: too noisy to fit a compute rate (is another job loading the CPU?)")
     intercept = max(t_small - slope * small, 0.0)
     flops = tokens_flops(cfg.model, big, big).total - tokens_flops(cfg.model, small, small).total
     rate = flops / (t_big - t_small)
     profile = HardwareProfile(gpu_tflops=peak / 1e12, efficiency=min(rate / peak, 1.0), intra_node_gbps=bw / 1e9,
                               inter_node_gbps=bw / 1e9, gpus_per_node=ranks, latency_s=med["latency_s"],
-                              layer_overhead_s=intercept / cfg.model.num_layers)
+                              layer_overhead_s=intercept / cfg.model.num_layers,
+                              memory_gbps=96 * 2**20 / med["stream_96mib_s"] / 1e9)
     raw = {**med, "model_fwd_bwd_s": [t_small, t_big], "model_tokens": [small, big], "per_rank": per_rank}
     return profile, raw
 
@@ -142,7 +171,7 @@ def predict(lay: Layout, profile: HardwareProfile) -> float:
     world = lay.tp * lay.pp * lay.cp * lay.dp
     cfg = layout_config(load_config(str(ROOT / CONFIG), OVERRIDES), lay)
     cfg.validate(world)
-    return estimate(cfg, lay, profile).step_s
+    return estimate(cfg, lay, profile, per_slice=True).step_s  # gloo: a flat bucket moves slice by slice
 
 
 def measure_step(lay: Layout, ranks: int, steps: int, run_dir: str) -> float:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from engine.train.flops import tokens_flops
 
-ACT_BYTES = {"bf16": 2, "fp32": 4}
 
 
 @dataclass
@@ -38,6 +37,7 @@ class HardwareProfile:
     # multiplies the routed experts' compute and the all-to-all bytes.
     ep_imbalance: float = 1.0
     memory_headroom: float = 0.10  # fraction of --gpu-mem-gb kept free (allocator fragmentation, NCCL buffers)
+    memory_gbps: float = 3350.0  # device memory bandwidth (H100 SXM HBM3): the optimizer step is bound by it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,68 +102,64 @@ def param_counts(m) -> tuple[float, float]:
     return float(dense), expert
 
 
-def _intra(span: int, profile: HardwareProfile) -> bool:
-    """Whether a group whose ranks lie within ``span`` consecutive global ranks stays in one node."""
-    return span <= profile.gpus_per_node
-
-
 def _bandwidth(span: int, profile: HardwareProfile) -> float:
-    return 1e9 * (profile.intra_node_gbps if _intra(span, profile) else profile.inter_node_gbps)
+    """Bytes/s of a group whose ranks lie within ``span`` consecutive global ranks: NVLink when that is one node."""
+    return 1e9 * (profile.intra_node_gbps if span <= profile.gpus_per_node else profile.inter_node_gbps)
 
 
-def collective_s(kind: str, nbytes: float, n: int, span: int, profile: HardwareProfile) -> float:
-    """One call: ``nbytes`` the full (gathered / reduced / sent) tensor per rank, ring algorithm factors."""
-    if n <= 1:
-        return 0.0
-    factor = {"all-gather": (n - 1) / n, "reduce-scatter": (n - 1) / n, "all-reduce": 2 * (n - 1) / n,
-              "all-to-all": (n - 1) / n, "p2p": 1.0}[kind]
-    return profile.latency_s + factor * nbytes / _bandwidth(span, profile)
+# Per-rank bytes on the wire for tools/traffic.py's convention (all-gather: the output, reduce-scatter: the
+# input, all-reduce: the tensor, all-to-all and p2p: what leaves the rank), ring algorithms.
+WIRE = {"all-gather": lambda n: (n - 1) / n, "reduce-scatter": lambda n: (n - 1) / n,
+        "all-reduce": lambda n: 2 * (n - 1) / n, "all-to-all": lambda n: 1.0, "p2p": lambda n: 1.0}
+# Which cost a parallel dimension's traffic is reported under.
+COST = {"tp": "tp", "tp_cp": "tp", "cp": "cp", "ep_etp": "ep", "pp": "pp", "dp": "dp", "dp_cp": "dp", "edp": "dp",
+        "mp": "dp", "emp": "dp", "world": "dp"}
 
 
-def _passes(recompute: str) -> int:
-    """Forward-shaped passes per microbatch: forward, backward (its mirror), and full recompute's second forward."""
-    return 3 if recompute == "full" else 2
+def _groups(lay: "Layout") -> dict[str, tuple[int, int]]:
+    """(size, span in consecutive global ranks) of each dimension's group, in Megatron's rank order: tp
+    fastest, then cp, then dp, pp slowest; the expert mesh etp, ep, then edp."""
+    world = lay.tp * lay.cp * lay.dp * lay.pp
+    stage = world // lay.pp
+    edp = stage // (lay.ep * lay.etp)
+    return {"tp": (lay.tp, lay.tp), "cp": (lay.cp, lay.tp * lay.cp), "tp_cp": (lay.tp * lay.cp, lay.tp * lay.cp),
+            "dp": (lay.dp, stage), "dp_cp": (lay.dp * lay.cp, stage), "ep_etp": (lay.ep * lay.etp, lay.ep * lay.etp),
+            "edp": (edp, stage), "pp": (2, 2 * stage), "mp": (lay.tp * lay.pp, world),
+            "emp": (lay.pp * lay.ep * lay.etp, world), "world": (world, world)}
 
 
-def _layer_comm(cfg, lay: Layout, profile: HardwareProfile, tokens_mb: int, moe_layers: float,
-                layers: float) -> dict:
-    """Seconds per microbatch on one rank: TP/SP, CP ring and EP all-to-all of its layers."""
-    m, act = cfg.model, ACT_BYTES[cfg.train.dtype]
-    h, passes = m.hidden_size, _passes(lay.recompute)
-    out = {"tp": 0.0, "cp": 0.0, "ep": 0.0}
-    if lay.tp > 1:
-        # SP: all-gather before attention and MLP, reduce-scatter after each; an etp=1 MoE layer has no MLP pair.
-        calls = 4 * layers - (2 * moe_layers if lay.etp == 1 else 0)
-        one = collective_s("all-gather", tokens_mb / lay.cp * h * act, lay.tp, lay.tp, profile)
-        out["tp"] = calls * passes * one
-    if lay.cp > 1:
-        kv = tokens_mb / lay.cp * 2 * (m.num_kv_heads / lay.tp) * m.resolved_head_dim * act
-        ring = (lay.cp - 1) * collective_s("p2p", kv, lay.cp, lay.tp * lay.cp, profile)
-        out["cp"] = layers * ring * (1 + 2 + (1 if lay.recompute == "full" else 0))  # backward: K/V and dK/dV
-    if lay.ep > 1 and moe_layers:
-        sent = tokens_mb / (lay.cp * lay.tp) * m.moe.top_k * h * act * profile.ep_imbalance
-        one = collective_s("all-to-all", sent, lay.ep, lay.ep * lay.etp, profile) + profile.latency_s  # + counts
-        out["ep"] = moe_layers * 2 * passes * one  # dispatch and combine
+def communication_s(cfg, lay: "Layout", profile: HardwareProfile, per_slice: bool = False) -> dict[str, float]:
+    """Seconds of the step's exposed communication on the last pipeline stage (it paces the pipeline), by
+    cost: tools/traffic.py's exact bytes and calls per dimension, each call ``latency + wire bytes /
+    bandwidth``. All-to-all bytes grow with ``ep_imbalance``; ``dp_overlap`` of the gradient reduce-scatter
+    hides behind backward."""
+    from tools.traffic import expected_ledger
+
+    dense, expert = param_counts(cfg.model)
+    numel = {"dense": dense / (lay.tp * lay.pp), "expert": expert / (lay.ep * lay.etp * lay.pp)}
+    world = lay.tp * lay.cp * lay.dp * lay.pp
+    ledger = expected_ledger(cfg, world, numel, lay.pp - 1, per_slice=per_slice)
+    groups = _groups(lay)
+    out = dict.fromkeys(("tp", "cp", "ep", "pp", "dp"), 0.0)
+    for (kind, dim), nbytes in ledger.items():
+        n, span = groups[dim]
+        if kind == "all-to-all":
+            nbytes *= profile.ep_imbalance
+        seconds = ledger.calls[(kind, dim)] * profile.latency_s + WIRE[kind](n) * nbytes / _bandwidth(span, profile)
+        if kind == "reduce-scatter" and COST[dim] == "dp":
+            seconds *= 1 - profile.dp_overlap
+        out[COST[dim]] += seconds
     return out
 
 
-def _dp_comm(cfg, lay: Layout, profile: HardwareProfile, dense: float, expert: float) -> float:
-    """Exposed seconds of the distributed optimizer's gradient reduce-scatter and parameter all-gather."""
-    grad_b = 4 if cfg.optim.grad_reduce_dtype == "fp32" else 2
-    param_b = ACT_BYTES[cfg.train.dtype]
-    bucket = cfg.parallel.bucket_size_mb * 2**20
-    edp = lay.tp * lay.cp * lay.dp // (lay.ep * lay.etp)
-    total = 0.0
-    groups = ((dense / (lay.tp * lay.pp), lay.dp * lay.cp, lay.tp * lay.cp * lay.dp),
-              (expert / (lay.ep * lay.etp * lay.pp), edp, lay.tp * lay.cp * lay.dp))
-    for params, n, span in groups:
-        if n <= 1 or params == 0:
-            continue
-        calls = max(1.0, params * grad_b / bucket)
-        rs = collective_s("reduce-scatter", params * grad_b, n, span, profile) + (calls - 1) * profile.latency_s
-        ag = collective_s("all-gather", params * param_b, n, span, profile) + (calls - 1) * profile.latency_s
-        total += rs * (1 - profile.dp_overlap) + ag
-    return total
+def optimizer_s(cfg, lay: "Layout", profile: HardwareProfile) -> float:
+    """The optimizer step of this rank's shard: memory bound, ~32 bytes per element (read the fp32 gradient,
+    master and two moments, write the three, write the parameter)."""
+    dense, expert = param_counts(cfg.model)
+    stage = lay.tp * lay.cp * lay.dp
+    shards = dense / (lay.tp * lay.pp) / (lay.dp * lay.cp if cfg.distributed_optimizer(stage * lay.pp) else 1)
+    shards += expert / (lay.ep * lay.etp * lay.pp) / (stage // (lay.ep * lay.etp) or 1)
+    return shards * 32 / (profile.memory_gbps * 1e9)
 
 
 def _stage_skew(flops, pp: int) -> float:
@@ -173,8 +169,9 @@ def _stage_skew(flops, pp: int) -> float:
     return (layers / pp + head) / (flops.forward_total / pp)
 
 
-def estimate(cfg, lay: Layout, profile: HardwareProfile) -> StepEstimate:
-    """The step time of ``cfg`` (a validated config) under ``lay``: see tools/plan.py's docstring."""
+def estimate(cfg, lay: Layout, profile: HardwareProfile, per_slice: bool = False) -> StepEstimate:
+    """The step time of ``cfg`` (a validated config) under ``lay``: see tools/plan.py's docstring.
+    ``per_slice``: gloo's flat-bucket collectives, one call per slice (calibration on CPU)."""
     m, t, seq = cfg.model, cfg.train, cfg.data.seq_len
     world = lay.tp * lay.pp * lay.cp * lay.dp
     tokens = t.global_batch_size * seq
@@ -184,21 +181,12 @@ def estimate(cfg, lay: Layout, profile: HardwareProfile) -> StepEstimate:
     work = flops.total + (profile.ep_imbalance - 1) * experts_fwd * passes_total
     micro = t.global_batch_size // (lay.dp * t.micro_batch_size)
     layers = m.num_layers / lay.pp  # on one rank, over its vpp chunks
-    moe_layers = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / lay.pp
     compute = work / (world * profile.gpu_tflops * 1e12 * profile.efficiency) * _stage_skew(flops, lay.pp)
     overhead = micro * layers * profile.layer_overhead_s * (4 if lay.recompute == "full" else 3) / 3
-    comm = _layer_comm(cfg, lay, profile, t.micro_batch_size * seq, moe_layers, layers)
-    per_micro_comm = sum(comm.values())
-    seconds = {"compute": compute, "overhead": overhead}
-    seconds.update({k: micro * v for k, v in comm.items()})
-    # 1F1B / interleaved: (pp-1)/vpp microbatch-times of idle per rank.
-    per_micro = (compute + overhead) / micro + per_micro_comm
+    comm = communication_s(cfg, lay, profile, per_slice)
+    seconds = {"compute": compute, "overhead": overhead, **comm, "optimizer": optimizer_s(cfg, lay, profile)}
+    # 1F1B / interleaved: (pp-1)/vpp microbatch-times of idle per rank, a microbatch-time being its share
+    # of the compute and of the layers' exchanges.
+    per_micro = (compute + overhead + comm["tp"] + comm["cp"] + comm["ep"]) / micro
     seconds["bubble"] = (lay.pp - 1) / lay.vpp * per_micro
-    if lay.pp > 1:
-        boundary = t.micro_batch_size * seq / (lay.cp * lay.tp) * m.hidden_size * ACT_BYTES[t.dtype]
-        span = world  # adjacent stages are tp*cp*dp ranks apart
-        one = collective_s("p2p", boundary, 2, span // lay.pp * 2, profile)
-        seconds["pp"] = 2 * lay.vpp * micro * one
-    dense, expert = param_counts(m)
-    seconds["dp"] = _dp_comm(cfg, lay, profile, dense, expert)
     return StepEstimate(seconds, 3.0 * tokens_flops(m, tokens, seq).forward_total, tokens)

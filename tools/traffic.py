@@ -148,13 +148,26 @@ def rank_layers(cfg, pp_rank: int) -> tuple[list[int], list[tuple[bool, bool]]]:
 
 
 class _Ledger(dict):
-    def add(self, kind: str, dim: str, nbytes: float) -> None:
+    """Bytes per (kind, dim), and in ``calls`` the torch.distributed calls that move them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict = {}
+
+    def add(self, kind: str, dim: str, nbytes: float, calls: float = 1) -> None:
         if nbytes:
             self[(kind, dim)] = self.get((kind, dim), 0) + nbytes
+            self.calls[(kind, dim)] = self.calls.get((kind, dim), 0) + calls
 
 
 def expected_traffic(cfg, world: int, numel: dict, pp_rank: int = 0,
                      loss_tokens: int | None = None) -> dict[tuple[str, str], float]:
+    """Bytes per (kind, parallel dimension); see ``expected_ledger``."""
+    return dict(expected_ledger(cfg, world, numel, pp_rank, loss_tokens))
+
+
+def expected_ledger(cfg, world: int, numel: dict, pp_rank: int = 0, loss_tokens: int | None = None,
+                    per_slice: bool = False) -> _Ledger:
     """Bytes per (kind, parallel dimension) that a rank of pipeline stage ``pp_rank`` moves in one step.
 
     From the config and the layout alone: ``numel`` holds the rank's trainable elements by role,
@@ -162,7 +175,8 @@ def expected_traffic(cfg, world: int, numel: dict, pp_rank: int = 0,
     shard shapes give them (engine/train/memory.py's report). Exact for the data, tensor (with or
     without SP), expert and pipeline dimensions under uniform routing without capacity drops;
     context parallelism follows ring_attention.py's and ulysses.py's stated volumes. Recompute
-    replays the forward's exchanges once more (``full``).
+    replays the forward's exchanges once more (``full``). ``.calls`` counts the calls (the planner's
+    latency), with gloo's one call per slice of a flat bucket where ``per_slice``.
 
     Two terms are the mean over the ranks of a stage, not each rank's own: the vocabulary-split
     loss exchanges statistics for the rows that have a label (``loss_tokens`` of the step; default
@@ -186,15 +200,16 @@ def expected_traffic(cfg, world: int, numel: dict, pp_rank: int = 0,
     _context_parallel(per_micro, cfg, len(layers), seq, a, fwd)
     _experts(per_micro, cfg, len(moe), local, a, fwd)
     for first, last in chunks:  # activations to the next stage, gradients to the previous one
-        per_micro.add("p2p", "pp", (not last) * local * h * a + (not first) * local * h * a)
+        per_micro.add("p2p", "pp", (not last) * local * h * a + (not first) * local * h * a, (not last) + (not first))
     for key, nbytes in per_micro.items():
-        out.add(*key, nbytes * micro)
+        out.add(*key, nbytes * micro, per_micro.calls[key] * micro)
     if tp > 1 and chunks[-1][1]:  # the vocabulary-split loss: (max), then (sum, target) per loss row
         rows = t.global_batch_size * cfg.data.seq_len if loss_tokens is None else loss_tokens
-        out.add("all-reduce", "tp", 3 * 4 * rows / (dp * cp))
-    _gradients(out, cfg, numel, dp * cp, edp, layers, chunks)
+        chunk = max(256, 2**22 // (m.vocab_size // tp))  # engine/train/loss.py's rows per chunk
+        out.add("all-reduce", "tp", 3 * 4 * rows / (dp * cp), 2 * micro * -(-seq // chunk))
+    _gradients(out, cfg, numel, dp * cp, edp, layers, chunks, per_slice)
     _scalars(out, cfg, world, dp, cp, tp * pp, pp * ep * etp, edp)
-    return dict(out)
+    return out
 
 
 def _tensor_parallel(out: _Ledger, cfg, layers, chunks, seq: int, a: int, fwd: int) -> None:
@@ -207,11 +222,9 @@ def _tensor_parallel(out: _Ledger, cfg, layers, chunks, seq: int, a: int, fwd: i
     full = seq * m.hidden_size * a
     blocks = sum(1 + (not m.is_moe_layer(i) or m.shared_expert_intermediate_size > 0) for i in layers)
     edges = sum(first for first, _ in chunks[:1]) + sum(last for _, last in chunks[-1:])
-    if p.sp:
-        out.add("all-gather", "tp", (fwd + 1) * blocks * full + edges * full)
-        out.add("reduce-scatter", "tp", (fwd + 1) * blocks * full + edges * full)
-    else:
-        out.add("all-reduce", "tp", (fwd + 1) * blocks * full + edges * full)
+    calls = (fwd + 1) * blocks + edges
+    for kind in ("all-gather", "reduce-scatter") if p.sp else ("all-reduce",):
+        out.add(kind, "tp", calls * full, calls)
 
 
 def _context_parallel(out: _Ledger, cfg, n_layers: int, seq: int, a: int, fwd: int) -> None:
@@ -221,10 +234,12 @@ def _context_parallel(out: _Ledger, cfg, n_layers: int, seq: int, a: int, fwd: i
     heads = m.num_kv_heads // p.tp if m.num_kv_heads >= p.tp else 1
     kv = 2 * seq * heads * m.resolved_head_dim
     if p.cp_mode == "ring":  # forward (cp-1) K/V hops; backward the same plus cp fp32 dK/dV hops
-        out.add("p2p", "cp", n_layers * ((fwd + 1) * (p.cp - 1) * kv * a + p.cp * kv * 4))
+        out.add("p2p", "cp", n_layers * ((fwd + 1) * (p.cp - 1) * kv * a + p.cp * kv * 4),
+                n_layers * ((fwd + 1) * (p.cp - 1) + p.cp))
     else:  # Ulysses: q, k, v and the output through all-to-alls, mirrored in backward
         q = seq * (m.num_heads // p.tp) * m.resolved_head_dim
-        out.add("all-to-all", "cp", n_layers * (fwd + 1) * (2 * q + kv) * a * (p.cp - 1) / p.cp)
+        out.add("all-to-all", "cp", n_layers * (fwd + 1) * (2 * q + kv) * a * (p.cp - 1) / p.cp,
+                n_layers * (fwd + 1) * 4)
 
 
 def _experts(out: _Ledger, cfg, n_moe: int, tokens: int, a: int, fwd: int) -> None:
@@ -234,7 +249,7 @@ def _experts(out: _Ledger, cfg, n_moe: int, tokens: int, a: int, fwd: int) -> No
     p, m = cfg.parallel, cfg.model
     if n_moe and p.tp * p.cp > 1 and m.moe.aux_loss_coeff > 0:
         units = cfg.train.micro_batch_size if m.moe.aux_loss_type == "seq" else 1
-        out.add("all-reduce", "tp_cp", fwd * n_moe * units * (m.moe.num_experts + 1) * 4)
+        out.add("all-reduce", "tp_cp", fwd * n_moe * units * (m.moe.num_experts + 1) * 4, fwd * n_moe)
     ep, etp = p.ep, p.resolved_etp
     n = ep * etp
     if not n_moe or n == 1:
@@ -243,10 +258,10 @@ def _experts(out: _Ledger, cfg, n_moe: int, tokens: int, a: int, fwd: int) -> No
     sent = rows * etp - rows // ep
     back = n * rows // ep - rows // ep
     out.add("all-to-all", "ep_etp", n_moe * ((sent + back) * m.hidden_size * a * (fwd + 1)
-                                         + fwd * (n - 1) * (m.moe.num_experts // ep) * 8))
+                                         + fwd * (n - 1) * (m.moe.num_experts // ep) * 8), n_moe * (3 * fwd + 2))
 
 
-def _gradients(out: _Ledger, cfg, numel: dict, dp_cp: int, edp: int, layers, chunks) -> None:
+def _gradients(out: _Ledger, cfg, numel: dict, dp_cp: int, edp: int, layers, chunks, per_slice: bool) -> None:
     """Gradients over data parallelism (reduce-scatter + parameter all-gather with the distributed
     optimizer, else all-reduce), TP-partial gradients over tp, a tied embedding over its two stages."""
     p, m = cfg.parallel, cfg.model
@@ -254,11 +269,13 @@ def _gradients(out: _Ledger, cfg, numel: dict, dp_cp: int, edp: int, layers, chu
     param = _dtype_bytes(cfg.train.dtype)
     world = dp_cp * p.tp * p.pp
     for role, dim, size in (("dense", "dp_cp", dp_cp), ("expert", "edp", edp)):
+        buckets = -(-numel.get(role, 0) * 4 // int(p.bucket_size_mb * 2**20))
         if size > 1 and cfg.distributed_optimizer(world):
-            out.add("reduce-scatter", dim, numel.get(role, 0) * grad)
-            out.add("all-gather", dim, numel.get(role, 0) * param)
+            calls = buckets * (size if per_slice else 1)
+            out.add("reduce-scatter", dim, numel.get(role, 0) * grad, calls)
+            out.add("all-gather", dim, numel.get(role, 0) * param, calls)
         elif size > 1:
-            out.add("all-reduce", dim, numel.get(role, 0) * grad)
+            out.add("all-reduce", dim, numel.get(role, 0) * grad, buckets)
     if p.tp > 1:  # with the distributed optimizer, each rank's share of them
         share = dp_cp if cfg.distributed_optimizer(world) else 1
         out.add("all-reduce", "tp", _tp_partial_numel(cfg, layers, chunks[-1][1]) * 4 / share)
