@@ -110,9 +110,11 @@ def set_routing(model, balanced: bool) -> None:
             module.cfg.force_balanced_routing = balanced
 
 
-def run_routing(trainer, counter, theory, routing: str, warmup: int, steps: int, first: bool) -> list[dict]:
+def run_routing(trainer, counter, theory, routing: str, warmup: int, steps: int, first: bool, peak: float,
+                progress) -> list[dict]:
     """``warmup`` then ``steps`` timed steps under ``routing``; one record per timed step with this rank's
-    bytes, counted and (``theory(loss_tokens)``: (kind, dim) -> bytes) expected."""
+    bytes, counted and (``theory(loss_tokens)``: (kind, dim) -> bytes) expected. ``progress``: rank 0's
+    live line (engine/train/metrics.py), or None."""
     from engine.train.flops import step_flops
     from tools.traffic import by_kind
 
@@ -122,12 +124,17 @@ def run_routing(trainer, counter, theory, routing: str, warmup: int, steps: int,
         docs = global_doc_lengths(trainer, trainer.step)
         counter.reset()
         record = trainer.measured_step() if first and i == 0 else trainer.train_step()
-        if i < warmup:
-            continue
         loads = {k: sum(v) for k, v in record["expert_load"].items()}
         flops = step_flops(trainer.cfg.model, docs, loads, trainer.cfg.train.recompute).total
+        record["model_flops"] = flops
+        record["tflops_per_rank"] = flops / record["step_time_s"] / trainer.groups.world_size / 1e12
+        record["mfu"] = record["tflops_per_rank"] / peak
+        if progress is not None:
+            progress.update(record, keep=True)
+        if i < warmup:
+            continue
         expected = theory(record["loss_tokens"])
-        record.update(model_flops=flops, bytes=counter.by_kind(), theory_bytes=by_kind(expected),
+        record.update(bytes=counter.by_kind(), theory_bytes=by_kind(expected),
                       theory_by_group=theory_by_group(expected, trainer.groups),
                       bytes_by_group={f"{kind} {_ranks(ranks)}": n for (kind, ranks), n in counter.bytes.items()})
         trainer.metrics.log(record, print_line=False)
@@ -272,6 +279,7 @@ def main(argv=None) -> int:
     from engine.config import load_config
     from engine.parallel.expert_parallel import expert_placement
     from engine.parallel.mesh import init_distributed
+    from engine.train.metrics import Progress
     from engine.train.trainer import Trainer, build_groups
     from tools.traffic import CollectiveCounter, expected_traffic
 
@@ -295,9 +303,10 @@ def main(argv=None) -> int:
               "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_source,
               "routing": {}}
     counter = CollectiveCounter()
+    progress = Progress(cfg.train.steps) if rank == 0 else None
     for i, mode in enumerate(modes):
         with counter:
-            records = run_routing(trainer, counter, theory, mode, args.warmup, args.steps, first=(i == 0))
+            records = run_routing(trainer, counter, theory, mode, args.warmup, args.steps, (i == 0), peak, progress)
         everyone = _gather(records)
         result["routing"][mode] = {"records": records, "summary": summarize(records, world, peak, placement,
                                                                             edp_groups),

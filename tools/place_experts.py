@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.parallel.expert_parallel import contiguous_placement
 from tools.plot_metrics import by_step, metrics_path, read_metrics
 
 
@@ -91,8 +92,7 @@ def plan(records: list[dict], ep: int, last: int | None = None) -> dict:
     num_experts = len(next(iter(loads.values())))
     if ep < 2 or num_experts % ep:
         raise SystemExit(f"place_experts: --ep {ep} must be > 1 and divide the {num_experts} experts")
-    local = num_experts // ep
-    contiguous = [list(range(r * local, (r + 1) * local)) for r in range(ep)]
+    contiguous = contiguous_placement(num_experts, ep)
     layers = {layer: balanced_placement(load, ep) for layer, load in loads.items()}
     return {"num_experts": num_experts, "ep": ep, "layers": layers,
             "ep_rank_max_over_mean": {layer: {"contiguous": imbalance(loads[layer], contiguous),

@@ -41,7 +41,7 @@ Step time (tools/plan_costs.py; every constant is a field of HardwareProfile):
   m microbatches: (pp-1)/(vpp m) of the step).
 
 Not modelled: a vision tower's FLOPs, imbalance between pipeline stages beyond the LM head's, compute and
-communication sharing a CPU's cores (see the calibration in the closing figures of README.md).
+communication sharing a CPU's cores (README.md, Layout planner, has the calibration figures).
 
 TFLOP/s per GPU and MFU count model FLOPs (3 x forward, recompute excluded; causal attention counts the
 pairs it needs, Megatron's count a full square) over the peak of the profile.
@@ -55,7 +55,6 @@ Megatron throughput (Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V3) against the publi
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -63,7 +62,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from tools.plan_costs import HardwareProfile, Layout, StepEstimate, estimate, param_counts
+from tools.plan_costs import HardwareProfile, Layout, StepEstimate, estimate, layout_config, param_counts
 from tools.traffic import rank_layers
 
 RECOMPUTE = ("none", "selective", "full")
@@ -87,20 +86,6 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
                     for etp in sorted({1, tp}) if experts else [tp]:
                         for rc in RECOMPUTE:
                             yield Layout(tp, pp, vpp, cp, ep, etp, dp, rc)
-
-
-def layout_config(base, lay: Layout):
-    """A copy of ``base`` with ``lay`` set (not validated)."""
-    from engine.config import ConfigError
-
-    cfg = copy.deepcopy(base)
-    p = cfg.parallel
-    p.tp, p.sp, p.pp, p.vpp, p.cp, p.ep, p.etp = lay.tp, lay.tp > 1, lay.pp, lay.vpp, lay.cp, lay.ep, lay.etp
-    p.pp_schedule, p.pp_layout, p.dp, p.cp_mode = ("interleaved" if lay.vpp > 1 else "1f1b"), None, None, "ring"
-    cfg.train.recompute, cfg.train.recompute_layers = lay.recompute, None
-    if p.cp > 1 and cfg.model.attn_backend == "flash_attn":
-        raise ConfigError("ring CP needs a backend other than flash_attn")
-    return cfg
 
 
 def enumerate_layouts(base, gpus: int, gpus_per_node: int = 8) -> list[Layout]:

@@ -166,7 +166,7 @@ def layout_of(spec, world: int) -> Layout:
 
 def predict(lay: Layout, profile: HardwareProfile) -> float:
     from engine.config import load_config
-    from tools.plan import layout_config
+    from tools.plan_costs import layout_config
 
     world = lay.tp * lay.pp * lay.cp * lay.dp
     cfg = layout_config(load_config(str(ROOT / CONFIG), OVERRIDES), lay)

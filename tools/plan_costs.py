@@ -5,6 +5,7 @@ tools/plan.py's docstring; ``estimate`` turns a layout into a ``StepEstimate`` o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -85,6 +86,20 @@ class StepEstimate:
 
     def tflops_per_gpu(self, world: int) -> float:
         return self.model_flops / self.step_s / world / 1e12
+
+
+def layout_config(base, lay: Layout):
+    """A copy of ``base`` with ``lay`` set (not validated)."""
+    from engine.config import ConfigError
+
+    cfg = copy.deepcopy(base)
+    p = cfg.parallel
+    p.tp, p.sp, p.pp, p.vpp, p.cp, p.ep, p.etp = lay.tp, lay.tp > 1, lay.pp, lay.vpp, lay.cp, lay.ep, lay.etp
+    p.pp_schedule, p.pp_layout, p.dp, p.cp_mode = ("interleaved" if lay.vpp > 1 else "1f1b"), None, None, "ring"
+    cfg.train.recompute, cfg.train.recompute_layers = lay.recompute, None
+    if p.cp > 1 and cfg.model.attn_backend == "flash_attn":
+        raise ConfigError("ring CP needs a backend other than flash_attn")
+    return cfg
 
 
 def param_counts(m) -> tuple[float, float]:

@@ -39,7 +39,7 @@ def evaluate(run: dict, profile: HardwareProfile) -> dict:
     import dataclasses
 
     from engine.config import load_config
-    from tools.plan import layout_config
+    from tools.plan_costs import layout_config
 
     lay = run["layout"]
     if run["dtype"] == "fp8":

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 
-
 # torch renamed the tensor-in/tensor-out collectives; keep one spelling here. Looked up at each call,
 # so that whatever wraps torch.distributed's functions (tools/traffic.py's counter) sees these too.
 def _all_gather_single(out, x, group, async_op: bool = False):
