@@ -184,6 +184,7 @@ def test_resume_tp2_pp2_to_dp4(world4, reference):
     _assert_same_state(out[0]["state"], reference["state"])
 
 
+@pytest.mark.slow
 def test_resume_interleaved_tied_pipeline_to_cp2_tp2(world4, tmp_path):
     """PP2 x VPP2 x DP2 with the tied embedding and head on different pipeline ranks saves;
     CP2 x TP2 (+SP) resumes. Both match an uninterrupted DP4 run, sample for sample."""

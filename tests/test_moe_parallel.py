@@ -43,7 +43,7 @@ CASES = [(layout, router) for layout in LAYOUTS for router in sorted(ROUTERS)
 
 
 @pytest.mark.parametrize("case", params([f"{a}-{b}" for a, b in CASES],
-                                          slow=("ep2_cp2-sigmoid_grouped", "ep2_tp2_sp-sigmoid_grouped")))
+                                          slow=("ep2_cp2-sigmoid_grouped", "ep2_tp2_sp-sigmoid_grouped", "ep2-sigmoid_grouped")))
 def test_moe_parity(world4, references, case):
     layout, router = case.split("-")
     nranks, overrides = LAYOUTS[layout]
@@ -83,6 +83,7 @@ def test_aux_loss_is_layout_invariant(world4, references, layout, router):
     assert_close_tensors("router grads", routers, {k: out["first_grads"][k] for k in routers}, RTOL)
 
 
+@pytest.mark.slow
 def test_bf16_ep2_tp2_sp_matches_bf16_world1(world4):
     """bf16 (experts and the all-to-all in bf16, fp32 master weights) against world size 1 in bf16, within
     the bf16 tolerances; expert load and drops are still identical."""
