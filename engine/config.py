@@ -340,6 +340,10 @@ class TrainConfig:
     # hot_expert_steps steps in a row (a collapsing router); 0 steps: no warning.
     hot_expert_share: float = 0.5
     hot_expert_steps: int = 10
+    # A step whose loss or gradient norm is NaN/Inf: skip (no rank applies it; counted in the metrics,
+    # and max_skipped_steps in a row stop the run) | error (stop, naming the step).
+    on_nonfinite: str = "skip"
+    max_skipped_steps: int = 5
 
     def validate(self) -> None:
         if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
@@ -347,6 +351,10 @@ class TrainConfig:
                               f"train.hot_expert_steps={self.hot_expert_steps} >= 0")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
+        if self.on_nonfinite not in ("skip", "error"):
+            raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r} must be skip or error")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"train.recompute={self.recompute!r} must be none, selective or full")
         if self.recompute_layers is not None and self.recompute_layers < 0:

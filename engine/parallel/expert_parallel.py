@@ -259,8 +259,10 @@ def read_placement_plan(path: Path, num_experts: int, ep: int, layers: list[int]
 # ----------------------------------------------------------------------------- step statistics
 
 
-def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=None) -> dict:
-    """Sum the step's MoE statistics over ``group``, update the correction biases, reset the stats.
+def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=None,
+                    update_bias: bool = True) -> dict:
+    """Sum the step's MoE statistics over ``group``, update the correction biases (unless the step was
+    skipped: ``update_bias`` false), reset the stats.
 
     ``group`` must cover every rank that holds tokens or layers of the step; None is the whole
     world (the statistics are per rank and disjoint: SP/CP/DP ranks hold different tokens, pipeline
@@ -283,7 +285,8 @@ def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=Non
         dist.all_reduce(table, group=group)
     for row, i in enumerate(indices):
         if i in local:
-            local[i].update_bias(table[row, :e])
+            if update_bias:
+                local[i].update_bias(table[row, :e])
             local[i].stats.reset()
     table = table.cpu()
     return {"aux_loss": float(table[:, e + 1].sum()), "z_loss": float(table[:, e + 2].sum()),

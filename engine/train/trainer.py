@@ -22,6 +22,7 @@ from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
 from engine.train.flops import device_peak_tflops, step_flops
+from engine.train.guard import NonFiniteGuard
 from engine.train.metrics import HotExperts, MetricsLogger, Progress
 from engine.train.memory import MemoryReport, report_rank
 from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
@@ -69,6 +70,7 @@ class Trainer:
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
         self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
         self.hot_experts = HotExperts(cfg.train.hot_expert_share, cfg.train.hot_expert_steps)
+        self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, groups.rank == 0)
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -138,8 +140,9 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         microbatches = self.microbatches(self.step)
         loss, num_loss_tokens = self.forward_backward(self.step, microbatches)
-        grad_norm = self.optimizer_step(lr)
-        moe = finish_moe_step(text_model(self.model), self.cfg.model, self.device)  # {} for a dense model
+        grad_norm, applied = self.optimizer_step(lr, loss)
+        moe = finish_moe_step(text_model(self.model), self.cfg.model, self.device,  # {} for a dense model
+                              update_bias=applied)
         self.step += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -149,7 +152,8 @@ class Trainer:
         return {"step": self.step, "loss": float(loss), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": tokens, "loss_tokens": num_loss_tokens, "step_time_s": elapsed,
                 "tokens_per_s": tokens / elapsed, "tflops_per_rank": tflops,
-                "mfu": tflops / self.peak_tflops if self.peak_tflops else None, **moe}
+                "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                "skipped": not applied, "skipped_steps": self.nonfinite.skipped, **moe}
 
     def estimated_flops(self, microbatches) -> float:
         """The step's model FLOPs (engine/train/flops.py), from this rank's documents taken dp times: the
@@ -158,12 +162,16 @@ class Trainer:
         dp = self.cfg.dp_size(self.groups.world_size)
         return step_flops(self.cfg.model, docs * dp, recompute=self.cfg.train.recompute).total
 
-    def optimizer_step(self, lr: float) -> torch.Tensor:
-        """Clip by the global norm, then step. Returns the norm before clipping."""
+    def optimizer_step(self, lr: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Clip by the global norm, then step, unless the loss or the norm is not finite
+        (``train.on_nonfinite``). Returns (the norm before clipping, whether the step was applied)."""
         grad_norm = self.optimizer.grad_norm()
+        loss_value = 0.0 if loss is None else float(loss)
+        if self.nonfinite.skips(self.step + 1, loss_value, float(grad_norm)):
+            return grad_norm, False
         self.optimizer.clip(grad_norm, self.cfg.optim.clip_grad)
         self.optimizer.step(lr)
-        return grad_norm
+        return grad_norm, True
 
     def fit(self, until: int | None = None) -> list[dict]:
         """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule)."""
