@@ -77,14 +77,14 @@ def _run_without_one_update(overrides: list[str]) -> dict | None:
 
     step = Trainer.optimizer_step
 
-    def step_but_keep_one(self, lr):
+    def step_but_keep_one(self, lr, loss=None):
         param = dict(self.model.named_parameters())[FROZEN]
         masters = [m for m, piece in zip(self.optimizer.masters, self.optimizer.pieces) if piece.param is param]
         kept = [t.detach().clone() for t in (param, *masters)]  # bf16: its fp32 masters hold the update
-        norm = step(self, lr)
+        out = step(self, lr, loss)
         for t, k in zip((param, *masters), kept):
             t.data.copy_(k)
-        return norm
+        return out
 
     Trainer.optimizer_step = step_but_keep_one
     try:
