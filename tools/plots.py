@@ -11,6 +11,7 @@ importing this module needs neither matplotlib nor a display.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -27,6 +28,20 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def figure(out, *grid, **subplots):
+    """``(fig, axes)`` of ``plt.subplots(*grid, **subplots)``; on leaving, laid out and saved to ``out``
+    at DPI, and closed even when drawing failed."""
+    plt = pyplot()
+    fig, axes = plt.subplots(*grid, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(out, dpi=DPI)
+    finally:
+        plt.close(fig)
 
 
 def wants_log(values) -> bool:
@@ -58,18 +73,12 @@ def draw_lines(ax, series: Mapping[str, tuple], xlabel: str, ylabel: str, title:
 
 def line_plots(out, panels: Sequence[dict], title: Optional[str] = None) -> Path:
     """Several line panels stacked vertically in one PNG; each panel is a dict of draw_lines' keyword arguments."""
-    plt = pyplot()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(FIGSIZE[0], FIGSIZE[1] * (1 + 0.6 * (len(panels) - 1))),
-                             squeeze=False)
-    try:
+    size = (FIGSIZE[0], FIGSIZE[1] * (1 + 0.6 * (len(panels) - 1)))
+    with figure(out, len(panels), 1, figsize=size, squeeze=False) as (fig, axes):
         for ax, panel in zip(axes[:, 0], panels):
             draw_lines(ax, **panel)
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(out, dpi=DPI)
-    finally:
-        plt.close(fig)
     return Path(out)
 
 
@@ -100,9 +109,7 @@ def heatmap(out, matrix, xlabel: str, ylabel: str, title: str, colorbar_label: s
         raise ValueError(f"heatmap needs a non-empty 2-D matrix, got shape {data.shape}")
     xs = np.arange(data.shape[1]) if x is None else np.asarray(x, dtype=float)
     ys = np.arange(data.shape[0]) if y is None else np.asarray(y, dtype=float)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    try:
+    with figure(out, figsize=FIGSIZE) as (fig, ax):
         # "nearest" centres each cell on its coordinate; a single column or row still gets a width.
         mesh = ax.pcolormesh(xs, ys, np.ma.masked_invalid(data), shading="nearest", cmap=cmap, vmin=vmin, vmax=vmax)
         fig.colorbar(mesh, ax=ax, label=colorbar_label)
@@ -111,8 +118,4 @@ def heatmap(out, matrix, xlabel: str, ylabel: str, title: str, colorbar_label: s
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(out, dpi=DPI)
-    finally:
-        plt.close(fig)
     return Path(out)

@@ -192,8 +192,7 @@ def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = N
     """Keep this rank's experts ``mine`` (over ep, dim 0; default the contiguous range) and its slice of F
     (over etp); mark them as expert params."""
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
-    local = experts.num_experts // ep
-    contiguous = list(range(groups.ep_rank * local, (groups.ep_rank + 1) * local))
+    contiguous = contiguous_placement(experts.num_experts, ep)[groups.ep_rank]
     mine = contiguous if mine is None else list(mine)
     for name, f_dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
         full = getattr(experts, name).detach()
@@ -204,7 +203,7 @@ def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = N
             if size > 1:
                 add_split(param, dim, group)
         setattr(experts, name, param)
-    experts.num_experts = local
+    experts.num_experts = len(mine)
 
 
 # ----------------------------------------------------------------------------- placement
