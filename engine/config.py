@@ -344,6 +344,15 @@ class TrainConfig:
     # and max_skipped_steps in a row stop the run) | error (stop, naming the step).
     on_nonfinite: str = "skip"
     max_skipped_steps: int = 5
+    # Every process group's timeout: a collective a peer never joins fails after this long, naming the
+    # collective and its group (null: $LOOM_PG_TIMEOUT_S, else 600 s).
+    collective_timeout_s: Optional[float] = None
+    # Each rank writes every thread's stack to run_dir/stacks.rankN.txt when a step takes longer; 0: off.
+    step_timeout_s: float = 0
+    # Before the first step, ranks check they agree on the config, code, resume checkpoint and the
+    # collectives of one step (recorded by a dry run of it), and name the first difference.
+    preflight: bool = True
+    log_samples: bool = False  # metrics records carry the step's global batch (dataset indices)
 
     def validate(self) -> None:
         if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
@@ -353,6 +362,10 @@ class TrainConfig:
             raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
         if self.on_nonfinite not in ("skip", "error"):
             raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r} must be skip or error")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise ConfigError(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (or null)")
+        if self.step_timeout_s < 0:
+            raise ConfigError(f"train.step_timeout_s={self.step_timeout_s} must be >= 0 (0: off)")
         if self.max_skipped_steps < 1:
             raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.recompute not in ("none", "selective", "full"):

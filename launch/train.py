@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+import engine.faults as faults
 from engine.config import ConfigError, load_config
 
 
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = load_config(args.config, args.overrides)
+        rank = int(os.environ.get("RANK", "0"))
+        cfg = load_config(args.config, args.overrides + faults.config_overrides(rank))
         cfg.validate(world_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -34,11 +36,14 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from engine.checkpoint.storage import CheckpointError
-    from engine.parallel.mesh import init_distributed
+    from engine.parallel.mesh import default_timeout, init_distributed
+    from engine.parallel.watch import CollectiveError
+    from engine.train.preflight import PreflightError
     from engine.train.trainer import Trainer, build_groups
 
     try:
-        init_distributed(device=cfg.train.device)  # an absent device fails here, before any group exists
+        # An absent device fails here, before any group exists.
+        init_distributed(default_timeout(cfg.train.collective_timeout_s), device=cfg.train.device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +57,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:  # bad data or checkpoint contents: the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (PreflightError, CollectiveError, FloatingPointError) as e:  # the message says what and where
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         dist.destroy_process_group()
     return 0

@@ -1,7 +1,7 @@
 """The import graph flows one way, and every console script resolves to a callable ``main``.
 
 Layers, top to bottom: launch and tools -> engine's API (engine/__init__, pretrained) -> train ->
-parallel -> model -> checkpoint -> data -> config, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
+parallel -> model -> checkpoint -> data -> config, faults, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
 own package), and no set of modules imports itself in a cycle, lazy imports inside functions included.
 """
 import ast
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("engine", "kernels", "launch", "tools")
-RANK = {"version": -1, "compat": 0, "config": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3, "parallel": 4, "train": 5,
+RANK = {"version": -1, "compat": 0, "config": 0, "faults": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3, "parallel": 4, "train": 5,
         "api": 6, "launch": 7, "tools": 7}
 
 

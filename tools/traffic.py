@@ -1,9 +1,10 @@
 """Bytes moved by collectives: counted at the ``torch.distributed`` call boundary, and in theory.
 
-``CollectiveCounter`` wraps torch.distributed's collective and point-to-point functions for as
-long as it is active, so every call counts, whoever makes it: a stray or duplicated collective
-shows up beside the theory instead of hiding behind Loom's own send sites. A call nested in
-another counted one (``all_gather_single`` calling ``all_gather_into_tensor``) counts once.
+``CollectiveCounter`` intercepts torch.distributed's collective and point-to-point functions
+(engine/parallel/intercept.py) for as long as it is active, so every call counts, whoever makes
+it: a stray or duplicated collective shows up beside the theory instead of hiding behind Loom's
+own send sites. A call nested in another counted one (``all_gather_single`` calling
+``all_gather_into_tensor``) counts once.
 
 Bytes per rank and call, one convention for the count and the theory:
 
@@ -21,12 +22,12 @@ no capacity drops. The planner (tools/plan.py) turns them into time.
 from __future__ import annotations
 
 import contextlib
-import functools
-import threading
 from collections import defaultdict
 
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from engine.parallel.intercept import Interceptor
 
 KIND = {"all_reduce": "all-reduce", "all_gather_into_tensor": "all-gather", "all_gather_single": "all-gather",
         "all_gather": "all-gather", "broadcast": "all-gather", "reduce_scatter_tensor": "reduce-scatter",
@@ -62,49 +63,27 @@ def _bytes_of(name: str, args: tuple, kwargs: dict, group) -> int:
     return _nbytes(arg(0, "tensor"))
 
 
-class CollectiveCounter:
+class CollectiveCounter(Interceptor):
     """Bytes and calls per (kind, group ranks) on this rank while active (a context manager)."""
 
+    names = tuple(KIND)
+
     def __init__(self):
+        super().__init__()
         self.bytes = defaultdict(int)
         self.calls = defaultdict(int)
         self.enabled = True
-        self._depth = threading.local()
-        self._saved = []
 
-    def __enter__(self):
-        wrapped = {}  # one wrapper per function: P2POp checks its op against distributed_c10d's isend
-        for name in KIND:
-            for module in (dist, c10d):
-                fn = getattr(module, name, None)
-                if fn is not None:
-                    self._saved.append((module, name, fn))
-                    setattr(module, name, wrapped.setdefault(id(fn), self._wrap(name, fn)))
-        return self
-
-    def __exit__(self, *exc):
-        for module, name, fn in reversed(self._saved):
-            setattr(module, name, fn)
-        self._saved.clear()
-
-    def _wrap(self, name: str, fn):
-        @functools.wraps(fn)
-        def counted(*args, **kwargs):
-            depth = getattr(self._depth, "n", 0)
-            if depth == 0 and self.enabled:
-                group = kwargs.get("group")
-                if group is None:
-                    group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-                if dist.get_world_size(group) > 1:
-                    key = (KIND[name], tuple(dist.get_process_group_ranks(group or c10d._get_default_group())))
-                    self.bytes[key] += _bytes_of(name, args, kwargs, group)
-                    self.calls[key] += 1
-            self._depth.n = depth + 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth.n = depth
-        return counted
+    def call(self, name: str, fn, args: tuple, kwargs: dict):
+        if self.enabled:
+            group = kwargs.get("group")
+            if group is None:
+                group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+            if dist.get_world_size(group) > 1:
+                key = (KIND[name], tuple(dist.get_process_group_ranks(group or c10d._get_default_group())))
+                self.bytes[key] += _bytes_of(name, args, kwargs, group)
+                self.calls[key] += 1
+        return fn(*args, **kwargs)
 
     @contextlib.contextmanager
     def paused(self):

@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+import engine.faults as faults
+
 MARKER = "checkpoint.json"
 FORMAT = "loom-checkpoint"
 VERSION = 1
@@ -263,6 +265,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor], placements: dic
         dcp.save(state, storage_writer=writer, planner=_SavePlanner(placements, sources), no_dist=no_dist)
     if rank0 and side_files is not None:
         side_files(path)
+    faults.in_save(0 if no_dist else dist.get_rank())
     _barrier(no_dist)  # every rank's files are written (and fsynced) before the marker
     if rank0:
         write_marker(path, marker)

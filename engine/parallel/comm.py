@@ -46,6 +46,16 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def any_rank(flag: bool, group, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank of ``group`` (None: the world): one int32 max all-reduce,
+    so every rank takes the same branch. Per rank: a bool in, the same bool out everywhere."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if n == 1:

@@ -120,8 +120,11 @@ def default_device_and_backend(requested: str = "auto") -> tuple[torch.device, s
     return torch.device("cuda", local_rank), "nccl"
 
 
-def default_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("LOOM_PG_TIMEOUT_S", "600")))
+def default_timeout(seconds: Optional[float] = None) -> timedelta:
+    """Every process group's timeout: ``train.collective_timeout_s``; unset, ``$LOOM_PG_TIMEOUT_S`` or 600 s."""
+    if seconds is None:
+        seconds = float(os.environ.get("LOOM_PG_TIMEOUT_S", "600"))
+    return timedelta(seconds=seconds)
 
 
 class ParallelGroups:
@@ -142,6 +145,7 @@ class ParallelGroups:
         self.device = device or default_device
         backend = backend or dist.get_backend()
         timeout = timeout or default_timeout()
+        self.timeout = timeout
         override = {d: process_group_options(backend, timeout) for d in MESH_DIMS}
         self.mesh: DeviceMesh = init_device_mesh(
             self.device.type, dims.shape, mesh_dim_names=MESH_DIMS, backend_override=override
@@ -201,6 +205,27 @@ class ParallelGroups:
     @property
     def emp(self): return self.group("emp")
 
+    def name_of(self, group) -> str:
+        """Loom's name(s) for a process group (``dp_cp``; several joined, ``tp/tp_cp``), else its description."""
+        if group is None or group is dist.group.WORLD:
+            return "world"
+        names = [n for n, g in self._groups.items()
+                 if g is group and (self.dims.experts_folded or n not in EXPERT_ALIASES)]
+        return "/".join(names) if names else (getattr(group, "group_desc", "") or "unnamed")
+
+    def names_by_ranks(self) -> dict[tuple[int, ...], str]:
+        """Every group of every rank (global ranks, as ``group_layout`` lists them) -> its name(s)."""
+        layout = group_layout(self.dims)
+        if self.dims.experts_folded:
+            layout.update(expert_group_layout(self.dims))
+        out: dict[tuple[int, ...], list[str]] = {}
+        for name, groups in layout.items():
+            for ranks in groups:
+                if len(ranks) > 1:
+                    out.setdefault(tuple(ranks), []).append(name)
+        out.setdefault(tuple(range(self.world_size)), []).append("world")
+        return {ranks: "/".join(names) for ranks, names in out.items()}
+
     def ranks(self, name: str) -> list[int]:
         """Global ranks of this rank's group ``name``."""
         group = self.group(name)
@@ -231,5 +256,24 @@ def init_distributed(timeout: Optional[timedelta] = None, device: str = "auto") 
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend=backend, timeout=timeout or default_timeout())
+        timeout = timeout or default_timeout()
+        store = _attempt_store(timeout)
+        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                          "world_size": int(os.environ["WORLD_SIZE"])}
+        dist.init_process_group(backend=backend, timeout=timeout, **where)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _attempt_store(timeout: timedelta) -> Optional[dist.Store]:
+    """Under torchrun, a store of this restart attempt's own: None elsewhere (``env://`` as usual).
+
+    torchrun's agent hosts one TCPStore for the whole job and hands it to each attempt's workers
+    with no per-attempt namespace (torch assumes a fresh store per attempt). After a restart
+    (``--max-restarts``), the new workers' groups then read the dead workers' addresses and
+    ``init_process_group`` fails connecting to them. A prefix per attempt keeps them apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"loom/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)

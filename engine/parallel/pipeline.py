@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import stage_layout
-from engine.parallel.mesh import ParallelGroups, default_timeout, group_layout
+from engine.parallel.mesh import ParallelGroups, group_layout
 from engine.parallel.sharding import set_spec
 from engine.parallel.pipeline_schedule import (
     B, F, RECV_F, SEND_B, SEND_F, Action, Table, build_table, last_backward_steps, peer_of,
@@ -100,7 +100,7 @@ def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
     mine = None
     for ranks in group_layout(groups.dims)["pp"]:  # sorted: ranks[0] is stage 0, ranks[-1] the last
         pair = [ranks[0], ranks[-1]]
-        group = dist.new_group(pair, timeout=default_timeout())
+        group = dist.new_group(pair, timeout=groups.timeout, group_desc="tied_embedding")
         if groups.rank in pair:
             mine = group
     weight = None

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import engine.faults as faults
 from engine.config import Config, save_config
 from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_token_file, rank_microbatches,
                          synthetic_corpus)
@@ -16,8 +18,9 @@ from engine.model.batch import PackedBatch
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.expert_parallel import finish_moe_step
-from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend
+from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend, default_timeout
 from engine.parallel.pipeline import StageOutput
+from engine.parallel.watch import CollectiveWatch
 from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
 from engine.train.loss import lm_head_loss
@@ -27,16 +30,20 @@ from engine.train.metrics import HotExperts, MetricsLogger, Progress
 from engine.train.memory import MemoryReport, report_rank
 from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
 from engine.train.optim import lr_at
+from engine.train.preflight import check_collectives, check_identity
+from engine.train.resilience import StepWatchdog, StopSignal
 from engine.train.setup import build_rank
 
 
 def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
     cfg.validate(world)
+    if cfg.train.preflight:  # before any group: a rank with another layout would hang building them
+        check_identity(cfg, Checkpointer(cfg).resume_path())
     p = cfg.parallel
     device, _ = default_device_and_backend(cfg.train.device)
     dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
-    return ParallelGroups(dims, device=device)
+    return ParallelGroups(dims, device=device, timeout=default_timeout(cfg.train.collective_timeout_s))
 
 
 def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
@@ -71,6 +78,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
         self.hot_experts = HotExperts(cfg.train.hot_expert_share, cfg.train.hot_expert_steps)
         self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, groups.rank == 0)
+        self.watch = CollectiveWatch(groups.rank, groups.name_of, groups.timeout.total_seconds())
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
@@ -174,21 +182,50 @@ class Trainer:
         return grad_norm, True
 
     def fit(self, until: int | None = None) -> list[dict]:
-        """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule)."""
-        history = []
+        """Train to step ``until`` (default ``train.steps``, which alone sets the LR schedule), or to the
+        end of the step in which SIGTERM arrived on any rank (then save, and return)."""
+        history, last = [], self.cfg.train.steps if until is None else until
         self.metrics.progress = Progress(self.cfg.train.steps, first_step=self.step) if self.groups.rank == 0 else None
-        while self.step < (self.cfg.train.steps if until is None else until):
-            record = self.train_step() if history else self.measured_step()
-            self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
-            for warning in self.hot_experts.update(record) if self.groups.rank == 0 else ():
-                print(warning, flush=True)
-            history.append(record)
-            if self.checkpoints.should_save(self.step):
-                self.checkpoints.save(self.step, self.model, self.optimizer)
+        stacks = Path(self.cfg.train.run_dir) / f"stacks.rank{self.groups.rank}.txt"
+        with self.watch, StepWatchdog(self.cfg.train.step_timeout_s, stacks) as watchdog, \
+                StopSignal(self.groups.rank) as stop:
+            if self.cfg.train.preflight and self.step < last:
+                self.preflight()
+            while self.step < last:
+                self.watch.begin_step(self.step + 1)
+                faults.at_step(self.groups.rank, self.step + 1)
+                watchdog.arm()
+                record = self.train_step() if history else self.measured_step()
+                watchdog.disarm()
+                self.log(record)
+                history.append(record)
+                stopping = comm.any_rank(stop.requested, None, self.device)
+                if stopping or self.checkpoints.should_save(self.step):
+                    self.checkpoints.save(self.step, self.model, self.optimizer)
+                if stopping:
+                    break
         if self.checkpoints.should_save(self.step, final=True):
             self.checkpoints.save(self.step, self.model, self.optimizer)
         self.metrics.close()
         return history
+
+    def log(self, record: dict) -> None:
+        record["restart"] = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun --max-restarts
+        if self.cfg.train.log_samples:
+            record["samples"] = self.sampler.indices(record["step"] - 1).tolist()
+        self.metrics.log(record, print_line=(self.step % self.cfg.train.log_interval == 0))
+        for warning in self.hot_experts.update(record) if self.groups.rank == 0 else ():
+            print(warning, flush=True)
+
+    def preflight(self) -> None:
+        """Check that every rank would issue the same collectives in the next step (engine/train/preflight.py)."""
+        def dry_step():
+            self.forward_backward(self.step)
+            self.optimizer.grad_norm()
+            finish_moe_step(text_model(self.model), self.cfg.model, self.device, update_bias=False)
+
+        check_collectives(dry_step, self.groups.names_by_ranks())
+        self.grads.zero()
 
     # ------------------------------------------------------------------ helpers
 
