@@ -261,12 +261,13 @@ class Checkpointer:
         self.hf_assets: Optional[Path] = None  # HF side files carried from the checkpoint we started from
         self.last_saved: Optional[int] = None  # the step on disk already (saved, or resumed from)
 
-    def resume_path(self) -> Optional[Path]:
+    def resume_path(self, warn: bool = True) -> Optional[Path]:
+        """The checkpoint ``train.resume`` picks; ``warn``: rank 0 warns about newer incomplete ones."""
         choice = self.cfg.train.resume
         if choice == "none":
             return None
         if choice == "auto":
-            return io.latest_checkpoint(self.root, warn=_is_rank0())
+            return io.latest_checkpoint(self.root, warn=warn and _is_rank0())
         return Path(choice)
 
     def resume(self, modules: Modules, optimizer) -> int:

@@ -39,7 +39,7 @@ def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
     cfg.validate(world)
     if cfg.train.preflight:  # before any group: a rank with another layout would hang building them
-        check_identity(cfg, Checkpointer(cfg).resume_path())
+        check_identity(cfg, Checkpointer(cfg).resume_path(warn=False))
     p = cfg.parallel
     device, _ = default_device_and_backend(cfg.train.device)
     dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
