@@ -659,5 +659,16 @@ def coerce(tp, value: Any, key: str):
     return value
 
 
+def flat_keys(section: dict, prefix: str = "") -> dict:
+    """A nested config dict (``Config.to_dict()`` or a part) as ``{"moe.top_k": value}``."""
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -17,20 +17,8 @@ cd "$(dirname "$0")/.."
 NPROC="${NPROC:-2}"
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC="$1"; shift; fi
 
-torchrun_opts=()
-read -r -a torchrun_opts <<< "${TORCHRUN_ARGS:-}"
-for arg in "$@"; do
-  if [[ "$arg" == "--" ]]; then
-    while [[ "$1" != "--" ]]; do torchrun_opts+=("$1"); shift; done
-    shift
-    break
-  fi
-done
-
-restarts=(--max-restarts "${MAX_RESTARTS:-0}")
-for opt in ${torchrun_opts[@]+"${torchrun_opts[@]}"}; do
-  if [[ "$opt" == --max[-_]restarts || "$opt" == --max[-_]restarts=* ]]; then restarts=(); fi
-done
-
-exec torchrun --standalone --nproc-per-node "$NPROC" ${restarts[@]+"${restarts[@]}"} \
-  ${torchrun_opts[@]+"${torchrun_opts[@]}"} launch/train.py "$@"
+# shellcheck source=launch/torchrun_args.sh
+source launch/torchrun_args.sh
+split_torchrun_args "$@"
+exec torchrun --standalone --nproc-per-node "$NPROC" "${torchrun_opts[@]}" \
+  launch/train.py ${train_args[@]+"${train_args[@]}"}

@@ -43,15 +43,9 @@ if [[ ${#positional[@]} -gt 4 ]]; then
   exit 2
 fi
 
-torchrun_opts=()
-read -r -a torchrun_opts <<< "${TORCHRUN_ARGS:-}"
-for arg in "$@"; do
-  if [[ "$arg" == "--" ]]; then
-    while [[ "$1" != "--" ]]; do torchrun_opts+=("$1"); shift; done
-    shift
-    break
-  fi
-done
+# shellcheck source=launch/torchrun_args.sh
+source launch/torchrun_args.sh
+split_torchrun_args "$@"
 
 NNODES="${positional[0]:-${NNODES:-}}"
 NODE_RANK="${positional[1]:-${NODE_RANK:-}}"
@@ -64,11 +58,6 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then NPROC_PER_NODE=$(nvidia-smi -L | wc -l); else NPROC_PER_NODE=2; fi
 fi
 
-restarts=(--max-restarts "${MAX_RESTARTS:-0}")
-for opt in ${torchrun_opts[@]+"${torchrun_opts[@]}"}; do
-  if [[ "$opt" == --max[-_]restarts || "$opt" == --max[-_]restarts=* ]]; then restarts=(); fi
-done
-
 exec torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RUN_ID:-loom}" \
-  ${restarts[@]+"${restarts[@]}"} ${torchrun_opts[@]+"${torchrun_opts[@]}"} launch/train.py "$@"
+  "${torchrun_opts[@]}" launch/train.py ${train_args[@]+"${train_args[@]}"}

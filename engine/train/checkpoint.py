@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.config import flat_keys
 from engine.parallel.index import flat_boxes
 from engine.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
 from engine.checkpoint import storage as io
@@ -236,15 +237,10 @@ def check_compatible(marker: dict, cfg, path: Path) -> None:
                                   f"{section}.{key}={ours[section].get(key)!r}, which changes the sample stream")
 
 
-def _model_view(model: dict, prefix: str = "") -> dict:
+def _model_view(model: dict) -> dict:
     """The model section flattened (``moe.top_k``), with head_dim resolved (None: hidden_size // num_heads)."""
-    out = {}
-    for key, value in model.items():
-        if isinstance(value, dict):
-            out.update(_model_view(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    if not prefix and out.get("head_dim") is None and out.get("num_heads"):
+    out = flat_keys(model)
+    if out.get("head_dim") is None and out.get("num_heads"):
         out["head_dim"] = out["hidden_size"] // out["num_heads"]
     return out
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from engine.config import flat_keys
 from engine.parallel.dry_run import digests, dry_step, first_disagreement, streams_agree
 
 
@@ -42,13 +43,13 @@ def code_version() -> str:
 
 
 def identity(cfg, resume: Optional[Path]) -> dict:
-    return {"code": code_version(), "config": _flat(cfg.to_dict()), "resume": str(resume) if resume else None}
+    return {"code": code_version(), "config": flat_keys(cfg.to_dict()), "resume": str(resume) if resume else None}
 
 
 def check_identity(cfg, resume: Optional[Path]) -> None:
     """Raise PreflightError unless every rank runs the same code and config and resumes from the same checkpoint."""
     mine = identity(cfg, resume)
-    if _agree(_digest(mine)):
+    if len(set(_gather(_digest(mine)))) == 1:
         return
     every = _gather(mine)
     raise PreflightError(identity_disagreement(every) or "ranks disagree on code, config or checkpoint")
@@ -75,18 +76,13 @@ def check_collectives(run_step: Callable[[], None], names_by_ranks: dict) -> lis
     """Record the collectives ``run_step`` issues (dry, nothing is sent) and raise PreflightError
     naming the first rank and collective that disagree. Returns this rank's record."""
     calls = dry_step(run_step)
-    if _agree(None, digests(calls)):
+    if streams_agree(_gather(digests(calls))):
         return calls
     every = _gather(calls)
     message = first_disagreement(every, lambda ranks: f"{names_by_ranks.get(tuple(ranks), 'of')} "
                                                       f"(ranks {list(ranks)})")
     raise PreflightError(f"ranks would issue different collectives in one step, which hangs or mixes up "
                          f"tensors: {message or 'the records differ'}")
-
-
-def _agree(digest: Optional[str], streams: Optional[dict] = None) -> bool:
-    every = _gather(digest if streams is None else streams)
-    return streams_agree(every) if streams is not None else len(set(every)) == 1
 
 
 def _gather(obj) -> list:
@@ -99,13 +95,3 @@ def _gather(obj) -> list:
 
 def _digest(obj) -> str:
     return hashlib.sha1(repr(obj).encode()).hexdigest()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
