@@ -180,6 +180,10 @@ class ModelConfig:
                 f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}; "
                 "set model.head_dim explicitly"
             )
+        if self.resolved_head_dim % 2:  # else the rotary tables and the heads disagree in the first forward
+            where = (f"model.head_dim={self.head_dim}" if self.head_dim is not None else f"model.hidden_size/"
+                     f"model.num_heads={self.hidden_size}/{self.num_heads}={self.resolved_head_dim}")
+            raise ConfigError(f"{where}: rotary embeddings rotate the two halves of each head, so it must be even")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}")
         if self.attn_backend not in ("auto", "torch", "triton", "flash_attn"):
@@ -380,7 +384,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} must be auto, cpu or cuda")
-        for key in ("save_interval", "keep_checkpoints"):
+        for key in ("save_interval", "keep_checkpoints", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
         for part in self.freeze:
@@ -418,8 +422,12 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be positive")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        for key in ("warmup_steps", "weight_decay", "eps", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
 
 
 @dataclass
@@ -586,8 +594,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} not found") from None
+        except (OSError, UnicodeDecodeError) as e:  # missing, a directory, a binary file
+            raise ConfigError(f"config file {path!r} cannot be read: {getattr(e, 'strerror', None) or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -608,7 +616,11 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def build(cls, raw: Any, prefix: str):

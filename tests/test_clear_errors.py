@@ -2,7 +2,6 @@
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -40,34 +39,6 @@ def test_flash_attn_with_fp32_is_refused_at_validation():
     with pytest.raises(ConfigError, match="model.attn_backend=flash_attn needs train.dtype=bf16"):
         cfg.validate(1)
     load_config(TINY, ["model.attn_backend=flash_attn", "train.dtype=bf16"]).validate(1)
-
-
-def test_token_file_without_its_index_names_both(tmp_path):
-    from engine.data import write_token_file
-
-    path = tmp_path / "corpus.npy"
-    write_token_file(path, [np.arange(10), np.arange(5)])
-    load_config(TINY, [f"data.source={path}"]).validate(1)
-    os.remove(tmp_path / "corpus.idx.npy")
-    with pytest.raises(ConfigError, match=r"data.source=.*corpus.npy.*corpus.idx.npy is missing"):
-        load_config(TINY, [f"data.source={path}"]).validate(1)
-    with pytest.raises(ConfigError, match=r"data.source=.*must be synthetic or a .npy token file"):
-        load_config(TINY, [f"data.source={tmp_path / 'corpus.bin'}"]).validate(1)
-
-
-def test_token_ids_outside_the_vocabulary_name_the_file(tmp_path):
-    from engine.data import write_token_file
-    from engine.train.trainer import build_dataset
-
-    path = tmp_path / "corpus.npy"
-    cfg = load_config(TINY, [f"data.source={path}"])
-    vocab = cfg.model.vocab_size
-    write_token_file(path, [np.arange(vocab), np.arange(7)])
-    assert len(build_dataset(cfg)) > 0  # every id < vocab_size: fine
-    write_token_file(path, [np.arange(vocab), [3, vocab, 4]])
-    with pytest.raises(ConfigError, match=rf"corpus.npy: token id {vocab} at position {vocab + 1} is outside "
-                                          rf"model.vocab_size={vocab}"):
-        build_dataset(cfg)
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(monkeypatch):

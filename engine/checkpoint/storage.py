@@ -214,12 +214,27 @@ def _check_metadata(md, file: Path) -> None:
     for key, value in md.state_dict_metadata.items():
         if not isinstance(key, str) or not isinstance(value, (TensorStorageMetadata, BytesStorageMetadata)):
             raise CheckpointError(f"{file}: entry {key!r} is a {type(value).__name__}, not DCP storage metadata")
+    ends: dict[str, int] = {}  # data file -> the bytes the index says it holds
     for index, info in md.storage_data.items():
-        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo) \
+                or not isinstance(info.offset, int) or not isinstance(info.length, int):
             raise CheckpointError(f"{file}: storage entry {index!r} is not DCP storage info")
         name = info.relative_path
         if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise CheckpointError(f"{file}: {index.fqn!r} is stored in {name!r}, outside the checkpoint directory")
+        ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    _check_extents(file, ends)
+
+
+def _check_extents(file: Path, ends: dict[str, int]) -> None:
+    """Each data file holds what the index places in it: else DCP fails deep in torch.load, naming no file."""
+    for name, end in sorted(ends.items()):
+        data = file.parent / name
+        size = data.stat().st_size if data.is_file() else None
+        if size is None or size < end:
+            held = "is missing" if size is None else f"has {size} bytes"
+            raise CheckpointError(f"checkpoint {file.parent} is corrupt: file {name} {held}, its index {file.name} "
+                                  f"places {end} bytes in it")
 
 
 # ----------------------------------------------------------------------------- write
@@ -322,7 +337,7 @@ def read_marker(path: Path, check_files: bool = True) -> dict:
         marker = json.loads(marker_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: {MARKER} is not valid JSON ({e})") from None
-    if marker.get("format") != FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: {MARKER} is not a Loom checkpoint marker")
     if check_files:
         _check_files(path, marker.get("files", {}))

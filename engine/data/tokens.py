@@ -196,6 +196,9 @@ def write_token_file(path: str | os.PathLike, docs: Sequence) -> None:
 def _load_npy(path: str, what: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:  # numpy reads a file without its header as a pickle, and says so
+        if f.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path}: not a .npy array (no NumPy header); write {what}s with write_token_file")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:

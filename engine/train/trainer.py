@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import engine.faults as faults
-from engine.config import Config, save_config
+from engine.config import Config, ConfigError, save_config
 from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_token_file, rank_microbatches,
                          synthetic_corpus)
 from engine.model.batch import PackedBatch
@@ -47,14 +47,26 @@ def build_groups(cfg: Config) -> ParallelGroups:
 
 
 def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
-    if cfg.data.train_jsonl is not None:
-        return build_multimodal_dataset(cfg)
-    if cfg.data.source == "synthetic":
-        corpus = synthetic_corpus(cfg.model.vocab_size, cfg.data.num_tokens, seed=cfg.train.seed)
-    else:
-        corpus = load_token_file(cfg.data.source)
-        check_vocab(corpus, cfg.model.vocab_size, f"data.source={cfg.data.source}")
-    return PackedDataset(corpus, cfg.data.seq_len)
+    """The training data, checked before any model exists: bad data is a ConfigError naming the key or file."""
+    d = cfg.data
+    try:
+        if d.train_jsonl is not None:
+            dataset, where = build_multimodal_dataset(cfg), f"data.train_jsonl={d.train_jsonl}"
+        elif d.source == "synthetic":
+            corpus = synthetic_corpus(cfg.model.vocab_size, d.num_tokens, seed=cfg.train.seed)
+            dataset, where = PackedDataset(corpus, d.seq_len), f"data.num_tokens={d.num_tokens}"
+        else:
+            corpus = load_token_file(d.source)
+            check_vocab(corpus, cfg.model.vocab_size, f"data.source={d.source}")
+            dataset, where = PackedDataset(corpus, d.seq_len), f"data.source={d.source}"
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # the loaders name the file; launch/train.py reports a ConfigError cleanly
+        raise ConfigError(str(e)) from e
+    if len(dataset) < cfg.train.global_batch_size:  # the sampler would refuse it only after the model is built
+        raise ConfigError(f"{where} gives {len(dataset)} sequence(s) of data.seq_len={d.seq_len} tokens, fewer than "
+                          f"train.global_batch_size={cfg.train.global_batch_size}")
+    return dataset
 
 
 class Trainer:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig, build
+from engine.config import ConfigError, ModelConfig, build
 from engine.model.hf import family_for, family_for_model
 from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, weight_map
 from engine.checkpoint import storage as io
@@ -48,9 +48,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: holds a JSON {type(hf).__name__}, not an object of config keys")
+    return hf
 
 
 def index_hf_dir(hf_dir: Path) -> HfIndex:
@@ -68,12 +71,34 @@ def index_hf_dir(hf_dir: Path) -> HfIndex:
                     sl = f.get_slice(name)
                     if name in index:
                         raise ConversionError(f"{hf_dir}: weight {name!r} is in both {index[name][2].name} and {file.name}")
-                    index[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()], file)
-        except (OSError, ValueError, RuntimeError) as e:  # a truncated or corrupt file
+                    index[name] = (tuple(sl.get_shape()), _dtype(sl.get_dtype(), name, file), file)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated or corrupt file
             if isinstance(e, ConversionError):
                 raise
             raise ConversionError(f"{file}: cannot read safetensors header ({e})") from e
+    _check_shards(Path(hf_dir), index)
     return index
+
+
+def _dtype(name: str, weight: str, file: Path) -> torch.dtype:
+    if name not in _DTYPES:  # e.g. FP8 weights, which need their scales applied
+        raise ConversionError(f"{file}: weight {weight!r} is stored as {name}; Loom imports {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_shards(hf_dir: Path, index: HfIndex) -> None:
+    """Name the absent shard that the weight index places unread weights in, rather than (later) a weight."""
+    path = hf_dir / "model.safetensors.index.json"
+    if not path.is_file():
+        return
+    try:
+        placed = json.loads(path.read_text())["weight_map"]
+        absent = sorted({str(f) for name, f in placed.items() if name not in index and not (hf_dir / str(f)).is_file()})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{path}: not a safetensors weight index ({type(e).__name__}: {e})") from None
+    if absent:
+        raise ConversionError(f"{path} names shard {absent[0]}, which is missing from {hf_dir}"
+                              + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
 
 
 def read_hf_tensor(index: HfIndex, name: str) -> torch.Tensor:
@@ -151,7 +176,10 @@ def checkpoint_model_config(marker: dict, path: Path) -> ModelConfig:
     model = (marker.get("config") or {}).get("model")
     if model is None:
         raise io.CheckpointError(f"checkpoint {path}: {io.MARKER} has no config.model")
-    return build(ModelConfig, model, "model.")
+    try:
+        return build(ModelConfig, model, "model.")
+    except ConfigError as e:  # e.g. a key from a newer Loom: the key alone would not say which file holds it
+        raise io.CheckpointError(f"checkpoint {path}: {io.MARKER}: {e}") from None
 
 
 def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: Optional[str] = None,
