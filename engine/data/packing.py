@@ -58,7 +58,7 @@ class PackedDataset:
         frag_starts = np.concatenate(([start], inner)) - start  # [n_frag] local
         doc_lens = np.diff(np.concatenate((frag_starts, [self.seq_len])))
         # One token past the window gives the last label; at the stream end `end` is a doc border.
-        window = np.asarray(self.corpus.tokens[start : end + 1], dtype=np.int64)
+        window = np.asarray(self.corpus.window(start, end + 1), dtype=np.int64)
         labels = np.empty(self.seq_len, dtype=np.int64)
         labels[: len(window) - 1] = window[1:]
         labels[inner - start - 1] = IGNORE_INDEX

@@ -12,6 +12,7 @@ and shared by every rank through the page cache.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from typing import Sequence
@@ -75,10 +76,34 @@ class TokenCorpus:
                 raise ValueError(f"TokenCorpus: {problem}")
         self.tokens = tokens
         self.doc_offsets = doc_offsets
+        self._file = file_backing(tokens)
+        self._fd: int | None = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}  # a descriptor means nothing in another process
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    def window(self, start: int, end: int) -> np.ndarray:
+        """``tokens[start:end]`` in memory. Tokens memory-mapped from a file are read with pread, not
+        through the mapping: every page touched through it stays in this process's resident set (a
+        whole large folio per touch on recent kernels), so a long run would look as if it held the
+        corpus in memory. Both ways read the same shared page cache."""
+        end = min(end, self.num_tokens)
+        if self._file is None or end <= start:
+            return np.asarray(self.tokens[start:end])
+        path, offset = self._file
+        if self._fd is None:
+            self._fd = os.open(path, os.O_RDONLY)
+        size = self.tokens.dtype.itemsize
+        data = os.pread(self._fd, (end - start) * size, offset + start * size)
+        return np.frombuffer(data, dtype=self.tokens.dtype)
 
     @property
     def num_docs(self) -> int:
@@ -205,16 +230,41 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read as a .npy array ({e})") from e
 
 
-def check_vocab(corpus: TokenCorpus, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
-    """Raise ConfigError if a token id is >= ``vocab_size``: the embedding lookup would fail with an
-    IndexError on CPU and a device-side assert on CUDA, far from the file that caused it.
-    Reads the memory-mapped tokens in chunks, so a large corpus costs one pass, not its size in RAM."""
+def file_backing(tokens: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of ``tokens[0]``) of an np.memmap made directly over a file, else None."""
+    if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap) and tokens.filename:
+        return tokens.filename, int(tokens.offset)
+    return None
+
+
+def _token_chunks(tokens: np.ndarray, chunk: int):
+    """``(start, tokens[start:start + chunk])`` over the whole array; a memory-mapped file is read
+    through the file, as ``TokenCorpus.window`` does, so a scan leaves nothing resident."""
+    backing = file_backing(tokens)
+    if backing is None:
+        for start in range(0, len(tokens), chunk):
+            yield start, np.asarray(tokens[start:start + chunk])
+        return
+    with open(backing[0], "rb") as f:
+        f.seek(backing[1])
+        for start in range(0, len(tokens), chunk):
+            part = np.fromfile(f, dtype=tokens.dtype, count=min(chunk, len(tokens) - start))
+            yield start, part
+
+
+def check_vocab(corpus: TokenCorpus, vocab_size: int, where: str, chunk: int = 1 << 22) -> None:
+    """Raise ConfigError if a token id is >= ``vocab_size`` (or negative): the embedding lookup would
+    fail with an IndexError on CPU and a device-side assert on CUDA, far from the file that caused it.
+    Reads the tokens in chunks, so a large corpus costs one pass, not its size in RAM; a dtype whose
+    every value is a valid id (uint16 under a vocabulary of 65536 or more) needs no pass at all."""
     tokens = corpus.tokens
-    for start in range(0, len(tokens), chunk):
-        part = np.asarray(tokens[start:start + chunk])
+    if tokens.dtype.kind == "u" and np.iinfo(tokens.dtype).max < vocab_size:
+        return
+    for start, part in _token_chunks(tokens, chunk):
         top = int(part.max())
-        if top >= vocab_size:
-            at = start + int(np.argmax(part >= vocab_size))
+        low = int(part.min()) if tokens.dtype.kind == "i" else 0
+        if top >= vocab_size or low < 0:
+            at = start + int(np.argmax((part >= vocab_size) | (part < 0)))
             raise ConfigError(f"{where}: token id {int(tokens[at])} at position {at} is outside "
                               f"model.vocab_size={vocab_size} (largest id in this chunk: {top})")
 
