@@ -274,9 +274,39 @@ def token_index_path(path) -> str:
     return path[: -len(".npy")] + ".idx.npy"
 
 
+def indexed_paths(prefix) -> tuple[str, str]:
+    """``PREFIX`` -> (``PREFIX.bin``, ``PREFIX.idx``): a Megatron indexed dataset (engine.data.indexed)."""
+    prefix = str(prefix)
+    return prefix + ".bin", prefix + ".idx"
+
+
+def check_token_source(path: str, where: str) -> None:
+    """``path`` names a ``.npy`` token file with its index, or the prefix of an indexed dataset."""
+    if path.endswith(".npy"):
+        if not Path(path).is_file():
+            raise ConfigError(f"{where}={path!r}: no such token file")
+        index = token_index_path(path)
+        if not Path(index).is_file():
+            raise ConfigError(f"{where}={path!r}: its document index {index} is missing "
+                              "(write both with engine.data.write_token_file)")
+        return
+    bin_path, idx_path = indexed_paths(path)
+    missing = [p for p in (bin_path, idx_path) if not Path(p).is_file()]
+    if len(missing) == 1:
+        raise ConfigError(f"{where}={path!r}: the indexed dataset is incomplete, {missing[0]} is missing")
+    if missing:
+        hint = " (give the prefix, without .bin or .idx)" if path.endswith((".bin", ".idx")) else ""
+        synthetic = "synthetic or " if where == "data.source" else ""
+        raise ConfigError(f"{where}={path!r} must be {synthetic}a .npy token file, or the prefix of an "
+                          f"indexed dataset: neither {bin_path} nor {idx_path} exists{hint}")
+
+
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | path to a .npy token file (with .idx.npy beside it)
+    # synthetic | a .npy token file (with .idx.npy beside it) | PREFIX of an indexed dataset (PREFIX.bin, PREFIX.idx)
+    source: str = "synthetic"
+    # [[weight, path], ...]: corpora (token files or indexed prefixes) mixed by weight, instead of source
+    blend: Optional[list[list[Any]]] = None
     seq_len: int = 64
     num_tokens: int = 1 << 18  # size of the synthetic corpus
     shuffle: bool = True
@@ -292,18 +322,28 @@ class DataConfig:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.source != "synthetic":
-            self.validate_token_file()
+            check_token_source(self.source, "data.source")
+        self.validate_blend()
         self.validate_multimodal()
 
-    def validate_token_file(self) -> None:
-        if not self.source.endswith(".npy"):
-            raise ConfigError(f"data.source={self.source!r} must be synthetic or a .npy token file")
-        if not Path(self.source).is_file():
-            raise ConfigError(f"data.source={self.source!r}: no such token file")
-        index = token_index_path(self.source)
-        if not Path(index).is_file():
-            raise ConfigError(f"data.source={self.source!r}: its document index {index} is missing "
-                              "(write both with engine.data.write_token_file)")
+    def validate_blend(self) -> None:
+        if self.blend is None:
+            return
+        if self.source != "synthetic" or self.train_jsonl is not None:
+            other = f"data.source={self.source!r}" if self.source != "synthetic" else "data.train_jsonl"
+            raise ConfigError(f"data.blend replaces {other}: set one of them")
+        if not self.blend:
+            raise ConfigError("data.blend=[] must list at least one [weight, path] pair")
+        for k, entry in enumerate(self.blend):
+            where = f"data.blend[{k}]"
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise ConfigError(f"{where}={entry!r} must be a [weight, path] pair")
+            weight, path = entry
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+                raise ConfigError(f"{where}: weight {weight!r} must be a positive number")
+            if not isinstance(path, str):
+                raise ConfigError(f"{where}: path {path!r} must be a string")
+            check_token_source(path, f"{where} path")
 
     def validate_multimodal(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):

@@ -1,9 +1,13 @@
-"""Data: token corpora, packing, layout-independent sampling; multimodal chat samples."""
+"""Data: token corpora (.npy and Megatron indexed files), packing, blends, layout-independent sampling;
+multimodal chat samples."""
 
 from engine.data.packing import IGNORE_INDEX, PackedDataset, Sample
 from engine.data.sampler import GlobalBatchSampler, Microbatch, collate, rank_microbatches
 from engine.data.tokens import (TokenCorpus, check_vocab, index_path, load_token_file, synthetic_corpus,
                                 write_token_file)
+from engine.data.indexed import IndexedReader, IndexedWriter, best_dtype, indexed_exists, write_indexed
+from engine.data.blend import (BlendedDataset, BlendedSampler, blend_pattern, build_text_dataset, load_corpus,
+                               make_sampler)
 
 # Multimodal chat data: tokenizer, chat template, images, sample packing.
 from engine.data.chat import IMAGE_TAG, encode_chat
@@ -26,6 +30,18 @@ __all__ = [
     "rank_microbatches",
     "synthetic_corpus",
     "write_token_file",
+    # indexed datasets and blends
+    "BlendedDataset",
+    "BlendedSampler",
+    "IndexedReader",
+    "IndexedWriter",
+    "best_dtype",
+    "blend_pattern",
+    "build_text_dataset",
+    "indexed_exists",
+    "load_corpus",
+    "make_sampler",
+    "write_indexed",
     # multimodal
     "BAD_SAMPLE_REASONS",
     "IMAGE_TAG",

@@ -39,8 +39,9 @@ from engine.checkpoint.storage import CheckpointError, Placement
 _MODEL_FREE_KEYS = ("attn_backend", "init_std", "moe.aux_loss_coeff", "moe.aux_loss_type", "moe.z_loss_coeff",
                     "moe.bias_update_rate", "moe.capacity_factor", "moe.grouped_gemm")
 # Settings that define the sample stream of a step.
-_DATA_KEYS = (("train", "seed"), ("train", "global_batch_size"), ("data", "source"), ("data", "seq_len"),
-              ("data", "num_tokens"), ("data", "shuffle"), ("data", "train_jsonl"), ("data", "pack_window"))
+_DATA_KEYS = (("train", "seed"), ("train", "global_batch_size"), ("data", "source"), ("data", "blend"),
+              ("data", "seq_len"), ("data", "num_tokens"), ("data", "shuffle"), ("data", "train_jsonl"),
+              ("data", "pack_window"))
 
 
 # ----------------------------------------------------------------------------- what gets saved

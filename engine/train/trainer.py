@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 import engine.faults as faults
 from engine.config import Config, ConfigError, save_config
-from engine.data import (GlobalBatchSampler, PackedDataset, check_vocab, load_token_file, rank_microbatches,
-                         synthetic_corpus)
+from engine.data import BlendedDataset, PackedDataset, build_text_dataset, make_sampler, rank_microbatches
 from engine.model.batch import PackedBatch
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
@@ -46,19 +45,16 @@ def build_groups(cfg: Config) -> ParallelGroups:
     return ParallelGroups(dims, device=device, timeout=default_timeout(cfg.train.collective_timeout_s))
 
 
-def build_dataset(cfg: Config) -> PackedDataset | MultimodalDataset:
+def build_dataset(cfg: Config) -> PackedDataset | BlendedDataset | MultimodalDataset:
     """The training data, checked before any model exists: bad data is a ConfigError naming the key or file."""
     d = cfg.data
     try:
         if d.train_jsonl is not None:
             dataset, where = build_multimodal_dataset(cfg), f"data.train_jsonl={d.train_jsonl}"
-        elif d.source == "synthetic":
-            corpus = synthetic_corpus(cfg.model.vocab_size, d.num_tokens, seed=cfg.train.seed)
-            dataset, where = PackedDataset(corpus, d.seq_len), f"data.num_tokens={d.num_tokens}"
         else:
-            corpus = load_token_file(d.source)
-            check_vocab(corpus, cfg.model.vocab_size, f"data.source={d.source}")
-            dataset, where = PackedDataset(corpus, d.seq_len), f"data.source={d.source}"
+            dataset = build_text_dataset(d, cfg.model.vocab_size, seed=cfg.train.seed)
+            where = ("data.blend" if d.blend else f"data.num_tokens={d.num_tokens}" if d.source == "synthetic"
+                     else f"data.source={d.source}")
     except ConfigError:
         raise
     except (OSError, ValueError) as e:  # the loaders name the file; launch/train.py reports a ConfigError cleanly
@@ -82,8 +78,7 @@ class Trainer:
         self.optimizer = rank.optimizer  # fp32 masters and Adam states, sharded with optim.distributed
         self.grads = self.optimizer.grads  # fp32 gradient buckets, reduced over data parallel
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.global_batch_size, cfg.train.seed,
-                                          shuffle=cfg.data.shuffle)
+        self.sampler = make_sampler(self.dataset, cfg.train.global_batch_size, cfg.train.seed, shuffle=cfg.data.shuffle)
         self.checkpoints = Checkpointer(cfg)
         self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
