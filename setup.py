@@ -13,7 +13,8 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*", "tools", "tools.*"]),
     python_requires=">=3.10",
     # The scripts pin torch==2.13.0 (tested), which keeps a CPU box off CUDA wheels.
-    install_requires=[f"torch>={MIN_TORCH}", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow", "matplotlib"],
+    install_requires=[f"torch>={MIN_TORCH}", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow", "matplotlib",
+                      "tqdm"],
     entry_points={"console_scripts": [
         "loom-train=launch.train:main",
         "loom-convert=tools.convert_hf:main",
@@ -23,6 +24,7 @@ setup(
         "loom-compare=tools.compare_runs:main",
         "loom-make-vqa=tools.make_synthetic_vqa:main",
         "loom-train-tokenizer=tools.train_tokenizer:main",
+        "loom-preprocess=tools.preprocess_data:main",
         "loom-memory=tools.memory:main",
         "loom-plan=tools.plan:main",
     ]},

@@ -1,7 +1,8 @@
 """One tokenizer interface over a sentencepiece model or a Hugging Face tokenizer directory.
 
     tok = Tokenizer.load("tok.model")          # trained by tools/train_tokenizer.py
-    tok = Tokenizer.load("path/to/hf_model")   # a directory with tokenizer.json
+    tok = Tokenizer.load("path/to/hf_model")   # a directory with tokenizer.json (or the tokenizer.json)
+    tok = Tokenizer.load(path, chat=False)     # plain text: no chat markers needed, none added
     ids = tok.encode("<image>What colour?")    # list[int], no bos/eos added
     tok.image_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.role_id("user"), tok.end_of_turn_id
 
@@ -81,12 +82,14 @@ class _SentencePiece:
 class _HFTokenizers:
     kind = "hf"
 
-    def __init__(self, directory: str):
+    def __init__(self, path: str):
         from tokenizers import Tokenizer as _Tok
 
-        self.path = directory
-        self.tk = _Tok.from_file(os.path.join(directory, "tokenizer.json"))
-        self.config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        # A directory, or its tokenizer.json given directly (tokenizer_config.json is read beside it).
+        self.path = path
+        file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
+        self.tk = _Tok.from_file(file)
+        self.config = _read_json(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tk.encode(text, add_special_tokens=False).ids)
@@ -128,29 +131,34 @@ class Tokenizer:
     attention document, so their id only has to be a valid embedding row.
     """
 
-    def __init__(self, backend, specials: SpecialTokens = SpecialTokens()):
+    def __init__(self, backend, specials: SpecialTokens = SpecialTokens(), chat: bool = True):
         self.backend, self.specials = backend, specials
         missing = [p for p in specials.markers() if backend.piece_id(p) is None]
-        if missing:
+        # Plain text (chat=False) keeps the vocabulary as it is: the chat markers' ids are then None.
+        if missing and chat:
             backend.add_pieces(missing)
         defaults = backend.default_ids()
         self.bos_id: Optional[int] = _first(defaults["bos"], backend.piece_id(specials.bos))
         self.eos_id: Optional[int] = _first(defaults["eos"], backend.piece_id(specials.eos))
         self.pad_id: int = _first(defaults["pad"], backend.piece_id(specials.pad), self.eos_id, 0)
-        self.image_id: int = backend.piece_id(specials.image)
-        self.end_of_turn_id: int = backend.piece_id(specials.end_of_turn)
+        self.image_id: Optional[int] = backend.piece_id(specials.image)
+        self.end_of_turn_id: Optional[int] = backend.piece_id(specials.end_of_turn)
         self._role_ids = {r: backend.piece_id(getattr(specials, r)) for r in ROLES}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, specials: SpecialTokens = SpecialTokens()) -> "Tokenizer":
-        """A ``.model`` sentencepiece file, or an HF directory (tokenizer.json or tokenizer.model)."""
+    def load(cls, path: str | os.PathLike, specials: SpecialTokens = SpecialTokens(), chat: bool = True) -> "Tokenizer":
+        """A ``.model`` sentencepiece file, an HF ``tokenizer.json`` or a directory holding either.
+
+        ``chat=False`` loads a tokenizer for plain text: it needs none of the chat markers and gets none added.
+        """
         path = os.fspath(path)
         if os.path.isfile(path):
-            return cls(_SentencePiece(path), specials)
+            backend = _HFTokenizers(path) if path.endswith(".json") else _SentencePiece(path)
+            return cls(backend, specials, chat)
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            return cls(_HFTokenizers(path), specials)
+            return cls(_HFTokenizers(path), specials, chat)
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
-            return cls(_SentencePiece(os.path.join(path, "tokenizer.model")), specials)
+            return cls(_SentencePiece(os.path.join(path, "tokenizer.model")), specials, chat)
         if os.path.isdir(path):
             raise ValueError(f"tokenizer directory {path} has neither tokenizer.json nor tokenizer.model")
         raise FileNotFoundError(f"tokenizer not found: {path}")
