@@ -362,6 +362,34 @@ class DataConfig:
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or directory")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts",
+                "shared_expert", "vision", "projector")
+
+
+@dataclass
+class LoRAConfig:
+    """``train.lora``: low-rank adapters on a frozen base (engine/model/lora.py); rank 0: off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: no LoRA)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"train.lora.dropout={self.dropout} must be in [0, 1)")
+        if self.alpha <= 0:
+            raise ConfigError(f"train.lora.alpha={self.alpha} must be positive")
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if unknown:
+            raise ConfigError(f"train.lora.target_modules: unknown target {unknown[0]!r} "
+                              f"(one of {', '.join(LORA_TARGETS)})")
+        if self.rank and not self.target_modules:
+            raise ConfigError(f"train.lora.rank={self.rank} needs train.lora.target_modules")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 1234
@@ -397,8 +425,10 @@ class TrainConfig:
     # collectives of one step (recorded by a dry run of it), and name the first difference.
     preflight: bool = True
     log_samples: bool = False  # metrics records carry the step's global batch (dataset indices)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
+        self.lora.validate()
         if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
             raise ConfigError(f"train.hot_expert_share={self.hot_expert_share} must be in (0, 1] and "
                               f"train.hot_expert_steps={self.hot_expert_steps} >= 0")
@@ -527,6 +557,7 @@ def check_layout(cfg: Config, world_size: int) -> None:
         check_pipeline(cfg, dp)
     check_experts(cfg, dp)
     check_vision(cfg)
+    check_lora(cfg)
     if m.attn_backend == "flash_attn" and t.dtype != "bf16":
         raise ConfigError(f"model.attn_backend=flash_attn needs train.dtype=bf16 (flash-attn computes in "
                           f"fp16/bf16 only), not train.dtype={t.dtype}; use triton or torch for fp32")
@@ -542,6 +573,16 @@ def check_vision(cfg: Config) -> None:
     for key in ("num_heads", "intermediate_size"):
         if getattr(v, key) % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.vision.{key}={getattr(v, key)}")
+
+
+def check_lora(cfg: Config) -> None:
+    """Each LoRA target must exist in this model."""
+    m, targets = cfg.model, cfg.train.lora.target_modules if cfg.train.lora.rank else []
+    missing = {"experts": m.moe.num_experts == 0, "shared_expert": not m.moe.num_shared_experts,
+               "vision": not m.vision.enabled, "projector": not m.vision.enabled}
+    for target in targets:
+        if missing.get(target):
+            raise ConfigError(f"train.lora.target_modules: {target!r} names no layer of this model")
 
 
 def check_experts(cfg: Config, dp: int) -> None:

@@ -49,6 +49,9 @@ ZEROS, ONES = Init("const", value=0.0), Init("const", value=1.0)
 
 def _module_rules(module: nn.Module, std: float) -> dict[str, Init]:
     """Rules for ``module``'s own parameters and buffers (not its children's)."""
+    rules = getattr(module, "init_rules", None)  # a module with its own parameters says how to start them
+    if rules is not None:
+        return rules(std)
     if isinstance(module, (nn.Linear, nn.Embedding)):
         return {"weight": normal(std), "bias": ZEROS}
     if isinstance(module, (RMSNorm, nn.LayerNorm)):
@@ -56,9 +59,14 @@ def _module_rules(module: nn.Module, std: float) -> dict[str, Init]:
     if isinstance(module, Router):
         return {"weight": normal(std), "e_score_correction_bias": ZEROS}
     if isinstance(module, GroupedExperts):
-        return {"gate_proj": normal(std), "up_proj": normal(std), "down_proj": normal(std)}
-    rules = getattr(module, "init_rules", None)  # a module with its own parameters says how to start them
-    return rules(std) if rules is not None else {}
+        out = {"gate_proj": normal(std), "up_proj": normal(std), "down_proj": normal(std)}
+        for name, param in module.named_parameters(recurse=False):  # LoRA adapters: A N(0, 1/in), B zero
+            if name.endswith("_lora_A"):
+                out[name] = normal(param.shape[-1] ** -0.5)
+            elif name.endswith("_lora_B"):
+                out[name] = ZEROS
+        return out
+    return {}
 
 
 def init_rules(model: nn.Module, std: float) -> dict[str, Init]:

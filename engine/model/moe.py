@@ -265,6 +265,8 @@ class GroupedExperts(nn.Module):
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         # grouped GEMM wants 16-byte aligned rows in every operand.
         sizes = (self.gate_proj.shape[1], self.gate_proj.shape[2])
+        if self.has_lora:
+            sizes += (self.gate_proj_lora_A.shape[1],)
         aligned = all(n * dtype.itemsize % 16 == 0 for n in sizes)
         return self.grouped_gemm and aligned and grouped_mm_runs(device.type, dtype)
 
@@ -274,7 +276,19 @@ class GroupedExperts(nn.Module):
         def mm(a, w):  # w: [E, out, in]
             return _ContiguousGrad.apply(grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
 
-        return mm(self.activation(mm(x, self.gate_proj), mm(x, self.up_proj)), self.down_proj)
+        def proj(a, name):  # a LoRA adapter is two more grouped GEMMs through rank r
+            out = mm(a, getattr(self, name))
+            lora_a = getattr(self, f"{name}_lora_A", None)
+            if lora_a is not None:
+                a = F.dropout(a, self.lora_dropout, self.training) if self.lora_dropout else a
+                out = out + mm(mm(a, lora_a), getattr(self, f"{name}_lora_B")) * self.lora_scaling
+            return out
+
+        return proj(self.activation(proj(x, "gate_proj"), proj(x, "up_proj")), "down_proj")
+
+    @property
+    def has_lora(self) -> bool:
+        return getattr(self, "gate_proj_lora_A", None) is not None
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """SwiGLU's ``silu(gate) * up``: its own method so selective recompute can drop its output."""
@@ -282,13 +296,23 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind: one backward that stacks the per-expert gradients (indexing would zero-fill E times)
-        weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0))
+        names = [n for n, p in self.named_parameters(recurse=False) if p is not None]
+        weights = {n: getattr(self, n).unbind(0) for n in names}
         outs, start = [], 0
-        for (w1, w3, w2), n in zip(weights, counts.tolist()):
+
+        def proj(rows, name, e):
+            out = F.linear(rows, weights[name][e])
+            if f"{name}_lora_A" in weights:
+                rows = F.dropout(rows, self.lora_dropout, self.training) if self.lora_dropout else rows
+                lora = F.linear(F.linear(rows, weights[f"{name}_lora_A"][e]), weights[f"{name}_lora_B"][e])
+                out = out + lora * self.lora_scaling
+            return out
+
+        for e, n in enumerate(counts.tolist()):
             rows = x[start:start + n]
             start += n
             if n:
-                outs.append(F.linear(self.activation(F.linear(rows, w1), F.linear(rows, w3)), w2))
+                outs.append(proj(self.activation(proj(rows, "gate_proj", e), proj(rows, "up_proj", e)), "down_proj", e))
         if not outs:  # stay in the graph: every EP rank must run the backward collectives
             return (x * 0).to(compute_dtype(x))
         return torch.cat(outs)

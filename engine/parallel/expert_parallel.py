@@ -194,13 +194,21 @@ def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = N
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
     contiguous = contiguous_placement(experts.num_experts, ep)[groups.ep_rank]
     mine = contiguous if mine is None else list(mine)
-    for name, f_dim in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)):
+    # LoRA adapters follow their expert over ep; over etp (F) B of gate/up and A of down are split, the
+    # other factor is replicated and its gradient partial (as column / row-parallel layers: tensor_parallel.py).
+    layout = [("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)]
+    if experts.has_lora:
+        layout += [("gate_proj_lora_A", None), ("gate_proj_lora_B", 1), ("up_proj_lora_A", None),
+                   ("up_proj_lora_B", 1), ("down_proj_lora_A", 2), ("down_proj_lora_B", None)]
+    for name, f_dim in layout:
         full = getattr(experts, name).detach()
-        shard = full[torch.tensor(mine, device=full.device)].chunk(etp, dim=f_dim)[groups.etp_rank]
-        param = set_spec(mark(nn.Parameter(shard.clone())), expert=True,
+        shard = full[torch.tensor(mine, device=full.device)]
+        if f_dim is not None:
+            shard = shard.chunk(etp, dim=f_dim)[groups.etp_rank]
+        param = set_spec(mark(nn.Parameter(shard.clone()), partial=f_dim is None and etp > 1), expert=True,
                          rows=None if mine == contiguous else tuple(mine))
         for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
-            if size > 1:
+            if size > 1 and dim is not None:
                 add_split(param, dim, group)
         setattr(experts, name, param)
     experts.num_experts = len(mine)

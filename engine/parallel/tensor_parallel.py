@@ -2,6 +2,13 @@
 
 Each parameter's ``ParamSpec`` (sharding.py) records its TP split (``tp_dim`` and a ``(tp_dim, group)``
 split) or, for a replicated parameter whose TP ranks see only part of its inputs, ``tp_partial_grad``.
+
+A LoRA adapter (engine/model/lora.py) rides with its layer. Column-parallel: A ``[r, in]`` replicated,
+B ``[out/tp, r]`` split by output, so each rank makes its own output columns; A's gradient is partial
+(each rank back-propagates through its B columns only) and is summed over TP. Row-parallel: A
+``[r, in/tp]`` split by input, B ``[out, r]`` replicated; ``B A x`` is linear in each rank's input
+slice, so it joins the base layer's partial sums before their one reduction (no extra collective),
+and B's gradient, made from the rank's partial ``A x``, is summed over TP.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.model.lora import lora_delta
 from engine.parallel import comm
 from engine.parallel.sharding import add_split, set_spec
 
@@ -22,6 +30,28 @@ def mark(param: nn.Parameter, tp_dim=None, partial=False, group=None) -> nn.Para
 
 def _shard(full: torch.Tensor, group, dim: int) -> torch.Tensor:
     return comm.split(full.detach(), group, dim).clone()
+
+
+def carry_lora(layer: nn.Module, linear: nn.Module, group, column: bool) -> None:
+    """Move ``linear``'s adapter (if any) onto its tensor-parallel replacement ``layer``, sharded."""
+    a = getattr(linear, "lora_A", None)
+    layer.lora_A = layer.lora_B = None
+    if a is None:
+        return
+    b = linear.lora_B
+    if column:
+        layer.lora_A = mark(nn.Parameter(a.detach().clone()), partial=True)
+        layer.lora_B = mark(nn.Parameter(_shard(b, group, 0)), tp_dim=0, group=group)
+    else:
+        layer.lora_A = mark(nn.Parameter(_shard(a, group, 1)), tp_dim=1, group=group)
+        layer.lora_B = mark(nn.Parameter(b.detach().clone()), partial=True)
+    layer.lora_scaling, layer.lora_dropout = linear.lora_scaling, linear.lora_dropout
+
+
+def _adapted(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if layer.lora_A is None:
+        return y
+    return y + lora_delta(x, layer.lora_A, layer.lora_B, layer.lora_scaling, layer.lora_dropout, layer.training)
 
 
 def enter_tp_region(x: torch.Tensor, group, mode: str) -> torch.Tensor:
@@ -48,17 +78,20 @@ class ColumnParallelLinear(nn.Module):
         if input_mode not in ("copy", "gather", "none"):
             raise ValueError(f"input_mode={input_mode!r} must be copy, gather or none")
         self.group, self.input_mode, self.gather_output = group, input_mode, gather_output
+        self.lora_A = self.lora_B = None  # carry_lora's
         self.weight = mark(nn.Parameter(weight), tp_dim=0, group=group)
         self.bias = mark(nn.Parameter(bias), tp_dim=0, group=group) if bias is not None else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "ColumnParallelLinear":
         bias = _shard(linear.bias, group, 0) if linear.bias is not None else None
-        return cls(_shard(linear.weight, group, 0), bias, group, **kw)
+        layer = cls(_shard(linear.weight, group, 0), bias, group, **kw)
+        carry_lora(layer, linear, group, column=True)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.group, self.input_mode)
-        y = F.linear(x, self.weight, self.bias)
+        y = _adapted(self, x, F.linear(x, self.weight, self.bias))
         return comm.gather(y, self.group, -1) if self.gather_output else y
 
 
@@ -71,6 +104,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias, group, sequence_parallel=False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
+        self.lora_A = self.lora_B = None  # carry_lora's
         self.weight = mark(nn.Parameter(weight), tp_dim=1, group=group)
         # Added after the reduction, so replicated; under SP each rank adds it to its token slice.
         self.bias = mark(nn.Parameter(bias), partial=sequence_parallel) if bias is not None else None
@@ -78,10 +112,12 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, **kw) -> "RowParallelLinear":
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(_shard(linear.weight, group, 1), bias, group, **kw)
+        layer = cls(_shard(linear.weight, group, 1), bias, group, **kw)
+        carry_lora(layer, linear, group, column=False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _adapted(self, x, F.linear(x, self.weight))
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence(y, self.group)
         else:

@@ -168,8 +168,9 @@ def layout_name(dims: ParallelDims) -> str:
 
 def build_report(*, cfg: Config, dims: ParallelDims, rank: int, pp_rank: int, params: list[torch.Tensor],
                  grads: list[torch.Tensor], optimizer_bytes: int, dense_params: int, expert_params: int,
-                 layers_on_rank: list[int], activations: Optional[int] = None) -> MemoryReport:
+                 layers_on_rank: list[int], activations: Optional[int] = None, frozen_bytes: int = 0) -> MemoryReport:
     formula = formula_bytes(cfg, dims, dense_params, expert_params)
+    formula["params_bytes"] += frozen_bytes  # a frozen base (LoRA, train.freeze): weights, no grads or states
     formula["activations_bytes"] = activation_bytes(cfg, dims, layers_on_rank, pp_rank)
     formula.update(dense_params=dense_params, expert_params=expert_params, layers=len(layers_on_rank))
     return MemoryReport(rank, dims.world_size, layout_name(dims), tensors_bytes(params), tensors_bytes(grads),
@@ -190,4 +191,5 @@ def report_rank(cfg: Config, groups, model: torch.nn.Module, optimizer,
     return build_report(cfg=cfg, dims=groups.dims, rank=groups.rank, pp_rank=groups.pp_rank, params=held,
                         grads=[b.grad_data for b in buckets], optimizer_bytes=optimizer.state_bytes(),
                         dense_params=sum(p.numel() for p in trainable) - expert, expert_params=expert,
-                        layers_on_rank=layers, activations=activations)
+                        layers_on_rank=layers, activations=activations,
+                        frozen_bytes=tensors_bytes(p for p in params if not p.requires_grad))

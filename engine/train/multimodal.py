@@ -13,6 +13,7 @@ from engine.config import Config, ConfigError
 from engine.data.multimodal import MultimodalDataset
 from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
+from engine.model.lora import apply_lora, is_adapter
 from engine.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
 from engine.parallel.context_parallel import CPShard
 
@@ -30,10 +31,14 @@ def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
 
 
 def build_any_model(cfg: Config, dataset) -> nn.Module:
-    """The VLM when ``model.vision.enabled`` (its <image> id from the dataset's tokenizer), else the LLM."""
+    """The VLM when ``model.vision.enabled`` (its <image> id from the dataset's tokenizer), else the LLM;
+    with ``train.lora`` adapters."""
     if not cfg.model.vision.enabled:
-        return build_model(cfg.model)
-    return build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None))
+        model = build_model(cfg.model)
+    else:
+        model = build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None))
+    apply_lora(model, cfg.train.lora)
+    return model
 
 
 def freeze(model: nn.Module, cfg: Config) -> None:
@@ -43,6 +48,9 @@ def freeze(model: nn.Module, cfg: Config) -> None:
     they get no gradient, and AdamW's weight decay would otherwise shrink them step by step,
     so an HF export would no longer hold the CLIP tower it imported.
     """
+    if cfg.train.lora.rank:  # parallelize made new Parameters: only the adapters train
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_adapter(name))
     vision = getattr(model, "vision", None) if isinstance(model, VisionLanguageModel) else None
     for param in vision.unused_parameters() if vision is not None else []:
         param.requires_grad_(False)

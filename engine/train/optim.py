@@ -86,7 +86,10 @@ class MixedPrecisionAdamW:
         tp_rank = g.tp_rank if g is not None else 0
         dense = [self.grads.grad(p) for p in self.pieces
                  if not spec_of(p.param).expert and counts_in_norm(p.param, tp_rank)]
-        experts = [self.grads.grad(p) for p in self.pieces if spec_of(p.param).expert]
+        # An expert tensor replicated over etp (a LoRA factor: its gradient is partial, then summed) counts once.
+        etp_rank = g.etp_rank if g is not None else 0
+        experts = [self.grads.grad(p) for p in self.pieces if spec_of(p.param).expert
+                   and (etp_rank == 0 or not spec_of(p.param).tp_partial_grad)]
         device = self.grads.device
         dense_sq, expert_sq = _sum_of_squares(dense, device), _sum_of_squares(experts, device)
         if g is not None:

@@ -1,0 +1,142 @@
+"""LoRA adapters (Hu et al. 2021): ``y = W x + (alpha / r) B A dropout(x)`` with W frozen.
+
+Single-device code. ``apply_lora`` swaps the targeted ``nn.Linear`` layers for ``LoRALinear`` (same
+``weight`` / ``bias`` Parameters, so names and checkpoints of the base stay as they were) and gives
+routed experts stacked adapters. Tensor and expert parallelism shard the adapters from outside
+(engine/parallel/tensor_parallel.py, expert_parallel.py).
+
+Adapter names, per targeted linear ``X`` and per routed-expert projection ``P``::
+
+    X.lora_A  [r, in]      X.lora_B  [out, r]                  (PEFT's lora_A / lora_B weights)
+    experts.P_lora_A  [E, r, in]    experts.P_lora_B  [E, out, r]
+
+A starts ``N(0, 1/in)`` and B at zero, so training starts from the base model exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import LORA_TARGETS, LoRAConfig
+from engine.model.init import ZEROS, normal
+from engine.model.layers import SwiGLU
+from engine.model.moe import MoE
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+__all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS"]
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
+               training: bool) -> torch.Tensor:
+    """``scaling * dropout(x) A^T B^T``: the adapter's share of a linear's output."""
+    if dropout > 0:
+        x = F.dropout(x, dropout, training)
+    return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * scaling
+
+
+def is_adapter(name: str) -> bool:
+    return "lora_A" in name or "lora_B" in name
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` plus a rank-r adapter; ``weight`` and ``bias`` are the wrapped layer's own."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: LoRAConfig) -> "LoRALinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        w = linear.weight
+        new.lora_A = nn.Parameter(torch.empty(cfg.rank, new.in_features, dtype=w.dtype, device=w.device))
+        new.lora_B = nn.Parameter(torch.empty(new.out_features, cfg.rank, dtype=w.dtype, device=w.device))
+        new.lora_scaling, new.lora_dropout = cfg.alpha / cfg.rank, cfg.dropout
+        if not w.is_meta:  # on meta the trainer fills every shard from init_rules
+            _init_adapter(new.lora_A, new.lora_B, new.in_features)
+        return new
+
+    def init_rules(self, std: float) -> dict:
+        return {"weight": normal(std), "bias": ZEROS, "lora_A": normal(1 / math.sqrt(self.in_features)),
+                "lora_B": ZEROS}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + lora_delta(x, self.lora_A, self.lora_B, self.lora_scaling,
+                                                                self.lora_dropout, self.training)
+
+
+@torch.no_grad()
+def _init_adapter(a: torch.Tensor, b: torch.Tensor, fan_in: int) -> None:
+    a.normal_(0.0, 1 / math.sqrt(fan_in))
+    b.zero_()
+
+
+def add_expert_adapters(experts: nn.Module, cfg: LoRAConfig) -> None:
+    """Stacked adapters for each projection of ``experts`` (a GroupedExperts): one adapter per expert."""
+    experts.lora_scaling, experts.lora_dropout = cfg.alpha / cfg.rank, cfg.dropout
+    for name in EXPERT_PROJECTIONS:
+        w = getattr(experts, name)
+        e, out, inp = w.shape
+        a = nn.Parameter(torch.empty(e, cfg.rank, inp, dtype=w.dtype, device=w.device))
+        b = nn.Parameter(torch.empty(e, out, cfg.rank, dtype=w.dtype, device=w.device))
+        if not w.is_meta:
+            _init_adapter(a, b, inp)
+        setattr(experts, f"{name}_lora_A", a)
+        setattr(experts, f"{name}_lora_B", b)
+
+
+def _wrap(module: nn.Module, names, cfg: LoRAConfig) -> int:
+    n = 0
+    for name in names:
+        linear = getattr(module, name, None)
+        if isinstance(linear, nn.Linear) and not isinstance(linear, LoRALinear):
+            setattr(module, name, LoRALinear.from_linear(linear, cfg))
+            n += 1
+    return n
+
+
+def _wrap_all(root: Optional[nn.Module], cfg: LoRAConfig) -> int:
+    """Every linear under ``root`` (the vision tower, the projector), by their own names."""
+    n = 0
+    for module in list(root.modules()) if root is not None else []:
+        n += _wrap(module, [k for k, v in module.named_children() if isinstance(v, nn.Linear)], cfg)
+    return n
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
+    """Give ``model`` (a Transformer or a VisionLanguageModel, before parallelize) the adapters that
+    ``cfg.target_modules`` names; freeze everything else. Returns the number of adapted layers.
+
+    ``gate_proj`` / ``up_proj`` / ``down_proj`` mean the dense MLPs; ``shared_expert`` and ``experts``
+    the MoE layers' shared and routed experts; ``vision`` every linear of the ViT blocks (not the
+    patch embedding) and ``projector`` the projector's.
+    """
+    if cfg.rank == 0:
+        return 0
+    targets = set(cfg.target_modules)
+    llm = getattr(model, "llm", model)
+    n = 0
+    for block in llm.layers.values():
+        n += _wrap(block.attn, [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in targets], cfg)
+        mlp = block.mlp
+        if isinstance(mlp, MoE):
+            if "shared_expert" in targets and mlp.shared_expert is not None:
+                n += _wrap(mlp.shared_expert, EXPERT_PROJECTIONS, cfg)
+            if "experts" in targets:
+                add_expert_adapters(mlp.experts, cfg)
+                n += 1
+        elif isinstance(mlp, SwiGLU):
+            n += _wrap(mlp, [t for t in EXPERT_PROJECTIONS if t in targets], cfg)
+    vision = getattr(model, "vision", None)
+    if "vision" in targets and vision is not None:
+        n += sum(_wrap_all(block, cfg) for block in vision.layers.values())
+    if "projector" in targets and getattr(model, "projector", None) is not None:
+        n += _wrap_all(model.projector, cfg)
+    if n == 0:
+        raise ValueError(f"train.lora.target_modules={cfg.target_modules} matches no layer of this model")
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter(name))
+    return n
