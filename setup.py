@@ -32,6 +32,6 @@ setup(
         "triton": ["triton"],
         # megatron-core: reference routing / balancing-loss functions as test oracles (its pure functions
         # run on CPU; never its dev extra, which pulls CUDA wheels). Pinned: the tests pin its semantics.
-        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow", "megatron-core==0.16.1"],
+        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow", "megatron-core==0.16.1", "peft"],
     },
 )

@@ -578,7 +578,7 @@ def check_vision(cfg: Config) -> None:
 def check_lora(cfg: Config) -> None:
     """Each LoRA target must exist in this model."""
     m, targets = cfg.model, cfg.train.lora.target_modules if cfg.train.lora.rank else []
-    missing = {"experts": m.moe.num_experts == 0, "shared_expert": not m.moe.num_shared_experts,
+    missing = {"experts": m.moe.num_experts == 0, "shared_expert": not m.shared_expert_intermediate_size,
                "vision": not m.vision.enabled, "projector": not m.vision.enabled}
     for target in targets:
         if missing.get(target):

@@ -7,7 +7,7 @@ A Loom checkpoint of any layout loads here: its tensors are stored at global sha
 checkpoint (``model.vision.enabled``), or an HF LLaVA 1.5 directory, gives a ``VisionLanguageModel``:
 ``model(input_ids, pixel_values=[num_images, 3, H, W])`` fills the ``<image>`` placeholders in
 order, with the placeholder id saved in the checkpoint (``model.image_token_id``, or the id of the
-tokenizer it was trained with).
+tokenizer it was trained with). A checkpoint trained with ``train.lora`` keeps its adapters, unmerged.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from engine.config import ModelConfig
+from engine.config import LoRAConfig, ModelConfig
 from engine.model.decoder import build_model
+from engine.model.hf.peft import lora_config_of
+from engine.model.lora import apply_lora
 from engine.model.vlm import build_vlm
 from engine.checkpoint import storage as io
 
@@ -27,9 +29,10 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
                     dtype: Optional[torch.dtype] = None, attn_backend: Optional[str] = None) -> nn.Module:
     """The model in eval mode, on ``device`` (default CPU) in ``dtype`` (default: fp32)."""
     path = Path(path)
-    image_token_id = None
+    image_token_id, lora = None, LoRAConfig()
     if (path / io.MARKER).is_file() or (path / ".metadata").is_file():
         cfg, fill, image_token_id = _loom_checkpoint(path)
+        lora = lora_config_of(io.read_marker(path))
     elif (path / "config.json").is_file():
         cfg, fill = _hf_directory(path)
     else:
@@ -39,6 +42,7 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
         cfg.attn_backend = attn_backend
     with torch.device("meta"):  # no random init: every tensor is filled from the files
         model = build_vlm(cfg, image_token_id) if cfg.vision.enabled else build_model(cfg)
+        apply_lora(model, lora)
     transient = [name for name, _ in model.named_buffers() if name not in model.state_dict()]
     if transient:  # to_empty would leave them uninitialised, and no file holds them
         raise NotImplementedError(f"from_pretrained cannot build non-persistent buffers {transient}")

@@ -2,6 +2,8 @@
 
     python tools/convert_hf.py import --hf HF_DIR --out LOOM_DIR
     python tools/convert_hf.py export --ckpt LOOM_DIR --out HF_DIR [--dtype bf16] [--arch Qwen2ForCausalLM]
+    python tools/convert_hf.py import --hf HF_DIR --adapter PEFT_DIR --out LOOM_DIR   # base + a LoRA adapter
+    python tools/convert_hf.py export --ckpt LOOM_DIR --out PEFT_DIR --adapter-only   # or --merge-lora
 
 Both directions stream: one tensor (export: one output shard) is in memory at a time, so a
 checkpoint converts on a machine with less memory than the model. Import writes a weights-only
@@ -22,6 +24,8 @@ def parse_args(argv=None):
     imp = sub.add_parser("import", help="HF directory -> Loom checkpoint")
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
     imp.add_argument("--out", required=True, help="Loom checkpoint directory to write")
+    imp.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory on that model: the checkpoint "
+                                                     "carries it, and its train.lora settings, to continue training")
     exp = sub.add_parser("export", help="Loom checkpoint -> HF directory")
     exp.add_argument("--ckpt", required=True, help="Loom checkpoint directory (with checkpoint.json)")
     exp.add_argument("--out", required=True, help="HF directory to write")
@@ -30,6 +34,11 @@ def parse_args(argv=None):
     exp.add_argument("--arch", default=None, help="HF architecture to write (default: the imported one, "
                                                   "else inferred from the model config)")
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard")
+    lora = exp.add_mutually_exclusive_group()
+    lora.add_argument("--adapter-only", action="store_true",
+                      help="write the LoRA adapters as a PEFT adapter directory (adapter_config.json, "
+                           "adapter_model.safetensors)")
+    lora.add_argument("--merge-lora", action="store_true", help="write HF weights with the adapters merged in")
     return parser.parse_args(argv)
 
 
@@ -41,10 +50,11 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "import":
-            out = import_hf(args.hf, args.out)
+            out = import_hf(args.hf, args.out, adapter=args.adapter)
         else:
             out = export_hf(args.ckpt, args.out, dtype=args.dtype, arch=args.arch,
-                            max_shard_bytes=int(args.max_shard_gb * 2**30))
+                            max_shard_bytes=int(args.max_shard_gb * 2**30), merge_lora=args.merge_lora,
+                            adapter_only=args.adapter_only)
     except (ConversionError, CheckpointError) as e:
         print(f"convert_hf: {e}", file=sys.stderr)
         return 2

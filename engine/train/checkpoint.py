@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import flat_keys
+from engine.model.lora import is_adapter
 from engine.parallel.index import flat_boxes
 from engine.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
 from engine.checkpoint import storage as io
@@ -209,6 +210,11 @@ def load(path: Path, modules: Modules, optimizer, cfg) -> int:
     fresh_optimizer, optimizer = (None, optimizer) if train else (optimizer, None)
     state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings, with_rng=False)
     saved = io.saved_tensors(path)
+    if not train:  # a base model imported without adapters: the run's adapters keep their initial values
+        fresh = [k for k in state if is_adapter(k) and k.split("@")[0] not in saved]
+        for key in fresh:
+            state.pop(key)
+            placements.pop(key, None)
     rng = {k: v.clone() for k, v in rng_state().items() if k in saved}
     io.read_checkpoint(path, {**state, **rng}, placements)
     _restore_rng(rng)

@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from engine.config import ConfigError, ModelConfig, build
 from engine.model.hf import family_for, family_for_model
-from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, weight_map
+from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, expected_tensors, weight_map
+from engine.model.hf.peft import adapter_names_of, export_adapter, is_adapter, lora_config_of, merged, read_adapter
 from engine.checkpoint import storage as io
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
@@ -139,8 +140,9 @@ def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
 # ----------------------------------------------------------------------------- import
 
 
-def import_hf(hf_dir: Path, out_dir: Path) -> Path:
-    """Convert an HF directory into a weights-only Loom checkpoint at ``out_dir``."""
+def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None) -> Path:
+    """Convert an HF directory (and a PEFT LoRA ``adapter`` directory on it) into a weights-only Loom
+    checkpoint at ``out_dir``; with an adapter its ``train.lora`` section is recorded for the run."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     family, cfg, wmap, index = hf_model_plan(hf_dir)
     state, sources = {}, {}
@@ -150,9 +152,31 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         sources[f"model/{loom}"] = lambda loom=loom: read_loom_tensor(index, wmap, loom)
     marker = {"kind": "model", "step": 0, "config": {"model": dataclasses.asdict(cfg)},
               "source": {"hf_dir": str(hf_dir), "family": family.name}}
+    if adapter is not None:
+        lora, tensors = _read_peft(adapter, cfg, wmap)
+        for name, tensor in tensors.items():
+            state[f"model/{name}"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            sources[f"model/{name}"] = lambda tensor=tensor: tensor
+        marker["config"]["train"] = {"lora": dataclasses.asdict(lora)}
+        marker["source"]["adapter"] = str(adapter)
     io.write_checkpoint(out_dir, state, {}, marker, sources=sources, no_dist=True,
                         side_files=lambda path: _write_hf_dir(hf_dir, path / "hf", sorted(index)))
     return out_dir
+
+
+def _read_peft(adapter: Path, cfg: ModelConfig, wmap: WeightMap):
+    """A PEFT adapter's ``train.lora`` and tensors, which must be exactly those Loom would give the model."""
+    base_names = {hf[0]: loom for loom, hf in wmap.loom_to_hf.items() if loom not in wmap.stacked}
+    lora, tensors = read_adapter(adapter, base_names)
+    want = {k: v for k, v in expected_tensors(cfg, lora).items() if is_adapter(k)}
+    for name in sorted(want.keys() | tensors.keys()):
+        if name not in tensors:
+            raise ConversionError(f"{adapter}: no adapter for Loom {name} (train.lora.target_modules="
+                                  f"{lora.target_modules} adapts every such layer)")
+        if name not in want or tuple(want[name].shape) != tuple(tensors[name].shape):
+            raise ConversionError(f"{adapter}: adapter {name} has shape {tuple(tensors[name].shape)}, expected "
+                                  f"{tuple(want[name].shape) if name in want else 'none'}")
+    return lora, tensors
 
 
 def _write_hf_dir(hf_dir: Path, dst: Path, names: list[str]) -> None:
@@ -183,11 +207,13 @@ def checkpoint_model_config(marker: dict, path: Path) -> ModelConfig:
 
 
 def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: Optional[str] = None,
-              max_shard_bytes: int = 5 * 2**30) -> Path:
+              max_shard_bytes: int = 5 * 2**30, merge_lora: bool = False, adapter_only: bool = False) -> Path:
     """Write an HF directory (safetensors shards, config.json, tokenizer files) from a Loom checkpoint.
 
     ``dtype``: fp32 / bf16 / fp16; by default each tensor keeps its stored dtype (an imported
     checkpoint round-trips bit for bit; a trained one is fp32). ``arch`` overrides the family.
+    A checkpoint with LoRA adapters exports either ``merge_lora`` (W + alpha/r B A) or
+    ``adapter_only`` (a PEFT adapter directory, engine/model/hf/peft.py).
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     marker = io.read_marker(ckpt_dir)
@@ -199,15 +225,30 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     hf_cfg = family.config_to_hf(cfg, base)
     names = ckpt_dir / "hf" / NAMES_FILE
     family = family.for_checkpoint(hf_cfg, json.loads(names.read_text()) if names.is_file() else None)
+    adapters = {k[len("model/"):]: v for k, v in io.saved_tensors(ckpt_dir).items()
+                if k.startswith("model/") and is_adapter(k)}
+    lora = lora_config_of(marker)
+    if adapter_only or merge_lora:
+        if not adapters:
+            raise ConversionError(f"checkpoint {ckpt_dir} holds no LoRA adapters (train.lora.rank=0)")
+    elif adapters:
+        raise ConversionError(f"checkpoint {ckpt_dir} holds LoRA adapters: export them merged (--merge-lora) "
+                              "or as a PEFT adapter (--adapter-only)")
+    cast = DTYPE_NAMES[dtype] if dtype else None
+    if adapter_only:
+        state = {f"model/{k}": torch.empty(shape, dtype=d) for k, (shape, d) in adapters.items()}
+        io.read_checkpoint(ckpt_dir, state, {}, no_dist=True)
+        tensors = {k[len("model/"):]: v.to(cast) if cast else v for k, v in state.items()}
+        return export_adapter(tensors, family, lora, out_dir, base.get("_name_or_path"))
     wmap = weight_map(family, cfg)
     stored = _stored_dtypes(ckpt_dir, wmap)
-    cast = DTYPE_NAMES[dtype] if dtype else None
     shards = _plan_shards(wmap, stored, cast, max_shard_bytes)
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_index = {}
+    merge = (adapters, lora.alpha / lora.rank) if merge_lora else None
     for i, looms in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _read_shard(ckpt_dir, wmap, looms, stored, cast)
+        tensors = _read_shard(ckpt_dir, wmap, looms, stored, cast, merge)
         save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
         weight_index.update({k: name for k in tensors})
         del tensors
@@ -241,12 +282,19 @@ def _plan_shards(wmap: WeightMap, stored, cast, max_bytes: int) -> list[list[str
     return shards + [current] if current else shards
 
 
-def _read_shard(ckpt_dir: Path, wmap: WeightMap, looms: list[str], stored, cast) -> dict[str, torch.Tensor]:
+def _read_shard(ckpt_dir: Path, wmap: WeightMap, looms: list[str], stored, cast,
+                merge=None) -> dict[str, torch.Tensor]:
     state = {f"model/{loom}": torch.empty(wmap.shapes[loom], dtype=stored[loom]) for loom in looms}
+    pairs = {loom: adapter_names_of(loom, merge[0]) for loom in looms} if merge else {}
+    for pair in filter(None, pairs.values()):
+        state.update({f"model/{n}": torch.empty(merge[0][n][0], dtype=merge[0][n][1]) for n in pair})
     io.read_checkpoint(ckpt_dir, state, {}, no_dist=True)
     out = {}
     for loom in looms:
         tensor = state.pop(f"model/{loom}")
+        if pairs.get(loom):
+            a, b = (state.pop(f"model/{n}") for n in pairs[loom])
+            tensor = merged(tensor, a, b, merge[1])
         tensor = tensor.to(cast) if cast is not None else tensor
         pieces = tensor.unbind(0) if loom in wmap.stacked else [wmap.to_hf(loom, tensor)]
         out.update({n: p.contiguous() for n, p in zip(wmap.loom_to_hf[loom], pieces)})

@@ -105,14 +105,18 @@ class Family:
         return tuple(rule[2](tuple(shape))) if len(rule) > 2 else None
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Loom name -> meta tensor for every tensor a model of ``cfg`` has, named as checkpoints name them."""
+def expected_tensors(cfg: ModelConfig, lora=None) -> dict[str, torch.Tensor]:
+    """Loom name -> meta tensor for every tensor a model of ``cfg`` (with ``lora``'s adapters) has, named as
+    checkpoints name them."""
     from engine.model.decoder import build_model
+    from engine.model.lora import apply_lora
     from engine.model.vlm import build_vlm
     from engine.checkpoint.names import named_tensors
 
     with torch.device("meta"):
         model = build_vlm(cfg) if cfg.vision.enabled else build_model(cfg)
+        if lora is not None:
+            apply_lora(model, lora)
     return {k: v.detach() for k, v in named_tensors(model, cfg.tie_embeddings).items()}
 
 

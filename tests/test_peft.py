@@ -1,0 +1,111 @@
+"""LoRA <-> PEFT: a Loom-trained adapter exported as a PEFT directory loads with ``peft`` onto the HF model
+with Loom's logits (1e-4); merged export loads in transformers alone; a PEFT adapter imported into Loom
+gives PEFT's logits. Dense: Llama. MoE: Qwen2-MoE, adapting attention and the shared expert (transformers
+fuses routed experts into parameters, which PEFT's module LoRA cannot target)."""
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from tests.test_convert import ATOL, BASE, logits, make_hf, max_diff, read_safetensors  # noqa: E402
+
+import engine  # noqa: E402
+from tools.convert_hf import main as convert_cli  # noqa: E402
+
+TARGETS = {"LlamaForCausalLM": "[q_proj,v_proj,o_proj,gate_proj,down_proj]",
+           "Qwen2MoeForCausalLM": "[q_proj,k_proj,v_proj,o_proj,shared_expert]"}
+
+
+def _train_lora(loom_dir: str, run_dir: str, targets: str) -> str:
+    """Two ranks: the imported base, LoRA at TP2 (SP for MoE), 3 steps, saved."""
+    import os
+
+    from engine.checkpoint import storage as io
+    from engine.config import load_config
+    from engine.model.hf.convert import checkpoint_model_config
+    from engine.train.trainer import Trainer, build_groups
+
+    model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
+    sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
+    cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=3", "train.save_interval=3",
+                             "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096", "optim.warmup_steps=0", "optim.lr=3e-2",
+                             f"train.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100",
+                             "train.lora.rank=4", "train.lora.alpha=8", f"train.lora.target_modules={targets}"])
+    cfg.model = model_cfg
+    cfg.model.attn_backend = "torch"
+    groups = build_groups(cfg)
+    Trainer(cfg, groups).fit()
+    groups.destroy()
+    return os.path.join(run_dir, "checkpoints", "step_00000003")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+def test_loom_adapter_loads_in_peft_and_merges(world2, arch, tmp_path):
+    hf = make_hf(arch, tmp_path / "hf")
+    assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "loom")]) == 0
+    ckpt = world2.run(_train_lora, str(tmp_path / "loom"), str(tmp_path / "run"), TARGETS[arch])[0]
+    loom = engine.from_pretrained(ckpt, attn_backend="torch")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12))
+    ref = logits(loom, ids)
+    assert max_diff(ref, logits(hf, ids)) > 100 * ATOL, "the adapters changed nothing"
+
+    assert convert_cli(["export", "--ckpt", ckpt, "--out", str(tmp_path / "peft"), "--adapter-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json",
+                                                                      "adapter_model.safetensors"]
+    tensors = read_safetensors(tmp_path / "peft")
+    assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in tensors)
+    adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    err = max_diff(logits(adapted, ids), ref)
+    print(f"{arch}: PEFT logits vs Loom max |diff| {err:.2e}")
+    assert err <= ATOL
+
+    assert convert_cli(["export", "--ckpt", ckpt, "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    err = max_diff(logits(merged, ids), ref)
+    print(f"{arch}: merged HF logits vs Loom max |diff| {err:.2e}")
+    assert err <= ATOL
+    assert convert_cli(["export", "--ckpt", ckpt, "--out", str(tmp_path / "plain")]) == 2  # adapters: say how
+
+
+@pytest.mark.parametrize("arch", sorted(TARGETS))
+def test_peft_adapter_imports_into_loom(arch, tmp_path):
+    hf = make_hf(arch, tmp_path / "hf")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"]
+                                                          if arch == "LlamaForCausalLM" else [])
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(hf, config).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--adapter", str(tmp_path / "adapter"),
+                        "--out", str(tmp_path / "loom")]) == 0
+    loom = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12))
+    with adapted.disable_adapter():
+        assert max_diff(logits(adapted, ids), logits(loom, ids)) > 100 * ATOL, "the adapter changes nothing"
+    err = max_diff(logits(loom, ids), logits(adapted, ids))
+    print(f"{arch}: imported PEFT adapter, Loom vs PEFT logits max |diff| {err:.2e}")
+    assert err <= ATOL
+    # and back: the same adapter, bit for bit, under PEFT's names
+    assert convert_cli(["export", "--ckpt", str(tmp_path / "loom"), "--out", str(tmp_path / "back"),
+                        "--adapter-only"]) == 0
+    before, after = read_safetensors(tmp_path / "adapter"), read_safetensors(tmp_path / "back")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["r"] == 4
+    with adapted.disable_adapter():
+        base = logits(adapted, ids)
+    reloaded = peft.PeftModel.from_pretrained(make_hf(arch, tmp_path / "hf2"), tmp_path / "back").eval()
+    assert max_diff(logits(reloaded, ids), logits(loom, ids)) <= ATOL < max_diff(base, logits(loom, ids))
+
+
+def test_adapter_with_dora_is_refused(tmp_path):
+    make_hf("LlamaForCausalLM", tmp_path / "hf")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                          "use_dora": True}))
+    assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--adapter", str(tmp_path / "adapter"),
+                        "--out", str(tmp_path / "loom")]) == 2
