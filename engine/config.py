@@ -166,6 +166,9 @@ class ModelConfig:
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | torch | triton | flash_attn
     image_token_id: Optional[int] = None  # a VLM's <image> id; null: the tokenizer's (both set: they must agree)
+    # A Loom checkpoint or HF directory whose model config and weights the run starts from (engine/train/
+    # init_from.py); keys set beside it must agree with it.
+    pretrained: Optional[str] = None
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -683,7 +686,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    return build(Config, raw, prefix="")
+    cfg = build(Config, raw, prefix="")
+    # model.pretrained replaces the model section: remember which keys were set, to check them against it
+    cfg.model.explicit_keys = set(flat_keys(raw.get("model") or {}))
+    return cfg
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     try:
         rank = int(os.environ.get("RANK", "0"))
         cfg = load_config(args.config, args.overrides + faults.config_overrides(rank))
+        from engine.train.init_from import resolve_pretrained  # model.pretrained: DIR's model section
+
+        resolve_pretrained(cfg)
         cfg.validate(world_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

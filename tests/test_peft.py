@@ -29,7 +29,8 @@ def _train_lora(loom_dir: str, run_dir: str, targets: str) -> str:
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
     cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=3", "train.save_interval=3",
-                             "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096", "optim.warmup_steps=0", "optim.lr=3e-2",
+                             "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096",
+                             "optim.warmup_steps=0", "optim.lr=3e-2",
                              f"train.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100",
                              "train.lora.rank=4", "train.lora.alpha=8", f"train.lora.target_modules={targets}"])
     cfg.model = model_cfg
@@ -109,3 +110,38 @@ def test_adapter_with_dora_is_refused(tmp_path):
                                                                           "use_dora": True}))
     assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--adapter", str(tmp_path / "adapter"),
                         "--out", str(tmp_path / "loom")]) == 2
+
+
+def _fine_tune(overrides: list[str]) -> list[float]:
+    from engine.config import load_config
+    from engine.train.trainer import Trainer, build_groups
+
+    cfg = load_config(None, ["train.steps=2", "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096",
+                             "model.attn_backend=torch", "train.log_interval=100", *overrides])
+    groups = build_groups(cfg)
+    trainer = Trainer(cfg, groups)
+    out = [trainer.train_step()["loss"] for _ in range(2)]
+    groups.destroy()
+    return out
+
+
+@pytest.mark.slow
+def test_model_pretrained_from_an_hf_directory(world2, tmp_path):
+    """model.pretrained=HF_DIR: no model section, the HF weights (converted on the fly) are the start; a Loom
+    checkpoint of them gives the same losses; a conflicting model key is an error naming it."""
+    from engine.config import ConfigError, load_config
+    from engine.train.init_from import resolve_pretrained
+
+    make_hf("LlamaForCausalLM", tmp_path / "hf")
+    lora = ["train.lora.rank=4", "train.resume=none"]
+    from_hf = world2.run(_fine_tune, [f"model.pretrained={tmp_path / 'hf'}", f"train.run_dir={tmp_path / 'a'}",
+                                      *lora], nranks=1)[0]
+    assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "loom")]) == 0
+    from_loom = world2.run(_fine_tune, [f"model.pretrained={tmp_path / 'loom'}", f"train.run_dir={tmp_path / 'b'}",
+                                        *lora, "parallel.tp=2"], nranks=2)[0]
+    scratch = world2.run(_fine_tune, [f"train.run_dir={tmp_path / 'c'}", *lora, "model.vocab_size=128",
+                                      "model.hidden_size=32", "model.intermediate_size=64"], nranks=1)[0]
+    assert abs(from_hf[0] - from_loom[0]) <= 1e-5 * from_hf[0] and abs(from_hf[0] - scratch[0]) > 1e-3
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'hf'}", "model.hidden_size=64"])
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=64 conflicts with model\.pretrained"):
+        resolve_pretrained(cfg)

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from engine.config import flat_keys
 from engine.model.lora import is_adapter
+from engine.train.init_from import pretrained_checkpoint
 from engine.parallel.index import flat_boxes
 from engine.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
 from engine.checkpoint import storage as io
@@ -37,8 +38,8 @@ from engine.checkpoint.names import Modules, as_list, named_tensors
 from engine.checkpoint.storage import CheckpointError, Placement
 
 # Training knobs that change nothing a checkpoint holds; everything else in the model section must match.
-_MODEL_FREE_KEYS = ("attn_backend", "init_std", "moe.aux_loss_coeff", "moe.aux_loss_type", "moe.z_loss_coeff",
-                    "moe.bias_update_rate", "moe.capacity_factor", "moe.grouped_gemm")
+_MODEL_FREE_KEYS = ("attn_backend", "init_std", "pretrained", "moe.aux_loss_coeff", "moe.aux_loss_type",
+                    "moe.z_loss_coeff", "moe.bias_update_rate", "moe.capacity_factor", "moe.grouped_gemm")
 # Settings that define the sample stream of a step.
 _DATA_KEYS = (("train", "seed"), ("train", "global_batch_size"), ("data", "source"), ("data", "blend"),
               ("data", "seq_len"), ("data", "num_tokens"), ("data", "shuffle"), ("data", "train_jsonl"),
@@ -197,14 +198,16 @@ def _copier(hf_assets: Optional[Path]):
     return lambda path: shutil.copytree(hf_assets, Path(path) / "hf")
 
 
-def load(path: Path, modules: Modules, optimizer, cfg) -> int:
+def load(path: Path, modules: Modules, optimizer, cfg, weights_only: bool = False) -> int:
     """Fill model (and optimizer, RNG) from ``path`` under the current layout; return its step.
 
-    A weights-only checkpoint (``kind: model``, e.g. from tools/convert_hf.py import) fills the
-    model only and leaves the optimizer fresh. Collective over the default group.
+    A weights-only checkpoint (``kind: model``, e.g. from tools/convert_hf.py import), or any with
+    ``weights_only``, fills the model only and leaves the optimizer fresh. Collective over the default group.
     """
     path = Path(path)
     marker = io.read_marker(path)
+    if weights_only:
+        marker = {**marker, "kind": "model"}
     check_compatible(marker, cfg, path)
     train = marker.get("kind") == "train"
     fresh_optimizer, optimizer = (None, optimizer) if train else (optimizer, None)
@@ -276,6 +279,12 @@ class Checkpointer:
     def resume(self, modules: Modules, optimizer) -> int:
         """Load the checkpoint ``train.resume`` names (if any); return the step to continue from."""
         path = self.resume_path()
+        if path is None and self.cfg.model.pretrained is not None:  # model.pretrained: its weights, step 0
+            path = pretrained_checkpoint(self.cfg)
+            load(path, modules, optimizer, self.cfg, weights_only=True)
+            if (path / "hf").is_dir():
+                self.hf_assets = path / "hf"
+            return 0
         if path is None:
             return 0
         step = load(path, modules, optimizer, self.cfg)

@@ -22,6 +22,7 @@ from engine.parallel.pipeline import StageOutput
 from engine.parallel.watch import CollectiveWatch
 from engine.train.activations import ActivationTracker
 from engine.train.checkpoint import Checkpointer
+from engine.train.init_from import resolve_pretrained
 from engine.train.loss import lm_head_loss
 from engine.train.flops import device_peak_tflops, step_flops
 from engine.train.guard import NonFiniteGuard
@@ -36,6 +37,7 @@ from engine.train.setup import build_rank
 
 def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
+    resolve_pretrained(cfg)
     cfg.validate(world)
     if cfg.train.preflight:  # before any group: a rank with another layout would hang building them
         check_identity(cfg, Checkpointer(cfg).resume_path(warn=False))
