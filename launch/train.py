@@ -17,7 +17,7 @@ from engine.config import ConfigError, load_config
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", default=None, help="YAML config file (none: defaults, e.g. with model.pretrained)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser.parse_args(argv)
 
