@@ -1,7 +1,7 @@
 """The import graph flows one way, and every console script resolves to a callable ``main``.
 
 Layers, top to bottom: launch and tools -> engine's API (engine/__init__, pretrained) -> train ->
-parallel -> model -> checkpoint -> data -> config, faults, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
+parallel -> model -> checkpoint -> data -> config (a package), faults, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
 own package), and no set of modules imports itself in a cycle, lazy imports inside functions included.
 """
 import ast

@@ -1,0 +1,201 @@
+"""The model section: the decoder, its MoE layers and the vision tower."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+from engine.config.errors import ConfigError
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts MLPs (engine/model/moe.py); ``num_experts: 0`` keeps the model dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    intermediate_size: Optional[int] = None  # per routed expert; None: model.intermediate_size
+    num_shared_experts: int = 0  # one shared SwiGLU of num_shared_experts * intermediate_size
+    shared_expert_intermediate_size: Optional[int] = None  # overrides that size (Qwen2-MoE)
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert's output (Qwen2-MoE)
+    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum to 1 (top_k > 1; see norm_top1_prob)
+    # With top_k 1 and norm_topk_prob, renormalise the single weight to 1.0 as HF does (Mixtral, Qwen-MoE);
+    # the router then gets no gradient from the LM loss. Off: it keeps its probability (Switch).
+    norm_top1_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: experts in n_group groups ...
+    topk_group: int = 1  # ... of which each token may use topk_group
+    aux_loss_coeff: float = 0.0
+    aux_loss_type: str = "global"  # global (per microbatch) | seq (per sequence); see moe.py
+    z_loss_coeff: float = 0.0
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3); 0: off
+    capacity_factor: Optional[float] = None  # null: dropless
+    first_k_dense: int = 0  # the first k layers keep a dense MLP
+    layer_freq: int = 1  # then every layer_freq-th layer is MoE
+    grouped_gemm: bool = True  # torch._grouped_mm where it runs; false: a loop over experts
+    # Benchmarks only: assign each token's k experts round-robin instead of by score, a uniform load
+    # (what published MoE tables measure). The weights stay the router's probabilities of those experts.
+    force_balanced_routing: bool = False
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts={self.num_experts} must be >= 0")
+        if self.num_experts == 0:
+            return
+        e = self.num_experts
+        if not 1 <= self.top_k <= e:
+            raise ConfigError(f"model.moe.top_k={self.top_k} must be in [1, model.moe.num_experts={e}]")
+        for key in ("intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be positive")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe.router={self.router!r} must be softmax or sigmoid")
+        if self.aux_loss_type not in ("global", "seq"):
+            raise ConfigError(f"model.moe.aux_loss_type={self.aux_loss_type!r} must be global or seq")
+        for key in ("num_shared_experts", "aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "first_k_dense"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be >= 0")
+        if self.layer_freq < 1:
+            raise ConfigError(f"model.moe.layer_freq={self.layer_freq} must be >= 1")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor={self.capacity_factor} must be positive (or null: dropless)")
+        self.validate_groups()
+
+    def validate_groups(self) -> None:
+        e, g = self.num_experts, self.n_group
+        if g < 1 or e % g:
+            raise ConfigError(f"model.moe.n_group={g} does not divide model.moe.num_experts={e}")
+        if not 1 <= self.topk_group <= g:
+            raise ConfigError(f"model.moe.topk_group={self.topk_group} must be in [1, model.moe.n_group={g}]")
+        if self.top_k > self.topk_group * (e // g):
+            raise ConfigError(f"model.moe.top_k={self.top_k} exceeds the {self.topk_group * (e // g)} experts in "
+                              f"model.moe.topk_group={self.topk_group} groups of {e // g}")
+
+
+@dataclass
+class VisionConfig:
+    """The ViT image encoder and its projector (engine/model/vision.py); off by default."""
+
+    enabled: bool = False
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    norm: str = "layernorm"  # layernorm (CLIP/SigLIP) | rmsnorm
+    mlp: str = "gelu"  # gelu (tanh-approximate, SigLIP) | quick_gelu (CLIP: x*sigmoid(1.702x)) | swiglu
+    merge: bool = False  # 2x2 patch merging in the projector: 4x fewer image tokens
+    eps: float = 1e-6
+    # CLIP as LLaVA uses it; the defaults keep the plain ViT above.
+    class_token: bool = False  # a learned [CLS] token before the patches (positions grid^2 + 1)
+    pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's pre_layrnorm)
+    post_norm: bool = True  # the final norm on the features handed to the projector (kept as a weight either way)
+    patch_bias: bool = True  # CLIP's patch embedding has none
+    o_bias: bool = False  # a bias on the attention output projection (CLIP)
+    feature_layer: int = -1  # hidden state the projector reads, HF-style: 0 embeddings, -1 last block, -2 penultimate
+    feature_select: str = "default"  # default: drop the class token from the features | full: keep it
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        for key in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.vision.{key}={getattr(self, key)} must be positive")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.vision.patch_size={self.patch_size} does not divide "
+                              f"model.vision.image_size={self.image_size}")
+        if self.merge and (self.image_size // self.patch_size) % 2:
+            raise ConfigError(f"model.vision.merge=true needs an even patch grid, got "
+                              f"model.vision.image_size/model.vision.patch_size={self.image_size // self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.vision.num_heads={self.num_heads} does not divide "
+                              f"model.vision.hidden_size={self.hidden_size}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.vision.norm={self.norm!r} must be layernorm or rmsnorm")
+        if self.mlp not in ("gelu", "quick_gelu", "swiglu"):
+            raise ConfigError(f"model.vision.mlp={self.mlp!r} must be gelu, quick_gelu or swiglu")
+        if not -(self.num_layers + 1) <= self.feature_layer <= self.num_layers:
+            raise ConfigError(f"model.vision.feature_layer={self.feature_layer} must be in [-{self.num_layers + 1}, "
+                              f"{self.num_layers}] (model.vision.num_layers={self.num_layers})")
+        if self.feature_select not in ("default", "full"):
+            raise ConfigError(f"model.vision.feature_select={self.feature_select!r} must be default or full")
+        if self.merge and self.class_token and self.feature_select == "full":
+            raise ConfigError("model.vision.merge=true needs a square patch grid: with model.vision.class_token=true "
+                              "set model.vision.feature_select=default")
+
+    @property
+    def tokens_per_image(self) -> int:
+        grid = self.image_size // self.patch_size
+        cls = 1 if self.class_token and self.feature_select == "full" else 0
+        return grid * grid // (4 if self.merge else 1) + cls
+
+    @property
+    def feature_blocks(self) -> int:
+        """How many blocks run: those up to ``feature_layer`` (hidden state k is the output of block k)."""
+        return self.feature_layer % (self.num_layers + 1)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = False  # Qwen3
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attn_backend: str = "auto"  # auto | torch | triton | flash_attn
+    image_token_id: Optional[int] = None  # a VLM's <image> id; null: the tokenizer's (both set: they must agree)
+    # A Loom checkpoint or HF directory whose model config and weights the run starts from (engine/train/
+    # init_from.py); keys set beside it must agree with it.
+    pretrained: Optional[str] = None
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def validate(self) -> None:
+        self.moe.validate()
+        self.vision.validate()
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}; "
+                "set model.head_dim explicitly"
+            )
+        if self.resolved_head_dim % 2:  # else the rotary tables and the heads disagree in the first forward
+            where = (f"model.head_dim={self.head_dim}" if self.head_dim is not None else f"model.hidden_size/"
+                     f"model.num_heads={self.hidden_size}/{self.num_heads}={self.resolved_head_dim}")
+            raise ConfigError(f"{where}: rotary embeddings rotate the two halves of each head, so it must be even")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
+                              f"model.num_heads={self.num_heads}")
+        if self.attn_backend not in ("auto", "torch", "triton", "flash_attn"):
+            raise ConfigError(f"model.attn_backend={self.attn_backend!r} is not one of auto, torch, triton, flash_attn")
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
+            raise ConfigError(f"model.image_token_id={self.image_token_id} must be in [0, model.vocab_size="
+                              f"{self.vocab_size})")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """DeepSeek's rule: after ``first_k_dense`` dense layers, every ``layer_freq``-th layer."""
+        m = self.moe
+        return m.num_experts > 0 and i >= m.first_k_dense and i % m.layer_freq == 0
+
+    @property
+    def moe_intermediate_size(self) -> int:
+        return self.moe.intermediate_size or self.intermediate_size
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        return self.moe.shared_expert_intermediate_size or self.moe.num_shared_experts * self.moe_intermediate_size
