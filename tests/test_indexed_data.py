@@ -499,6 +499,7 @@ def blend_runs(world2, corpora, tmp_path_factory):
     (1, "train.micro_batch_size=4"),  # DP2 -> DP1, two microbatches of 4
     (2, "parallel.tp=2"),  # DP2 -> TP2
 ], ids=["dp1", "tp2"])
+@pytest.mark.slow
 def test_blend_resume_under_another_layout(world2, blend_runs, nranks, layout):
     """The resumed run consumes the uninterrupted run's samples (metrics records and the tokens the
     ranks saw) and reaches its losses."""

@@ -23,7 +23,7 @@ def reference(world4):
     return world4.run(train_layout, CONFIG, BASE, nranks=1)[0]
 
 
-@pytest.mark.parametrize("layout", params(list(LAYOUTS), slow=("pp2", "cp2", "tp2_sp_ep2")))
+@pytest.mark.parametrize("layout", params(list(LAYOUTS), slow=("tp2_sp", "pp2", "cp2", "tp2_sp_ep2")))
 def test_lora_parity(world4, reference, layout):
     nranks, overrides = LAYOUTS[layout]
     out = world4.run(train_layout, CONFIG, BASE + overrides, nranks=nranks)[0]
@@ -58,6 +58,7 @@ def _train_and_save(overrides: list[str], steps: int, save: str | None) -> dict 
     return out if dist.get_rank() == 0 else None
 
 
+@pytest.mark.slow
 def test_only_adapters_reach_the_optimizer(world4):
     lora = world4.run(_train_and_save, LORA, 1, None, nranks=1)[0]
     full = world4.run(_train_and_save, [], 1, None, nranks=1)[0]
