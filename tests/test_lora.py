@@ -23,7 +23,7 @@ def reference(world4):
     return world4.run(train_layout, CONFIG, BASE, nranks=1)[0]
 
 
-@pytest.mark.parametrize("layout", params(list(LAYOUTS), slow=("tp2_sp", "pp2", "cp2", "tp2_sp_ep2")))
+@pytest.mark.parametrize("layout", params(list(LAYOUTS), slow=list(LAYOUTS)))
 def test_lora_parity(world4, reference, layout):
     nranks, overrides = LAYOUTS[layout]
     out = world4.run(train_layout, CONFIG, BASE + overrides, nranks=nranks)[0]

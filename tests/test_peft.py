@@ -73,6 +73,7 @@ def test_loom_adapter_loads_in_peft_and_merges(world2, arch, tmp_path):
     assert convert_cli(["export", "--ckpt", ckpt, "--out", str(tmp_path / "plain")]) == 2  # adapters: say how
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(TARGETS))
 def test_peft_adapter_imports_into_loom(arch, tmp_path):
     hf = make_hf(arch, tmp_path / "hf")
