@@ -75,3 +75,18 @@ def fake_process_group_store():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     return FakeStore()
+
+
+def configure_dynamo(recompile_limit: int, nested_graph_breaks: bool) -> None:
+    """dynamo's process-wide knobs for compiled blocks (``torch._dynamo.config``; torch.compile takes no
+    per-call value for either). ``recompile_limit`` only ever grows; ``nested_graph_breaks`` is set where
+    this torch has it (resume a graph break in the frame where it happened, not in every caller)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, recompile_limit)
+    if hasattr(config, "nested_graph_breaks"):
+        config.nested_graph_breaks = nested_graph_breaks
+
+
+def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Trace ``tensor``'s size along ``dim`` as symbolic unless tracing pins it (no public equivalent)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)

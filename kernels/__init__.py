@@ -2,7 +2,7 @@
 
     attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
               causal=True, softmax_scale=None, pos_q=None, pos_k=None,
-              backend="auto", return_lse=False)
+              backend="auto", return_lse=False, uniform=False)
 
 Packed THD shapes: q [Tq, Hq, D]; k, v [Tk, Hkv, D] with Hq % Hkv == 0 (q head h reads kv head
 h // (Hq // Hkv)); cu_seqlens_* int32 [num_docs + 1] from 0, the same number of documents on both
@@ -11,7 +11,11 @@ int32 [Tq] / [Tk] true positions within each document, None = 0, 1, 2, ... from 
 start. Causal: a query sees a key of its document iff pos_k <= pos_q. softmax_scale: default
 1/sqrt(D). Returns out [Tq, Hq, D] in q.dtype, or (out, lse) with lse fp32 [Tq, Hq], the natural
 log-sum-exp of the scaled visible scores. Rows that see no key: out 0, lse -inf, zero gradients.
-Differentiable through q, k, v; NOT through lse (it is returned detached).
+Differentiable through q, k, v; NOT through lse (it is returned detached). uniform: the caller
+knows that every document of q and of k has max_seqlen_q == max_seqlen_k tokens (a plain [B, S]
+batch); the torch backend then needs no host read of cu_seqlens and stays inside a torch.compile
+graph. The other backends read cu_seqlens on the host (tile tables, checks) and run outside any
+compiled graph (a graph break), as does the torch backend without ``uniform``.
 
 Backends: "triton" (kernels.flash_attn), "flash_attn" (the flash-attn package, CUDA, default
 positions only), "torch" (SDPA; the reference math when lse is requested), "auto" = triton on
@@ -79,18 +83,25 @@ def _validate(q, k, v, cu_q, cu_k, pos_q, pos_k):
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True,
-              softmax_scale=None, pos_q=None, pos_k=None, backend="auto", return_lse=False):
+              softmax_scale=None, pos_q=None, pos_k=None, backend="auto", return_lse=False, uniform=False):
     """Varlen attention over packed documents; see the module docstring for shapes and semantics."""
     name = resolve_backend(backend, q.device)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if name == "torch":
-        if return_lse:
-            return reference.attention(*args, causal=causal, softmax_scale=scale, pos_q=pos_q, pos_k=pos_k,
-                                       return_lse=True)
+    if name == "torch" and not return_lse:
         from kernels.sdpa import sdpa_attention
-        return sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k)
+        equal = uniform and max_seqlen_q == max_seqlen_k and max_seqlen_q > 0
+        return sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k,
+                              uniform_len=max_seqlen_q if equal else None)
+    return _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse)
+
+
+@torch.compiler.disable
+def _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse):
+    if name == "torch":
+        return reference.attention(*args, causal=causal, softmax_scale=scale, pos_q=pos_q, pos_k=pos_k,
+                                   return_lse=True)
     if name == "flash_attn":
         from kernels._flash_shim import flash_attn_varlen
         return flash_attn_varlen(*args, causal, scale, pos_q, pos_k, return_lse)

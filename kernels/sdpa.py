@@ -9,6 +9,11 @@ Masks are avoided where the geometry allows: with default positions and causal, 
 key as long as each document has Lq <= Lk. Otherwise a boolean mask is built from the true
 positions. Rows that see no key come out as 0 (SDPA's own behaviour since torch 2.5, which a test
 pins). Autograd flows through SDPA; lse is not produced here (the dispatcher uses the reference).
+
+Under ``torch.compile`` the bucketing reads ``cu_seqlens`` on the host, so traced it would bake one
+document layout into the graph and recompile for the next: ``_varlen`` stays out of the graph (a
+graph break). A caller that knows every document has ``max_seqlen`` tokens says so (``uniform_len``)
+and gets one SDPA call on views, decided from Python ints alone, which compiles into the graph.
 """
 from __future__ import annotations
 
@@ -88,11 +93,22 @@ def _bucket(q, k, v, cq, ck, ids, causal, scale, pos_q, pos_k):
     return iq[vq], out[vq]
 
 
-def sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q=None, pos_k=None):
+def sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q=None, pos_k=None, uniform_len=None):
     """Packed attention: q [Tq, Hq, D], k/v [Tk, Hkv, D] -> out [Tq, Hq, D] in q.dtype.
 
-    ``pos_q``/``pos_k`` None means default positions. Differentiable through q, k, v.
+    ``pos_q``/``pos_k`` None means default positions. ``uniform_len``: every document, on both sides,
+    has this many tokens (the caller's promise; None: read the layout from ``cu_seqlens``).
+    Differentiable through q, k, v.
     """
+    n = cu_seqlens_q.numel() - 1
+    if uniform_len is not None and (pos_q is None and pos_k is None or not causal) \
+            and q.shape[0] == k.shape[0] == n * uniform_len:
+        return _uniform(q, k, v, n, uniform_len, causal, scale)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k)
+
+
+@torch.compiler.disable
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k):
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     lq = [cq[i + 1] - cq[i] for i in range(len(cq) - 1)]
     lk = [ck[i + 1] - ck[i] for i in range(len(ck) - 1)]

@@ -206,6 +206,8 @@ class TrainConfig:
     # selective) | full (whole blocks: the first recompute_layers blocks of each stage; null: all).
     recompute: str = "none"
     recompute_layers: Optional[int] = None
+    # torch.compile every transformer block (engine/model/compile.py says what stays eager and why).
+    compile: bool = False
     # Rank 0 warns when one expert takes more than this share of its layer's assignments for
     # hot_expert_steps steps in a row (a collapsing router); 0 steps: no warning.
     hot_expert_share: float = 0.5

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from engine.config import ModelConfig
 from engine.model.batch import PackedBatch
+from engine.model.compile import mark_layout_dynamic
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
 from engine.model.init import initialize_full, seed_from_rng
 from engine.model.moe import MoE
@@ -85,7 +86,10 @@ class Transformer(nn.Module):
     def _meta(self, batch: PackedBatch, dtype: torch.dtype) -> PackedMeta:
         cu_seqlens, max_seqlen, positions = batch.layout()
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, dtype)
-        return PackedMeta(cu_seqlens, max_seqlen, cos, sin, batch.attn)
+        # Read once here rather than by every layer's attention (and outside compiled blocks).
+        uniform = max_seqlen > 0 and max_seqlen * (cu_seqlens.numel() - 1) == int(cu_seqlens[-1])
+        mark_layout_dynamic(cu_seqlens)
+        return PackedMeta(cu_seqlens, max_seqlen, cos, sin, batch.attn, uniform=uniform)
 
 
 def build_model(cfg: ModelConfig, device=None) -> Transformer:

@@ -38,6 +38,8 @@ class PackedMeta:
     ``cos``/``sin``: ``[T, head_dim]`` rotary tables at each token's true position (None: no rotary).
     ``attn``: the batch's attention context (``PackedBatch.attn``), which a parallel wrapper of
     attention may have extended.
+    ``uniform``: every document has ``max_seqlen`` tokens (a plain ``[B, S]`` batch, a ViT's images):
+    attention then needs no host read of ``cu_seqlens``, and stays inside a compiled graph.
     """
 
     cu_seqlens: torch.Tensor
@@ -45,6 +47,7 @@ class PackedMeta:
     cos: Optional[torch.Tensor]
     sin: Optional[torch.Tensor]
     attn: AttnContext = field(default_factory=AttnContext)
+    uniform: bool = False
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +81,7 @@ class CoreAttention(nn.Module):
         return kernels.attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
             causal=self.causal, pos_q=meta.attn.positions, pos_k=meta.attn.positions, backend=self.backend,
+            uniform=meta.uniform,
         )
 
 

@@ -410,6 +410,11 @@ class MoE(nn.Module):
         self.scope = BalanceScope()
         self.stats = MoEStats(cfg.num_experts)
 
+    # Under train.compile the layer runs eagerly inside its compiled block: routing makes every shape
+    # data-dependent (rows per expert, dropped assignments, the EP exchange's split sizes), and the
+    # statistics are Python-side records; traced, it would break the graph at each and recompile
+    # for every routing.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, meta=None) -> torch.Tensor:
         logits = self.gate(x)
         routing = route(logits, self.cfg, self.gate.e_score_correction_bias)

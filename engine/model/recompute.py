@@ -48,8 +48,17 @@ def _contexts():
     return contextlib.nullcontext(), _recompute_phase()
 
 
+@torch.compiler.disable
 def checkpointed(fn: Callable, *args):
-    """``fn(*args)``, its activations dropped and recomputed in backward."""
+    """``fn(*args)``, its activations dropped and recomputed in backward.
+
+    Never traced by torch.compile (inside a compiled block it is a graph break). Dynamo captures a
+    checkpoint only when its whole body fits one graph; Loom's bodies break (collectives, varlen
+    attention, MoE), and then the body's frames are compiled only while a compiled caller runs:
+    the replay in backward would run them eagerly and save other tensors than the forward did.
+    Kept eager, the checkpoint replays exactly ``fn``, eager or explicitly compiled
+    (engine/model/compile.py), and ``recomputing()`` is seen by the eager code that records.
+    """
     if not torch.is_grad_enabled():
         return fn(*args)
     kept = [a for a in args if torch.is_tensor(a)]
@@ -68,12 +77,23 @@ def _wrap(obj, attr: str) -> None:
     setattr(obj, attr, wrapped)
 
 
+def replace_inner(obj, attr: str, transform: Callable[[Callable], Callable]) -> None:
+    """Make ``obj.attr`` compute ``transform(fn)`` instead of ``fn``; a recompute wrapper stays outermost."""
+    current = getattr(obj, attr)
+    if not getattr(current, "recomputed", False):
+        setattr(obj, attr, transform(current))
+        return
+    wrapped = functools.partial(checkpointed, transform(current.args[0]))
+    wrapped.recomputed = True
+    setattr(obj, attr, wrapped)
+
+
 def _text_blocks(chunk: nn.Module) -> list[nn.Module]:
     model = chunk.llm if hasattr(chunk, "llm") else chunk
     return [block for _, block in sorted(model.layers.items(), key=lambda kv: int(kv[0]))]
 
 
-def _all_blocks(chunk: nn.Module) -> list[nn.Module]:
+def all_blocks(chunk: nn.Module) -> list[nn.Module]:
     vision = getattr(chunk, "vision", None)
     return _text_blocks(chunk) + (list(vision.layers.values()) if vision is not None else [])
 
@@ -90,7 +110,7 @@ def apply_recompute(chunks: list[nn.Module], mode: str, layers: Optional[int] = 
             for block in blocks[:len(blocks) if layers is None else layers]:
                 _wrap(block, "forward")
             continue
-        for block in _all_blocks(chunk):
+        for block in all_blocks(chunk):
             _wrap(block.attn.core, "forward")
             experts = getattr(block.mlp, "experts", None)
             if experts is not None and hasattr(experts, "activation"):

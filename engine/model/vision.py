@@ -120,7 +120,7 @@ class VisionEncoder(nn.Module):
             h = self.pre_norm(h)
         # One document per image: attention never crosses an image border.
         cu = torch.arange(0, n * p + 1, p, dtype=torch.int32, device=h.device)
-        meta = PackedMeta(cu, p, None, None)
+        meta = PackedMeta(cu, p, None, None, uniform=True)
         for layer in list(self.layers.values())[:self.cfg.feature_blocks]:
             h = layer(h, meta)
         if self.cfg.post_norm:

@@ -7,6 +7,11 @@ Shapes are given per rank for a group of size ``n``; ``T`` is the packed token d
 chunk (they are not torch.distributed's rooted scatter and gather).
 Functions given ``stats`` (a ``cp_plan.CommStats``) add to it the bytes that leave this rank.
 With a group of size 1 every Function but ``GatherFromContext`` (a reordering) is the identity.
+
+Under ``torch.compile`` (``train.compile``) each of the functions at the bottom is a graph break:
+the collective runs eagerly, through torch.distributed's own functions, which the interceptors
+(traffic counts, collective timeouts, the pre-flight dry run) patch, instead of being traced
+into a functional collective they would never see.
 """
 from __future__ import annotations
 
@@ -346,38 +351,47 @@ class AllToAll(torch.autograd.Function):
         return _all_to_all(g, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
 
 
+@torch.compiler.disable
 def copy_to_region(x, group):
     return CopyToRegion.apply(x, group) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def reduce_from_region(x, group):
     return ReduceFromRegion.apply(x, group) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def scatter(x, group, dim: int):
     return Scatter.apply(x, group, dim) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def gather(x, group, dim: int, reduce_grad: bool = False):
     return Gather.apply(x, group, dim, reduce_grad) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def reduce_scatter_to_sequence(x, group):
     return ReduceScatterToSequence.apply(x, group) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def gather_from_context(x, group, index, inverse):
     return GatherFromContext.apply(x, group, index, inverse)
 
 
+@torch.compiler.disable
 def seq_to_heads(x, group, stats=None):
     return SeqToHeads.apply(x, group, stats) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def heads_to_seq(x, group, stats=None):
     return HeadsToSeq.apply(x, group, stats) if group_size(group) > 1 else x
 
 
+@torch.compiler.disable
 def all_to_all(x, group, out_splits=None, in_splits=None):
     """See AllToAll. Also serves non-differentiable exchanges (e.g. the EP row counts)."""
     return AllToAll.apply(x, group, out_splits, in_splits) if group_size(group) > 1 else x

@@ -64,6 +64,9 @@ class ContextParallelAttention(nn.Module):
         self.backend, self.causal, self.group, self.mode = backend, causal, group, mode
         self.stats = stats if stats is not None else CommStats()
 
+    # Eager under train.compile: the shard plan drives host-side loops over ring steps and blocks,
+    # and the exchanges are collectives (see comm.py).
+    @torch.compiler.disable
     def forward(self, q, k, v, meta) -> torch.Tensor:
         shard = meta.attn
         if not isinstance(shard, CPShard):

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from engine.checkpoint.names import named_tensors
 from engine.config import Config
+from engine.model.compile import apply_compile
 from engine.model.init import fill_shard, init_rules
 from engine.model.recompute import apply_recompute
 from engine.parallel.data_parallel import place
@@ -54,6 +55,8 @@ def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.devic
     model = join_chunks(chunks)
     freeze(model, cfg)  # after parallelize, which makes new Parameters
     apply_recompute(chunks, cfg.train.recompute, cfg.train.recompute_layers)
+    if cfg.train.compile:  # last: it compiles what the recompute wrappers run (compile.py says why)
+        apply_compile(chunks)
     for p in model.parameters():  # bf16 parameters; buffers (e.g. routing biases) stay fp32
         p.data = p.data.to(param_dtype(cfg))
     pipeline = Pipeline([text_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None
