@@ -3,11 +3,14 @@
 Each run starts from a clean dynamo state in its rank process (the harness reuses processes), and
 the compiled run reports what dynamo compiled, so a run that silently fell back to eager fails.
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.parity import ROOT, assert_parity, params, train_layout
+from tests.parity import BF16, ROOT, assert_parity, params, train_layout
 
 DENSE, MOE = "launch/configs/tiny_dense.yaml", "launch/configs/tiny_moe.yaml"
 # Windows of 32 tokens: some hold one document, whose attention is compiled into the graph, the
@@ -121,6 +124,16 @@ def test_compiled_layout_matches_eager(world2, layout):
     print(layout, "compiled vs eager, worst relative errors:", assert_parity(ref, out))
 
 
+@pytest.mark.slow
+def test_compiled_bf16_matches_eager_bf16(world2):
+    """Under autocast too (inductor keeps some bf16 intermediates in fp32: bf16 tolerances)."""
+    overrides = BASE + ["train.dtype=bf16"]
+    ref = world2.run(_train, DENSE, overrides, nranks=1)[0]
+    out = world2.run(_train, DENSE, overrides + COMPILE, nranks=1)[0]
+    assert out["graphs"] > 0, "nothing was compiled"
+    print("bf16 compiled vs eager, worst relative errors:", assert_parity(ref, out, **BF16))
+
+
 VLM = "launch/configs/demo_vlm_moe.yaml"
 VLM_SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "model.attn_backend=torch", "train.dtype=fp32",
               "train.global_batch_size=8", "train.micro_batch_size=1"]
@@ -149,3 +162,18 @@ def test_compiled_vision_language_model_matches_eager(world2, vqa, layout):
     assert out["graphs"] > 0, "nothing was compiled"
     assert any(k.startswith("vision.") for k in out["first_grads"])
     print(layout, "compiled vs eager, worst relative errors:", assert_parity(ref, out))
+
+
+def test_step_benchmark_runs(tmp_path):
+    """tools/bench_step.py end to end on a tiny model (its compiled variant is what the tests above check)."""
+    out = tmp_path / "bench.json"
+    variants = ["hf", "loom plain", "loom fused", "kernel floor"]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_step.py"), "--layers", "1", "--hidden", "64",
+           "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--batch", "2", "--seq", "32",
+           "--iters", "2", "--warmup", "1", "--threads", "1", "--json", str(out), "--variants", *variants]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| loom fused |" in result.stdout and "| kernel floor |" in result.stdout
+    record = json.loads(out.read_text())
+    assert list(record["variants"]) == variants
+    assert all(len(row["times_s"]) == 2 and "ratio" in row for name, row in record["variants"].items() if name != "hf")
