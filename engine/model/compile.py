@@ -19,7 +19,8 @@ block's forward is ``checkpoint(forward)``; this compiles ``forward`` and leaves
 eager around it, so the replay in backward runs the same compiled graph the forward ran.
 torchtitan compiles outside its checkpoint wrapper so that the checkpoint is traced into the
 graph; that needs a body without graph breaks, which Loom's blocks do not have under TP, EP or
-varlen attention. Under ``selective`` the checkpointed attention core stays eager inside the graph.
+varlen attention, and a selective-checkpoint policy where Loom's checkpoint marks its recompute
+phase (recompute.py). Under ``selective`` the checkpointed attention core stays eager inside the graph.
 
 Shapes: a run's text microbatches have a fixed number of tokens (``micro_batch_size * data.seq_len``),
 so the graphs are traced with static shapes. What varies from one microbatch to the next

@@ -52,12 +52,12 @@ def _contexts():
 def checkpointed(fn: Callable, *args):
     """``fn(*args)``, its activations dropped and recomputed in backward.
 
-    Never traced by torch.compile (inside a compiled block it is a graph break). Dynamo captures a
-    checkpoint only when its whole body fits one graph; Loom's bodies break (collectives, varlen
-    attention, MoE), and then the body's frames are compiled only while a compiled caller runs:
-    the replay in backward would run them eagerly and save other tensors than the forward did.
-    Kept eager, the checkpoint replays exactly ``fn``, eager or explicitly compiled
-    (engine/model/compile.py), and ``recomputing()`` is seen by the eager code that records.
+    Never traced by torch.compile (inside a compiled block it is a graph break). Dynamo would make
+    the checkpoint a higher-order op of the graph, which needs its whole body in one graph (Loom's
+    break at collectives, varlen attention and MoE layers) and takes only a selective-checkpoint
+    policy as ``context_fn``: ours, which marks the recompute phase, fails there. Kept eager, the
+    checkpoint replays exactly ``fn``, eager or explicitly compiled (engine/model/compile.py), and
+    ``recomputing()`` holds for the eager code that records.
     """
     if not torch.is_grad_enabled():
         return fn(*args)
