@@ -28,6 +28,7 @@ LAYOUTS = {
     "ep2_tp2_sp_etp1": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true", "parallel.etp=1"]),
     "ep2_dp2": (4, ["parallel.ep=2"]),  # dp = 4: two expert-data-parallel replicas of each expert
     "ep2_pp2": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.pp_layout=[2,1]"]),  # MoE layers on both stages
+    "ep2_pp2_zb1": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.pp_layout=[2,1]", "parallel.pp_schedule=zb1"]),
     "ep2_cp2": (2, ["parallel.ep=2", "parallel.cp=2"]),  # EP folded over the CP ranks
 }
 
@@ -42,8 +43,11 @@ CASES = [(layout, router) for layout in LAYOUTS for router in sorted(ROUTERS)
          if not (layout.endswith("etp1") and router != "softmax")]
 
 
-@pytest.mark.parametrize("case", params([f"{a}-{b}" for a, b in CASES],
-                                          slow=("ep2_cp2-sigmoid_grouped", "ep2_tp2_sp-sigmoid_grouped", "ep2-sigmoid_grouped")))
+SLOW = ("ep2_cp2-sigmoid_grouped", "ep2_tp2_sp-sigmoid_grouped", "ep2-sigmoid_grouped", "ep2_pp2_zb1-softmax",
+        "ep2_pp2_zb1-sigmoid_grouped")
+
+
+@pytest.mark.parametrize("case", params([f"{a}-{b}" for a, b in CASES], slow=SLOW))
 def test_moe_parity(world4, references, case):
     layout, router = case.split("-")
     nranks, overrides = LAYOUTS[layout]

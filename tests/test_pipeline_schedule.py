@@ -9,12 +9,13 @@ from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 from engine.parallel.pipeline import join_chunks, split_stages, stage_layers
 from engine.parallel.pipeline_schedule import (
-    B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, ScheduleError, bubble_fraction, build_table, build_tables,
-    in_flight_bound, simulate, theoretical_bubble,
+    B, F, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, ScheduleError, build_table, build_tables, in_flight_bound,
+    input_of, is_compute, theoretical_bubble,
 )
+from engine.parallel.pipeline_simulate import bubble_fraction, idle_time, simulate
 
 GRID = [("gpipe", pp, 1, m) for pp in (2, 3, 4) for m in (1, 2, 4, 7)]
-GRID += [("1f1b", pp, 1, m) for pp in (2, 3, 4) for m in (pp, pp + 1, 2 * pp, 8)]
+GRID += [(s, pp, 1, m) for s in ("1f1b", "zb1") for pp in (2, 3, 4) for m in (pp, pp + 1, 2 * pp, 8)]
 GRID += [("interleaved", pp, vpp, m) for pp in (2, 3, 4) for vpp in (2, 3) for m in (pp, 2 * pp, 3 * pp)]
 
 
@@ -23,13 +24,16 @@ def test_tables_are_deadlock_free_ordered_and_bounded(schedule, pp, vpp, m):
     tables = build_tables(schedule, pp, vpp, m)
     reports = simulate(tables)  # raises on deadlock, mismatched messages, or out-of-order compute
     for rank, (table, report) in enumerate(zip(tables, reports)):
-        position = {step[0]: i for i, step in enumerate(table) if step[0].kind in (F, B)}
+        position = {step[0]: i for i, step in enumerate(table) if is_compute(step)}
         for mb in range(m):
             for chunk in range(vpp):
                 assert position[Action(F, mb, chunk)] < position[Action(B, mb, chunk)]
+                if schedule == "zb1":
+                    assert position[Action(B, mb, chunk)] < position[Action(W, mb, chunk)]
         bound = in_flight_bound(schedule, pp, vpp, m, rank)
         assert report.peak_in_flight <= bound, (rank, report.peak_in_flight, bound)
-    # The schedules are not only safe but as good as their theory, with backward = 2 x forward.
+    # The schedules are not only safe but as good as their theory, with backward = 2 x forward
+    # (zb1: B = W = forward), p2p posted ahead of the computes it feeds.
     assert max(bubble_fraction(reports)) == pytest.approx(theoretical_bubble(schedule, pp, vpp, m))
 
 
@@ -44,9 +48,36 @@ def test_interleaving_shrinks_the_bubble():
     assert plain == pytest.approx(3 / 11) and interleaved == pytest.approx(3 / 19)
 
 
-def test_1f1b_pairs_send_forward_with_recv_backward():
-    table = build_table("1f1b", 2, 1, 4, rank=0)
-    assert (Action(SEND_F, 1), Action(RECV_B, 0)) in table
+@pytest.mark.parametrize("pp, m", [(2, 2), (2, 8), (3, 5), (4, 4), (4, 8), (8, 16)])
+def test_zb1_bubble_is_a_third_of_1f1b(pp, m):
+    """Idle time, F = B = W (1F1B's backward is B + W): ZB-H1's (p-1) against 1F1B's 3 (p-1); no rank
+    holds more microbatches between F and W than 1F1B's first rank does between F and B."""
+    one_f_one_b = simulate(build_tables("1f1b", pp, 1, m))
+    zb1 = simulate(build_tables("zb1", pp, 1, m))
+    assert max(idle_time(zb1)) <= max(idle_time(one_f_one_b)) / 3 + 1e-9
+    assert max(r.peak_in_flight for r in zb1) <= max(r.peak_in_flight for r in one_f_one_b)
+
+
+def test_zb1_defers_weight_passes_on_later_ranks():
+    """Rank r runs W right after B only from microbatch r on: the last rank defers the most."""
+    orders = [[s[0] for s in table if is_compute(s)] for table in build_tables("zb1", 4, 1, 8)]
+    for rank, order in enumerate(orders):
+        first_w = order.index(Action(W, 0))
+        assert order[first_w - 1] == Action(B, rank), (rank, order)
+    assert [a.kind for a in orders[3][-4:]] == [W, W, W, W]
+
+
+def test_receives_are_posted_one_compute_ahead_and_sends_right_after():
+    table = build_table("1f1b", 4, 1, 8, rank=1)  # a middle rank: receives from both sides
+    computes = [i for i, step in enumerate(table) if is_compute(step)]
+    posted = {a: j for j, step in enumerate(table) if not is_compute(step) for a in step}
+    for k, i in enumerate(computes):
+        needed = input_of(table[i][0])
+        if needed in posted:  # in flight during the compute before the one that needs it
+            assert posted[needed] < computes[max(k - 1, 0)], (table[i], k)
+    for a, j in posted.items():
+        if a.kind in (SEND_F, SEND_B):
+            assert table[j - 1] == (Action(F if a.kind == SEND_F else B, a.mb, a.chunk),)
 
 
 def _swap(table, i, j):
@@ -56,19 +87,29 @@ def _swap(table, i, j):
 
 
 def test_simulator_catches_a_deadlock():
-    # Rank 0 waits for a gradient before sending the activations that would produce it.
-    rank0 = [(Action(F, 0),), (Action(RECV_B, 0),), (Action(SEND_F, 0),), (Action(B, 0),)]
+    # Rank 0 posts its activations only after the backward that needs their gradient.
+    rank0 = [(Action(F, 0),), (Action(RECV_B, 0),), (Action(B, 0),), (Action(SEND_F, 0),)]
     rank1 = [(Action(RECV_F, 0),), (Action(F, 0),), (Action(B, 0),), (Action(SEND_B, 0),)]
     with pytest.raises(ScheduleError, match="deadlock"):
         simulate([rank0, rank1])
 
 
+@pytest.mark.parametrize("schedule, vpp, queues", [("1f1b", 1, "rank"), ("zb1", 1, "rank"),
+                                                   ("interleaved", 2, "group")])
+def test_receives_posted_ahead_deadlock_on_shared_communicators(schedule, vpp, queues):
+    """Why every link and direction has a group of its own: on one communicator for the pipeline
+    (or one per direction, interleaved), a receive posted ahead queues in front of a send the peer
+    needs first. The same tables pass with one queue per channel (the test above)."""
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate(build_tables(schedule, 2, vpp, 4), queues=queues)
+
+
 def test_simulator_catches_mismatched_messages():
     tables = build_tables("gpipe", 2, 1, 2)
-    i = tables[1].index((Action(RECV_F, 0),))
-    j = tables[1].index((Action(RECV_F, 1),))
-    tables[1] = _swap(tables[1], i, j)
-    with pytest.raises(ScheduleError, match="mismatch|before"):
+    i = next(i for i, step in enumerate(tables[1]) if Action(RECV_F, 0) in step)
+    assert Action(RECV_F, 1) in tables[1][i]  # both posted ahead of F0; reversed, they cross
+    tables[1][i] = tuple(reversed(tables[1][i]))
+    with pytest.raises(ScheduleError, match="mismatch"):
         simulate(tables)
 
 
@@ -78,6 +119,25 @@ def test_simulator_catches_backward_before_forward():
     j = tables[1].index((Action(B, 1),))
     tables[1] = _swap(tables[1], i, j)
     with pytest.raises(ScheduleError):
+        simulate(tables)
+
+
+def test_simulator_catches_weights_before_backward():
+    tables = build_tables("zb1", 2, 1, 2)
+    i = tables[0].index((Action(B, 0),))
+    j = tables[0].index((Action(W, 0),))
+    tables[0] = _swap(tables[0], i, j)
+    with pytest.raises(ScheduleError, match="W0.0 runs before"):
+        simulate(tables)
+
+
+def test_simulator_catches_a_receive_posted_too_late():
+    tables = build_tables("1f1b", 2, 1, 2)
+    i = next(i for i, step in enumerate(tables[1]) if Action(RECV_F, 1) in step)
+    step = tuple(a for a in tables[1][i] if a != Action(RECV_F, 1))
+    tables[1][i:i + 1] = [step] if step else []
+    tables[1].append((Action(RECV_F, 1),))
+    with pytest.raises(ScheduleError, match=r"F1.0 runs before \[RECV_F1.0\]"):
         simulate(tables)
 
 
@@ -137,7 +197,8 @@ def test_interleaved_rank_holds_stages_r_r_plus_pp():
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.pp=2", "model.num_layers=3"], 2, r"model.num_layers=3 does not split evenly over parallel.pp\*parallel.vpp"),
+    (["parallel.pp=2", "model.num_layers=3"], 2,
+     r"model.num_layers=3 does not split evenly over parallel.pp\*parallel.vpp"),
     (["parallel.pp=2", "parallel.pp_layout=[1,2]"], 2, r"parallel.pp_layout=\[1, 2\] must list"),
     (["parallel.pp=2", "parallel.vpp=2"], 2, r"interleaved schedule needs parallel.vpp > 1"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved"], 2, r"parallel.pp_schedule=interleaved with parallel.vpp=1"),

@@ -33,6 +33,7 @@ LAYOUTS = {
     "pp2_vpp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
                                  "model.num_layers=4"]),
     "tp2_sp_dense_nomerge": (2, DENSE + ["parallel.tp=2", "parallel.sp=true", "model.vision.merge=false"]),
+    "pp2_zb1": (2, ["parallel.pp=2", "parallel.pp_schedule=zb1"]),
 }
 MODEL_KEYS = ("model.", "train.freeze")
 
@@ -54,7 +55,8 @@ def references(world4, data):
     return world1_references(world4, CONFIG, data + SINGLE, MODEL_KEYS)
 
 
-@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("tp2_sp_pp2", "cp2_tp2_sp", "tp2_sp_dense_nomerge")))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("tp2_sp_pp2", "cp2_tp2_sp", "tp2_sp_dense_nomerge",
+                                                         "pp2_zb1")))
 def test_vlm_parity(world4, references, data, layout):
     nranks, overrides = LAYOUTS[layout]
     ref = references(overrides)

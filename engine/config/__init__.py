@@ -155,8 +155,8 @@ def check_pipeline(cfg: Config, dp: int) -> None:
     m = t.global_batch_size // (dp * t.micro_batch_size)
     where = (f"train.global_batch_size/(dp*train.micro_batch_size) = {t.global_batch_size}/({dp}*"
              f"{t.micro_batch_size}) = {m} microbatches per rank")
-    if p.pp_schedule == "1f1b" and m < p.pp:
-        raise ConfigError(f"{where}: parallel.pp_schedule=1f1b needs at least parallel.pp={p.pp}")
+    if p.pp_schedule in ("1f1b", "zb1") and m < p.pp:
+        raise ConfigError(f"{where}: parallel.pp_schedule={p.pp_schedule} needs at least parallel.pp={p.pp}")
     if p.pp_schedule == "interleaved" and m % p.pp:
         raise ConfigError(f"{where}: parallel.pp_schedule=interleaved needs a multiple of parallel.pp={p.pp}")
 

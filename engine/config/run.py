@@ -20,7 +20,8 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     cp_mode: str = "ring"  # ring | ulysses: how attention spans the context-parallel group
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved (needs vpp > 1) | gpipe
+    # 1f1b | interleaved (needs vpp > 1) | gpipe | zb1 (ZB-H1: weight gradients deferred to fill the bubble)
+    pp_schedule: str = "1f1b"
     vpp: int = 1  # virtual pipeline stages (model chunks) per pp rank
     pp_layout: Optional[list[int]] = None  # layers per virtual stage, in pipeline order; null: even
     # dp is derived: world_size // (tp * pp * cp); set it only to assert the layout.
@@ -53,8 +54,8 @@ class ParallelConfig:
         self.validate_pipeline()
 
     def validate_pipeline(self) -> None:
-        if self.pp_schedule not in ("1f1b", "interleaved", "gpipe"):
-            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} must be 1f1b, interleaved or gpipe")
+        if self.pp_schedule not in ("1f1b", "interleaved", "gpipe", "zb1"):
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule!r} must be 1f1b, interleaved, gpipe or zb1")
         if self.vpp < 1:
             raise ConfigError(f"parallel.vpp={self.vpp} must be >= 1")
         if (self.pp_schedule == "interleaved") != (self.vpp > 1):

@@ -35,17 +35,19 @@ def recomputing() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-@contextlib.contextmanager
-def _recompute_phase():
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
+class _RecomputePhase:
+    """Marks a recompute. Re-enterable, unlike a generator's context manager: a checkpoint may
+    recompute more than once (a zero-bubble pipeline runs a block's backward in two passes)."""
+
+    def __enter__(self):
+        _state.depth = getattr(_state, "depth", 0) + 1
+
+    def __exit__(self, *exc):
         _state.depth -= 1
 
 
 def _contexts():
-    return contextlib.nullcontext(), _recompute_phase()
+    return contextlib.nullcontext(), _RecomputePhase()
 
 
 @torch.compiler.disable

@@ -5,10 +5,11 @@
   index) and sets ``embed`` / ``norm`` / ``lm_head`` to None where it does not own them, so
   parameter names are those of the whole model and checkpoints never see stage-local names.
 - ``PipelineExecutor`` runs one rank's schedule table (pipeline_schedule.py): forward steps
-  through a callback, backward steps with autograd, p2p steps with ``batch_isend_irecv`` over
-  the pp group. It knows nothing of the schedule that built the table.
-- ``Pipeline`` is what the trainer holds: tables per microbatch count, the boundary shape,
-  the loss made known on every rank, and the tied embedding / LM head gradient sum.
+  through a callback, backward steps with autograd (split into B and W passes where the table
+  has W steps, split_backward.py), p2p steps posted asynchronously on one process group per
+  link and direction (``p2p_links``). It knows nothing of the schedule that built the table.
+- ``Pipeline`` is what the trainer holds: tables per microbatch count, the boundary shape and
+  dtype, the loss made known on every rank, and the tied embedding / LM head gradient sum.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from engine.config import stage_layout
 from engine.parallel.mesh import ParallelGroups, group_layout
 from engine.parallel.sharding import set_spec
 from engine.parallel.pipeline_schedule import (
-    B, F, RECV_F, SEND_B, SEND_F, Action, Table, build_table, last_backward_steps, peer_of,
+    B, DIRECTION, F, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Table, build_table, last_weight_steps, peer_of,
+    splits_backward,
 )
+from engine.parallel.split_backward import SplitBackward
 
 # ----------------------------------------------------------------------------- stages
 
@@ -115,6 +118,31 @@ def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
 # ----------------------------------------------------------------------------- executor
 
 
+def p2p_links(pipelines: Sequence[Sequence[int]], rank: int, wrap: bool, timeout=None) -> dict:
+    """This rank's point-to-point groups: ``{(direction, link): group}``.
+
+    Link ``a`` joins pipeline ranks ``a`` and ``a + 1``; activations cross it forwards on one
+    group and gradients backwards on another (``wrap``: also from the last rank to the first,
+    for interleaved chunks). A communicator runs what is posted on it in order (NCCL: one
+    stream), so with one group per direction and link each carries a single stream of messages
+    in the order both sides post them, and a receive posted ahead delays nothing else
+    (pipeline_simulate.py replays the tables under this model). Each op is posted alone, so the
+    first one on a link involves both its members, as NCCL's lazily built communicators need.
+    Collective: every rank of the world builds every pipeline's links, in the same order.
+    """
+    mine = {}
+    for ranks in pipelines:
+        pp = len(ranks)
+        for a in range(pp if wrap else pp - 1):
+            pair = sorted({ranks[a], ranks[(a + 1) % pp]})
+            for direction in (F, B):
+                desc = f"pp_{'activations' if direction == F else 'gradients'}_{a}"
+                group = dist.new_group(pair, timeout=timeout, group_desc=desc)
+                if rank in pair:
+                    mine[(direction, a)] = group
+    return mine
+
+
 class StageOutput(NamedTuple):
     """What a stage's forward of one microbatch hands the executor.
 
@@ -135,30 +163,41 @@ ForwardFn = Callable[[int, Optional[torch.Tensor], Any], StageOutput]
 class _RunState:
     """Tensors alive during one run, keyed by (microbatch, chunk)."""
 
-    def __init__(self, microbatches, forward_fn, boundary, stat_names, device):
+    def __init__(self, microbatches, forward_fn, boundary, stat_names, device, split):
         self.microbatches, self.forward_fn, self.boundary = microbatches, forward_fn, boundary
+        self.split = split  # B computes input gradients only, W the weights' (the table has W steps)
         self.stat_names = list(stat_names)
         self.totals = torch.zeros(len(stat_names), dtype=torch.float32, device=device)
         self.inputs: dict = {}  # received activations, inputs of forward steps
         self.saved: dict = {}  # (input, StageOutput) kept from forward to backward
         self.out_grads: dict = {}  # received gradients of this rank's outputs
+        self.weights: dict = {}  # SplitBackward kept from B to W
         self.outbox: dict = {}  # (kind, mb, chunk) -> tensor awaiting its send step
+        self.receiving: dict = {}  # (kind, mb, chunk) -> (work, buffer) posted, not yet waited
+        self.sending: list = []  # (work, tensor) posted, not known to be complete
         self.in_flight = 0
         self.peak_in_flight = 0
 
 
 class PipelineExecutor:
-    """Runs one rank's schedule table over the pp ``group``; the same code for every schedule."""
+    """Runs one rank's schedule table over the pp ``group``; the same code for every schedule.
 
-    def __init__(self, group, device: torch.device):
+    ``links``: this rank's ``p2p_links``. By default they are built here, which is collective
+    over the world and right only when ``group`` is the whole world.
+    """
+
+    def __init__(self, group, device: torch.device, links: Optional[dict] = None):
         self.group, self.device = group, device
         self.peers = dist.get_process_group_ranks(group)
         self.pp, self.rank = len(self.peers), dist.get_rank(group)
+        if links is None:
+            if self.pp != dist.get_world_size():
+                raise ValueError("PipelineExecutor: pass the links of every pipeline (p2p_links) when the pp "
+                                 "group is not the whole world")
+            links = p2p_links([self.peers], dist.get_rank(), wrap=True)
+        self.links = links
         self.peak_in_flight = 0
-        self.trace: Optional[list] = None  # set to a list to record (action, start, end) per compute
-        # NCCL builds communicators lazily and the first batched p2p on a group must involve
-        # all its ranks; one collective here makes the communicator exist everywhere.
-        dist.barrier(group=group)
+        self.trace: Optional[list] = None  # a list: record (action, start, end, thread CPU seconds) per compute
 
     def run(self, table: Table, microbatches: Sequence, forward_fn: ForwardFn,
             boundary: Callable[[Any], tuple], grad_sync: Optional[Callable[[bool], None]] = None,
@@ -166,33 +205,54 @@ class PipelineExecutor:
         """Run ``table``; return the stats summed over microbatches and the whole pipeline.
 
         ``boundary(mb)`` gives ``(shape, dtype)`` of the activations crossing stages for ``mb``
-        (known from the config and the microbatch, so no shape handshake). ``grad_sync(last)``
-        is called before each backward, with True on each chunk's last one (its gradients are
-        then final and may be reduced over DP).
+        (known from the config and the microbatch, so no shape handshake); outputs travel in
+        that dtype. ``grad_sync(last)`` is called before each step that accumulates weight
+        gradients (B, or W where the table has W steps), with True on each chunk's last one
+        (its gradients are then final and may be reduced over DP).
         """
-        state = _RunState(microbatches, forward_fn, boundary, stat_names, self.device)
-        last_backward = set(last_backward_steps(table).values())
+        state = _RunState(microbatches, forward_fn, boundary, stat_names, self.device, splits_backward(table))
+        last = set(last_weight_steps(table).values())
         for index, step in enumerate(table):
-            action = step[0]
-            if action.kind == F:
-                self._timed(action, self._forward, state, action)
-            elif action.kind == B:
-                if grad_sync is not None:
-                    grad_sync(index in last_backward)
-                self._timed(action, self._backward, state, action)
+            a = step[0]
+            if a.kind in (F, B):
+                self._arrive(state, a)
+            if grad_sync is not None and a.kind == (W if state.split else B):
+                grad_sync(index in last)
+            if a.kind == F:
+                self._timed(a, self._forward, state, a)
+            elif a.kind == B:
+                self._timed(a, self._backward, state, a)
+            elif a.kind == W:
+                self._timed(a, self._weights, state, a)
             else:
-                self._communicate(state, step)
-        if state.saved or state.outbox or state.inputs or state.out_grads:
+                self._post(state, step)
+        for work, _ in state.sending:
+            work.wait()
+        state.sending.clear()
+        if state.saved or state.outbox or state.inputs or state.out_grads or state.weights or state.receiving:
             raise RuntimeError("pipeline table left tensors behind: it is not a complete schedule")
         self.peak_in_flight = state.peak_in_flight
         dist.all_reduce(state.totals, group=self.group)  # the last stage's loss, known on every rank
         return dict(zip(state.stat_names, state.totals))
 
     def _timed(self, action: Action, fn, *args) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         fn(*args)
         if self.trace is not None:
-            self.trace.append((action, start, time.perf_counter()))
+            self.trace.append((action, start, time.perf_counter(), time.thread_time() - cpu))
+
+    def _arrive(self, state: _RunState, a: Action) -> None:
+        """Wait for the receive that ``a`` consumes, if it has one."""
+        kind = RECV_F if a.kind == F else RECV_B
+        posted = state.receiving.pop((kind, a.mb, a.chunk), None)
+        if posted is None:
+            return
+        work, buffer = posted
+        work.wait()
+        if kind == RECV_F:
+            state.inputs[(a.mb, a.chunk)] = buffer.requires_grad_()
+        else:
+            state.out_grads[(a.mb, a.chunk)] = buffer
 
     def _forward(self, state: _RunState, a: Action) -> None:
         x = state.inputs.pop((a.mb, a.chunk), None)  # None: the first stage reads the microbatch
@@ -202,7 +262,7 @@ class PipelineExecutor:
                 raise KeyError(f"stage stat {name!r} is not among the pipeline's stat_names {state.stat_names}")
             state.totals[state.stat_names.index(name)] += value.detach().float()
         if out.output is not None:
-            state.outbox[(SEND_F, a.mb, a.chunk)] = self._checked(out.output.detach(), state, a)
+            state.outbox[(SEND_F, a.mb, a.chunk)] = self._boundary(out.output.detach(), state, a)
         state.saved[(a.mb, a.chunk)] = (x, out)
         state.in_flight += 1
         state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
@@ -212,42 +272,53 @@ class PipelineExecutor:
         roots, grads = [], []
         if out.output is not None:
             roots.append(out.output)
-            grads.append(state.out_grads.pop((a.mb, a.chunk)))
+            grads.append(state.out_grads.pop((a.mb, a.chunk)).to(out.output.dtype))
         if out.objective is not None and out.objective.requires_grad:
             roots.append(out.objective)
             grads.append(None)  # a scalar: d objective / d objective = 1
-        if roots:
-            torch.autograd.backward(roots, grads)
+        if state.split:
+            pending = SplitBackward(roots, grads, x)
+            state.weights[(a.mb, a.chunk)] = pending
+            grad = pending.input_grad
+        else:
+            if roots:
+                torch.autograd.backward(roots, grads)
+            grad = None if x is None else x.grad if x.grad is not None else torch.zeros_like(x)
+            state.in_flight -= 1
         if x is not None:
-            grad = x.grad if x.grad is not None else torch.zeros_like(x)
-            state.outbox[(SEND_B, a.mb, a.chunk)] = grad
+            state.outbox[(SEND_B, a.mb, a.chunk)] = grad.contiguous()
+
+    def _weights(self, state: _RunState, a: Action) -> None:
+        state.weights.pop((a.mb, a.chunk)).weights()
         state.in_flight -= 1
 
-    def _checked(self, tensor: torch.Tensor, state: _RunState, a: Action) -> torch.Tensor:
+    def _boundary(self, tensor: torch.Tensor, state: _RunState, a: Action) -> torch.Tensor:
         shape, dtype = state.boundary(state.microbatches[a.mb])
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        if tuple(tensor.shape) != tuple(shape) or not tensor.is_floating_point():
             raise RuntimeError(f"stage output of microbatch {a.mb} chunk {a.chunk} is {tuple(tensor.shape)} "
                                f"{tensor.dtype}, but the next stage receives {tuple(shape)} {dtype}")
-        return tensor.contiguous()
+        return tensor.to(dtype).contiguous()
 
-    def _communicate(self, state: _RunState, step: tuple) -> None:
-        ops, received = [], []
+    def _post(self, state: _RunState, step: tuple) -> None:
+        """Post every op of a p2p step on its own link; nothing here waits."""
+        state.sending = [(work, t) for work, t in state.sending if not work.is_completed()]
         for a in step:
             peer = self.peers[peer_of(a, self.rank, self.pp)]
+            link = self.rank if a.kind in (SEND_F, RECV_B) else (self.rank - 1) % self.pp
+            group = self.links[(DIRECTION[a.kind], link)]
             if a.kind in (SEND_F, SEND_B):
-                ops.append(dist.P2POp(dist.isend, state.outbox.pop((a.kind, a.mb, a.chunk)), peer, self.group))
+                tensor = state.outbox.pop((a.kind, a.mb, a.chunk))
+                state.sending.append((self._p2p(dist.isend, tensor, peer, group), tensor))
             else:
                 shape, dtype = state.boundary(state.microbatches[a.mb])
                 buffer = torch.empty(shape, dtype=dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, buffer, peer, self.group))
-                received.append((a, buffer))
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        for a, buffer in received:
-            if a.kind == RECV_F:
-                state.inputs[(a.mb, a.chunk)] = buffer.requires_grad_()
-            else:
-                state.out_grads[(a.mb, a.chunk)] = buffer
+                state.receiving[(a.kind, a.mb, a.chunk)] = (self._p2p(dist.irecv, buffer, peer, group), buffer)
+
+    @staticmethod
+    def _p2p(op, tensor: torch.Tensor, peer: int, group):
+        # batch_isend_irecv, even for one op: it returns a handle under every backend and the
+        # pre-flight dry run (NCCL coalesces it on the link's own communicator).
+        return dist.batch_isend_irecv([dist.P2POp(op, tensor, peer, group)])[0]
 
 
 # ----------------------------------------------------------------------------- the trainer's handle
@@ -262,9 +333,10 @@ class Pipeline:
         self.hidden = cfg.model.hidden_size
         # Under SP the residual stream between blocks is this TP rank's slice of the tokens.
         self.token_divisor = p.tp if p.sp else 1
-        # The residual stream keeps the parameters' dtype: autocast never downcasts the adds.
-        self.dtype = next(itertools.chain.from_iterable(c.parameters() for c in chunks)).dtype
-        self.executor = PipelineExecutor(groups.pp, groups.device)
+        # Activations and their gradients cross stages in the compute dtype.
+        self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        links = p2p_links(group_layout(groups.dims)["pp"], groups.rank, wrap=p.vpp > 1, timeout=groups.timeout)
+        self.executor = PipelineExecutor(groups.pp, groups.device, links)
         self.tied_weight, self.tied_group = tied_embedding(chunks, groups, cfg.model.tie_embeddings)
         self._tables: dict[int, Table] = {}
 

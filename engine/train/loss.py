@@ -84,13 +84,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
-        # In place: the saved gradients are used once, and a second copy of d weight ([V/g, h] fp32)
-        # would double the LM head's share of a rank's peak memory.
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_output).to(ctx.dtypes[0])
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_output).to(ctx.dtypes[1])
+        # In place: a second copy of d weight ([V/g, h] fp32) would double the LM head's share of a
+        # rank's peak memory. A pipeline that splits the backward (zero bubble) runs this node
+        # twice, for d hidden and later for d weight, with the same grad_output: scale only once.
+        if getattr(ctx, "scaled", None) is None:
+            grad_h, grad_w = (g.mul_(grad_output) if g is not None else None for g in ctx.saved_tensors)
+            ctx.scaled = (grad_output, grad_h, grad_w)
+        elif not torch.equal(ctx.scaled[0], grad_output):
+            raise RuntimeError("LinearCrossEntropy: a second backward through one graph needs the same "
+                               "grad_output (its saved gradients are scaled in place)")
+        _, grad_h, grad_w = ctx.scaled
+        grad_h = grad_h.to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = grad_w.to(ctx.dtypes[1]) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
