@@ -6,7 +6,7 @@
     loom-bench grouped-gemm  routed experts: grouped GEMM against a loop (tools/bench_grouped_gemm.py)
     loom-bench attention   Triton / flash-attn / torch attention backends (tools/bench_attention.py)
     loom-bench cp          context-parallel load balance and bytes sent (tools/bench_context_parallel.py)
-    loom-bench pipeline    pipeline schedules' bubbles (tools/bench_pipeline.py)
+    loom-bench pipeline    pipeline schedules' bubbles with real stages under torchrun (tools/bench_pipeline.py)
     loom-bench memory      each rank's memory against its share as the layout grows (tools/bench_memory.py)
 
 ``loom-bench NAME --help`` shows that benchmark's options.
