@@ -1,6 +1,6 @@
 """Pipeline bubble with real Loom stages, measured under torchrun, against the schedules' theory.
 
-    python -m tools.bench_pipeline [--repeats 3] [--hidden 256] [--tokens 512] [--layers-per-rank 2]
+    python -m tools.bench_pipeline [--repeats 6] [--hidden 256] [--tokens 512] [--layers-per-rank 2]
 
 For each pipeline size p, launches ``torchrun --nproc-per-node p`` (gloo, one thread per rank).
 Every rank builds its chunks of a dense Loom decoder (``split_stages``: ``layers-per-rank``
@@ -172,7 +172,7 @@ def _mean_costs(cpu: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per config (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed runs per config (the best is kept)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=512, help="tokens per microbatch")
     parser.add_argument("--layers-per-rank", type=int, default=2)
