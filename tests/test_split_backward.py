@@ -18,9 +18,9 @@ def _grads(params):
     return [None if p.grad is None else p.grad.clone() for p in params]
 
 
-def _two_stages(recompute: str):
+def _two_stages(recompute: str, **extra):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY))
+    model = build_model(ModelConfig(**TINY, **extra))
     stages = [split_stages(model, rank, 2)[0] for rank in range(2)]
     if recompute != "none":
         apply_recompute(stages, recompute, None)
@@ -28,12 +28,13 @@ def _two_stages(recompute: str):
     return model, stages, PackedBatch(input_ids=ids), labels
 
 
-@pytest.mark.parametrize("recompute", ["none", "full"])
-def test_split_equals_whole_backward_on_loom_stages(recompute):
+@pytest.mark.parametrize("recompute, bias", [("none", False), ("full", False), ("none", True)])
+def test_split_equals_whole_backward_on_loom_stages(recompute, bias):
     """Both stages of a PP2 split of the decoder, the last with the fused LM head loss (a custom
     Function that B and W both run): same input gradient, same weight gradients, and no weight
-    gradient (nor bucket hook) before W."""
-    model, (first, last), batch, labels = _two_stages(recompute)
+    gradient (nor bucket hook) before W. With attention biases a weight and its bias share a node,
+    so their groups merge."""
+    model, (first, last), batch, labels = _two_stages(recompute, attention_bias=bias)
     params = list(model.parameters())
 
     def forward():

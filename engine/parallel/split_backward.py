@@ -171,7 +171,8 @@ def _group(parents: dict, trunk: set, root_edges: dict, input_node: Node) -> lis
                 mine["params"] += other["params"]
                 mine["frontier"] = {**other["frontier"], **mine["frontier"]}
                 mine["given"] += [e for e in other["given"] if e[0] not in {g[0] for g in mine["given"]}]
-                groups.remove(other)
+                # By identity: ``list.remove`` compares dicts by value, tensors and all.
+                groups = [g for g in groups if g is not other]
                 for n in other["frontier"]:
                     owner[n] = mine
         for node in mine["frontier"]:
