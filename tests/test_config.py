@@ -29,6 +29,8 @@ def test_overrides_are_typed():
     (["parallel.sp=true"], 1, r"parallel.sp=true needs parallel.tp > 1"),
     (["train.dtype=fp16"], 1, r"train.dtype='fp16' must be fp32 or bf16"),
     (["model.attn_backend=cuda"], 1, r"model.attn_backend='cuda' is not one of"),
+    (["parallel.pp=2", "parallel.pp_schedule=zb1", "train.compile=true"], 2,
+     r"parallel.pp_schedule=zb1 with train.compile=true"),
 ])
 def test_bad_layouts_name_the_key(overrides, world, message):
     cfg = load_config(TINY, overrides)

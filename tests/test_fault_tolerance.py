@@ -192,12 +192,12 @@ def test_fault_spec_parses_and_fires_on_the_first_attempt_only(monkeypatch):
         faults.parse("explode:rank=1")
 
 
-def train_twice(preflight: bool):
-    """Two steps of a MoE model under EP2 (all-to-all dispatch, per-step statistics, router bias)."""
+def train_twice(preflight: bool, layout=("parallel.ep=2",)):
+    """Two steps of a MoE model, by default under EP2 (all-to-all dispatch, per-step statistics, router bias)."""
     from engine.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"),
-                      ["train.device=cpu", "parallel.ep=2", "train.resume=none", "train.steps=2",
+                      ["train.device=cpu", *layout, "train.resume=none", "train.steps=2",
                        "model.attn_backend=torch", "train.log_interval=100", f"train.preflight={preflight}",
                        f"train.run_dir={os.environ.get('TMPDIR', '/tmp')}/loom-preflight-{preflight}"])
     groups = build_groups(cfg)
@@ -212,6 +212,22 @@ def test_the_dry_run_leaves_no_trace(world2):
     """The pre-flight dry step must not change the weights, the statistics or the random stream."""
     import torch
 
-    for (with_check, params), (without, reference) in zip(world2.run(train_twice, True), world2.run(train_twice, False)):
+    runs = zip(world2.run(train_twice, True), world2.run(train_twice, False))
+    for (with_check, params), (without, reference) in runs:
+        assert with_check == without
+        assert all(torch.equal(params[n], reference[n]) for n in reference)
+
+
+ZB1_LORA = ("parallel.pp=2", "parallel.pp_layout=[2,1]", "parallel.pp_schedule=zb1", "train.lora.rank=4")
+
+
+@pytest.mark.slow
+def test_the_dry_run_passes_zb1_with_lora(world2):
+    """The dry step runs the zero-bubble schedule (its deferred weight-gradient passes, which skip a
+    frozen base) and still leaves no trace."""
+    import torch
+
+    runs = zip(world2.run(train_twice, True, ZB1_LORA), world2.run(train_twice, False, ZB1_LORA))
+    for (with_check, params), (without, reference) in runs:
         assert with_check == without
         assert all(torch.equal(params[n], reference[n]) for n in reference)

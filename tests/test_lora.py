@@ -13,6 +13,8 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "ep2": (2, ["parallel.ep=2"]),
     "pp2": (2, ["parallel.pp=2", "parallel.pp_layout=[2,1]"]),
+    # Weight-gradient passes deferred (W) must leave the frozen base alone: it has no gradient to split.
+    "pp2_zb1": (2, ["parallel.pp=2", "parallel.pp_layout=[2,1]", "parallel.pp_schedule=zb1"]),
     "cp2": (2, ["parallel.cp=2"]),
     "tp2_sp_ep2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
 }

@@ -159,6 +159,11 @@ def check_pipeline(cfg: Config, dp: int) -> None:
         raise ConfigError(f"{where}: parallel.pp_schedule={p.pp_schedule} needs at least parallel.pp={p.pp}")
     if p.pp_schedule == "interleaved" and m % p.pp:
         raise ConfigError(f"{where}: parallel.pp_schedule=interleaved needs a multiple of parallel.pp={p.pp}")
+    # A compiled block's backward is one autograd node that computes input and weight gradients
+    # together (and frees its buffers on the first call): zb1 could not split W out of it.
+    if p.pp_schedule == "zb1" and t.compile:
+        raise ConfigError("parallel.pp_schedule=zb1 with train.compile=true: a compiled block's backward cannot be "
+                          "split into input and weight gradients; use parallel.pp_schedule=1f1b or train.compile=false")
 
 
 def check_zigzag_length(length: int, cp: int, what: str) -> None:
