@@ -72,11 +72,25 @@ class MoEConfig:
                               f"model.moe.topk_group={self.topk_group} groups of {e // g}")
 
 
+ARCHS = ("vit", "clip", "siglip", "qwen2_5_vl")
+# What makes a ViT a CLIP or a SigLIP tower: the options that family fixes (the rest stay free).
+_FAMILY_OPTIONS = {"clip": {"norm": ("layernorm",), "mlp": ("quick_gelu", "gelu"), "class_token": (True,)},
+                   "siglip": {"norm": ("layernorm",), "mlp": ("gelu",), "class_token": (False,)}}
+
+
 @dataclass
 class VisionConfig:
-    """The ViT image encoder and its projector (engine/model/vision.py); off by default."""
+    """The image encoder and its projector; off by default.
+
+    ``arch`` selects the tower: ``vit`` (engine/model/vision.py, every option below free), ``clip`` /
+    ``siglip`` (the same ViT, its options checked against that family), ``qwen2_5_vl`` (the
+    native-resolution tower of engine/model/vision_qwen.py: any image size, 2-D rotary positions,
+    window attention, a spatial_merge_size^2 patch merger as the projector; image_size, norm, mlp,
+    merge and the CLIP options do not apply to it).
+    """
 
     enabled: bool = False
+    arch: str = "vit"  # vit | clip | siglip | qwen2_5_vl
     image_size: int = 32
     patch_size: int = 8
     hidden_size: int = 32
@@ -95,22 +109,60 @@ class VisionConfig:
     o_bias: bool = False  # a bias on the attention output projection (CLIP)
     feature_layer: int = -1  # hidden state the projector reads, HF-style: 0 embeddings, -1 last block, -2 penultimate
     feature_select: str = "default"  # default: drop the class token from the features | full: keep it
+    # arch qwen2_5_vl: pixel_values are flattened [C, temporal_patch_size, p, p] patches (a video's frames
+    # pair up; an image is repeated), each spatial_merge_size^2 block of patches becomes one LLM token.
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # window attention's window side in pixels (floored to whole merged tokens)
+    fullatt_block_indexes: list[int] = field(default_factory=list)  # blocks attending over the whole image
+    rope_theta: float = 10000.0  # the tower's 2-D rotary base
+    tokens_per_second: float = 4.0  # a video's temporal M-RoPE step per second of frames (with second_per_grid_ts)
 
     def validate(self) -> None:
         if not self.enabled:
             return
-        for key in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.vision.arch={self.arch!r} must be one of {', '.join(ARCHS)}")
+        for key in ("patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.vision.{key}={getattr(self, key)} must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.vision.num_heads={self.num_heads} does not divide "
+                              f"model.vision.hidden_size={self.hidden_size}")
+        if self.arch == "qwen2_5_vl":
+            self._validate_qwen()
+        else:
+            self._validate_vit()
+
+    def _validate_qwen(self) -> None:
+        for key in ("temporal_patch_size", "spatial_merge_size", "window_size", "rope_theta", "tokens_per_second"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.vision.{key}={getattr(self, key)} must be positive")
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size < unit:  # a window is window_size // unit merged tokens a side
+            raise ConfigError(f"model.vision.window_size={self.window_size} must be at least model.vision."
+                              f"patch_size*model.vision.spatial_merge_size={unit}")
+        if (self.hidden_size // self.num_heads) % 4:  # half the rotary pairs code rows, half columns
+            raise ConfigError(f"model.vision.hidden_size/model.vision.num_heads={self.hidden_size // self.num_heads} "
+                              "must be a multiple of 4 (2-D rotary positions)")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"model.vision.fullatt_block_indexes={self.fullatt_block_indexes}: {bad[0]} is not a "
+                              f"block (model.vision.num_layers={self.num_layers})")
+
+    def _validate_vit(self) -> None:
+        if self.image_size <= 0:
+            raise ConfigError(f"model.vision.image_size={self.image_size} must be positive")
+        for key, want in _FAMILY_OPTIONS.get(self.arch, {}).items():
+            if getattr(self, key) not in want:
+                raise ConfigError(f"model.vision.arch={self.arch} needs model.vision.{key} in {list(want)}, "
+                                  f"got {getattr(self, key)!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.vision.patch_size={self.patch_size} does not divide "
                               f"model.vision.image_size={self.image_size}")
         if self.merge and (self.image_size // self.patch_size) % 2:
             raise ConfigError(f"model.vision.merge=true needs an even patch grid, got "
                               f"model.vision.image_size/model.vision.patch_size={self.image_size // self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.vision.num_heads={self.num_heads} does not divide "
-                              f"model.vision.hidden_size={self.hidden_size}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.norm!r} must be layernorm or rmsnorm")
         if self.mlp not in ("gelu", "quick_gelu", "swiglu"):
@@ -123,6 +175,11 @@ class VisionConfig:
         if self.merge and self.class_token and self.feature_select == "full":
             raise ConfigError("model.vision.merge=true needs a square patch grid: with model.vision.class_token=true "
                               "set model.vision.feature_select=default")
+
+    @property
+    def native_resolution(self) -> bool:
+        """Images of any size, each a variable number of tokens (pixel_values as flattened patches + grid_thw)."""
+        return self.arch == "qwen2_5_vl"
 
     @property
     def tokens_per_image(self) -> int:
@@ -153,6 +210,10 @@ class ModelConfig:
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | torch | triton | flash_attn
     image_token_id: Optional[int] = None  # a VLM's <image> id; null: the tokenizer's (both set: they must agree)
+    video_token_id: Optional[int] = None  # a native-resolution VLM's <video> placeholder id
+    # Multimodal rotary positions (Qwen2-VL): the head_dim/2 rotary frequencies split into (temporal, height,
+    # width) sections, each turned by that axis of the token's [3, T] position; null: ordinary 1-D RoPE.
+    mrope_section: Optional[list[int]] = None
     # A Loom checkpoint or HF directory whose model config and weights the run starts from (engine/train/
     # init_from.py); keys set beside it must agree with it.
     pretrained: Optional[str] = None
@@ -179,9 +240,19 @@ class ModelConfig:
                               f"model.num_heads={self.num_heads}")
         if self.attn_backend not in ("auto", "torch", "triton", "flash_attn"):
             raise ConfigError(f"model.attn_backend={self.attn_backend!r} is not one of auto, torch, triton, flash_attn")
-        if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
-            raise ConfigError(f"model.image_token_id={self.image_token_id} must be in [0, model.vocab_size="
-                              f"{self.vocab_size})")
+        for key in ("image_token_id", "video_token_id"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{key}={value} must be in [0, model.vocab_size={self.vocab_size})")
+        self._validate_mrope()
+
+    def _validate_mrope(self) -> None:
+        sections = self.mrope_section
+        if sections is None:
+            return
+        if len(sections) != 3 or min(sections) < 0 or sum(sections) != self.resolved_head_dim // 2:
+            raise ConfigError(f"model.mrope_section={sections} must be 3 non-negative sizes (temporal, height, "
+                              f"width) summing to head_dim/2={self.resolved_head_dim // 2}")
 
     @property
     def resolved_head_dim(self) -> int:

@@ -32,10 +32,16 @@ class PackedBatch:
       ``input_ids``  int64 ``[T]`` token ids, embedded by the model (the first pipeline stage);
       ``hidden``     ``[T_local, h]`` the first block's input: the previous stage's output, or
                      embeddings a VLM spliced image features into (``T/tp`` rows under SP).
-    ``positions``    int32 ``[T]`` rotary positions (default: counting from each document's start);
+    ``positions``    int32 ``[T]`` rotary positions (default: counting from each document's start), or
+                     ``[3, T]`` M-RoPE positions (temporal, height, width; model.mrope_section);
     ``cu_seqlens``   int32 ``[docs+1]`` document borders (default: one document);
     ``max_seqlen``   the longest document (default: from ``cu_seqlens``);
-    ``pixel_values`` ``[N, 3, S, S]`` images for the ``<image>`` placeholders, in order;
+    ``pixel_values`` ``[N, 3, S, S]`` images for the ``<image>`` placeholders, in order; for a
+                     native-resolution tower (model.vision.arch qwen2_5_vl) flattened patches
+                     ``[patches, 3*temporal_patch*p*p]`` of every image, with ``image_grid_thw``
+                     int64 ``[N, 3]`` (temporal, height, width patches of each);
+    ``pixel_values_videos``, ``video_grid_thw``: the same for the ``<video>`` placeholders;
+    ``second_per_grid_ts`` float ``[videos]`` seconds per temporal patch (M-RoPE; default 1);
     ``image_token_counts`` int64 ``[N]`` the data's placeholders per image, checked against the model;
     ``image_slots``  int64 ``[T]`` the feature row each token takes (-1: text), given when
                      ``input_ids`` is a shard of the sequence (CP);
@@ -48,6 +54,10 @@ class PackedBatch:
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: Optional[int] = None
     pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    pixel_values_videos: Optional[torch.Tensor] = None
+    video_grid_thw: Optional[torch.Tensor] = None
+    second_per_grid_ts: Optional[torch.Tensor] = None
     image_token_counts: Optional[torch.Tensor] = None
     image_slots: Optional[torch.Tensor] = None
     attn: AttnContext = field(default_factory=AttnContext)

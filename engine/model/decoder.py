@@ -11,7 +11,7 @@ import torch.nn as nn
 from engine.config import ModelConfig
 from engine.model.batch import PackedBatch
 from engine.model.compile import mark_layout_dynamic
-from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, rope_tables
+from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, mrope_tables, rope_tables
 from engine.model.init import initialize_full, seed_from_rng
 from engine.model.moe import MoE
 
@@ -85,7 +85,14 @@ class Transformer(nn.Module):
 
     def _meta(self, batch: PackedBatch, dtype: torch.dtype) -> PackedMeta:
         cu_seqlens, max_seqlen, positions = batch.layout()
-        cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, dtype)
+        if positions.dim() == 2:  # [3, T]: M-RoPE (temporal, height, width)
+            if self.cfg.mrope_section is None:
+                raise ValueError(f"positions of shape {tuple(positions.shape)} are M-RoPE positions, but "
+                                 "model.mrope_section is null")
+            cos, sin = mrope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta,
+                                    self.cfg.mrope_section, dtype)
+        else:
+            cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, dtype)
         # Read once here rather than by every layer's attention (and outside compiled blocks).
         uniform = max_seqlen > 0 and max_seqlen * (cu_seqlens.numel() - 1) == int(cu_seqlens[-1])
         mark_layout_dynamic(cu_seqlens)

@@ -58,6 +58,22 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def mrope_tables(positions: torch.Tensor, head_dim: int, theta: float, sections, dtype):
+    """Multimodal rotary tables (Qwen2-VL M-RoPE): ``positions`` int ``[3, T]`` (temporal, height, width).
+
+    The head_dim/2 frequencies split into ``sections`` (temporal, height, width sizes, summing to
+    head_dim/2); frequency j turns with the position on its section's axis. A text token has the
+    same position on all three axes, so for text this is ordinary RoPE.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                   torch.tensor(list(sections), device=positions.device), output_size=head_dim // 2)
+    chosen = positions.to(torch.float32)[axis]  # [head_dim/2, T]: each frequency's axis position
+    freqs = chosen.t() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: ``[T, heads, head_dim]``; cos/sin: ``[T, head_dim]``."""
     half = x.shape[-1] // 2
@@ -113,11 +129,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -18,7 +18,9 @@ from engine.config import ModelConfig
 from engine.model.batch import PackedBatch
 from engine.model.decoder import Transformer
 from engine.model.init import initialize_full, seed_from_rng
+from engine.model.mrope import mrope_positions
 from engine.model.vision import Projector, VisionEncoder
+from engine.model.vision_qwen import PatchMerger, QwenVisionTower, check_grid, merged_tokens
 
 
 def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -37,8 +39,12 @@ class VisionLanguageModel(nn.Module):
                              f"{image_token_id}; set one, or make them agree")
         self.cfg = cfg
         self.image_token_id = cfg.image_token_id if image_token_id is None else image_token_id
-        self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
-        self.projector = Projector(cfg.vision, cfg.hidden_size)
+        if cfg.vision.native_resolution:
+            self.vision = QwenVisionTower(cfg.vision, cfg.attn_backend)
+            self.projector = PatchMerger(cfg.vision, cfg.hidden_size)
+        else:
+            self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
+            self.projector = Projector(cfg.vision, cfg.hidden_size)
         self.llm = Transformer(cfg, initialize=False)
         self.seq_shard: Optional[nn.Module] = None  # set by parallelize under sequence parallelism
         if not self.llm.embed.weight.is_meta:  # on meta the trainer fills each rank's shards
@@ -87,14 +93,36 @@ class VisionLanguageModel(nn.Module):
         """As ``Transformer.logits``, with ``batch.pixel_values`` filling the placeholders in order."""
         return self.llm.logits(self.embed_inputs(batch))
 
-    def forward(self, batch: PackedBatch | torch.Tensor, pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` with
-        ``pixel_values [N, 3, S, S]`` (the world-size-1 API)."""
+    def forward(self, batch: PackedBatch | torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, **media) -> torch.Tensor:
+        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` (the world-size-1 API).
+
+        Takes transformers' inputs: ``pixel_values [N, 3, S, S]`` for a fixed-size tower; for a
+        native-resolution one flattened patches with ``image_grid_thw``, and ``pixel_values_videos``,
+        ``video_grid_thw``, ``second_per_grid_ts``. ``attention_mask`` [B, S] (1: token, 0: padding)
+        makes each row one document of its unmasked tokens; padded positions get zero logits.
+        ``mm_token_type_ids`` is accepted and unused: the placeholder ids say the same.
+        """
+        media.pop("mm_token_type_ids", None)
+        unknown = set(media) - {"image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+        if unknown:
+            raise TypeError(f"unexpected inputs {sorted(unknown)}")
         if isinstance(batch, PackedBatch):
-            if pixel_values is not None:
-                raise ValueError("a PackedBatch carries its own pixel_values")
+            if pixel_values is not None or attention_mask is not None or any(v is not None for v in media.values()):
+                raise ValueError("a PackedBatch carries its own pixel_values, grids and document borders")
             return self.logits(batch)
-        return self.logits(PackedBatch.from_ids(batch, pixel_values=pixel_values)).view(*batch.shape, -1)
+        ids = batch if batch.dim() == 2 else batch.reshape(1, -1)
+        if attention_mask is None:
+            return self.logits(PackedBatch.from_ids(ids, pixel_values=pixel_values, **media)).view(*batch.shape, -1)
+        keep = attention_mask.reshape(ids.shape).bool()
+        lengths = keep.sum(1)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        packed = PackedBatch(input_ids=ids[keep], cu_seqlens=cu, max_seqlen=int(lengths.max()),
+                             pixel_values=pixel_values, **media)
+        logits = self.logits(packed)
+        out = logits.new_zeros(*ids.shape, logits.shape[-1])
+        out[keep] = logits
+        return out.view(*batch.shape, -1)
 
     def embed_inputs(self, batch: PackedBatch) -> PackedBatch:
         """The batch with its token embeddings, image features spliced in, as ``hidden``; as given on a
@@ -107,6 +135,8 @@ class VisionLanguageModel(nn.Module):
             return batch
         ids = batch.input_ids
         h = self.llm.embed(ids)
+        if self.cfg.vision.native_resolution:
+            return self._embed_native(batch, h)
         token_id = self.image_token_id
         if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
             h = self._splice(ids, h, batch.pixel_values, token_id, batch.image_token_counts, batch.image_slots)
@@ -125,6 +155,66 @@ class VisionLanguageModel(nn.Module):
         feats = self.image_features(pixel_values).to(h.dtype)
         # A gather + where keeps autograd simple: each feature row's gradient is its token's.
         return torch.where((slots >= 0).unsqueeze(-1), feats[slots.clamp(min=0)], h)
+
+
+    # ------------------------------------------------------------------ native-resolution tower (Qwen2.5-VL)
+
+    def rope_positions(self, batch: PackedBatch) -> Optional[torch.Tensor]:
+        """``[3, T]`` M-RoPE positions of a batch of full documents (model.mrope_section), or None."""
+        if self.cfg.mrope_section is None:
+            return None
+        return mrope_positions(batch.input_ids, batch.cu_seqlens, self.image_token_id, self.cfg.video_token_id,
+                               batch.image_grid_thw, batch.video_grid_thw, self.cfg.vision.spatial_merge_size,
+                               self.cfg.vision.tokens_per_second, batch.second_per_grid_ts)
+
+    def media_features(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
+        """(``[image tokens + video tokens, llm hidden]``, image tokens): one tower call for every image and
+        video, images first."""
+        v = self.cfg.vision
+        pixels, grids = [], []
+        for pv, grid, name in ((batch.pixel_values, batch.image_grid_thw, "pixel_values"),
+                               (batch.pixel_values_videos, batch.video_grid_thw, "pixel_values_videos")):
+            if pv is not None and pv.shape[0] > 0:
+                check_grid(pv, grid, v, name)
+                pixels.append(pv)
+                grids.append(grid)
+        feats = self.projector(self.vision(torch.cat(pixels), torch.cat(grids)))
+        return feats, merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None,
+                                    v.spatial_merge_size)
+
+    def _embed_native(self, batch: PackedBatch, h: torch.Tensor) -> PackedBatch:
+        ids = batch.input_ids
+        positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
+        has_media = any(p is not None and p.shape[0] > 0 for p in (batch.pixel_values, batch.pixel_values_videos))
+        slots = batch.image_slots
+        if has_media or slots is None:
+            n_img = merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None,
+                                  self.cfg.vision.spatial_merge_size)
+            n_vid = merged_tokens(batch.video_grid_thw if batch.pixel_values_videos is not None else None,
+                                  self.cfg.vision.spatial_merge_size)
+            if slots is None:
+                slots = self._native_slots(ids, n_img, n_vid)
+        if has_media:
+            feats, _ = self.media_features(batch)
+            h = torch.where((slots >= 0).unsqueeze(-1), feats.to(h.dtype)[slots.clamp(min=0)], h)
+        if self.seq_shard is not None:
+            h = self.seq_shard(h)
+        out = batch.with_hidden(h)
+        out.positions = positions
+        return out
+
+    def _native_slots(self, ids: torch.Tensor, n_img: int, n_vid: int) -> torch.Tensor:
+        """The feature row of each token: the k-th image placeholder row k, the k-th video one n_img + k; -1 text."""
+        slots = torch.full_like(ids, -1)
+        for token, count, offset, kind in ((self.image_token_id, n_img, 0, "image"),
+                                           (self.cfg.video_token_id, n_vid, n_img, "video")):
+            found = int((ids == token).sum()) if token is not None else 0
+            if found != count:
+                raise ValueError(f"input_ids hold {found} {kind} placeholder tokens (id {token}) but the {kind} "
+                                 f"grids make {count} tokens")
+            if count:
+                slots = torch.where(ids == token, image_slots(ids, token) + offset, slots)
+        return slots
 
 
 def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=None) -> VisionLanguageModel:

@@ -166,7 +166,8 @@ def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None) -> Pa
 
 def _read_peft(adapter: Path, cfg: ModelConfig, wmap: WeightMap):
     """A PEFT adapter's ``train.lora`` and tensors, which must be exactly those Loom would give the model."""
-    base_names = {hf[0]: loom for loom, hf in wmap.loom_to_hf.items() if loom not in wmap.stacked}
+    base_names = {hf[0]: loom for loom, hf in wmap.loom_to_hf.items()
+                  if loom not in wmap.stacked and wmap.rows(loom) is None}
     lora, tensors = read_adapter(adapter, base_names)
     want = {k: v for k, v in expected_tensors(cfg, lora).items() if is_adapter(k)}
     for name in sorted(want.keys() | tensors.keys()):
@@ -274,7 +275,8 @@ def _plan_shards(wmap: WeightMap, stored, cast, max_bytes: int) -> list[list[str
     shards, current, size = [], [], 0
     for loom, shape in wmap.shapes.items():
         nbytes = torch.Size(shape).numel() * (cast or stored[loom]).itemsize
-        if current and size + nbytes > max_bytes:
+        rows = wmap.rows(loom)
+        if current and size + nbytes > max_bytes and not (rows and rows[0]):  # a fused tensor's blocks stay together
             shards.append(current)
             current, size = [], 0
         current.append(loom)
@@ -289,15 +291,21 @@ def _read_shard(ckpt_dir: Path, wmap: WeightMap, looms: list[str], stored, cast,
     for pair in filter(None, pairs.values()):
         state.update({f"model/{n}": torch.empty(merge[0][n][0], dtype=merge[0][n][1]) for n in pair})
     io.read_checkpoint(ckpt_dir, state, {}, no_dist=True)
-    out = {}
+    out, blocks = {}, {}
     for loom in looms:
         tensor = state.pop(f"model/{loom}")
         if pairs.get(loom):
             a, b = (state.pop(f"model/{n}") for n in pairs[loom])
             tensor = merged(tensor, a, b, merge[1])
         tensor = tensor.to(cast) if cast is not None else tensor
+        if wmap.rows(loom) is not None:
+            blocks[loom] = tensor
+            continue
         pieces = tensor.unbind(0) if loom in wmap.stacked else [wmap.to_hf(loom, tensor)]
         out.update({n: p.contiguous() for n, p in zip(wmap.loom_to_hf[loom], pieces)})
+    for hf, names in wmap.fused.items():
+        if names[0] in blocks:
+            out[hf] = torch.cat([blocks[n] for n in names]).contiguous()
     return out
 
 

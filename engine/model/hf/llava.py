@@ -128,7 +128,7 @@ def _vision_from_hf(hf: dict) -> VisionConfig:
         raise ConversionError(f"config.json: vision_feature_select_strategy={select!r} is not supported "
                               "(only default or full)")
     return VisionConfig(
-        enabled=True, image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
+        enabled=True, arch="clip", image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
         intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
         num_heads=v["num_attention_heads"], norm="layernorm", mlp=_ACTS[v["hidden_act"]], merge=False,
         eps=float(v["layer_norm_eps"]), class_token=True, pre_norm=True, post_norm=False, patch_bias=False,
@@ -155,7 +155,8 @@ def llava_from_hf(hf: dict) -> ModelConfig:
 
 def llava_to_hf(cfg: ModelConfig, base: dict) -> dict:
     v = cfg.vision
-    refuse(cfg, ARCH, vision__enabled=not v.enabled, vision__norm=v.norm != "layernorm",
+    refuse(cfg, ARCH, vision__enabled=not v.enabled, vision__arch=v.arch not in ("vit", "clip"),
+           vision__norm=v.norm != "layernorm",
            vision__mlp=v.mlp not in _ACTS.values(), vision__merge=v.merge, vision__class_token=not v.class_token,
            vision__pre_norm=not v.pre_norm, vision__post_norm=v.post_norm, vision__patch_bias=v.patch_bias,
            vision__o_bias=not v.o_bias, image_token_id=cfg.image_token_id is None)

@@ -6,8 +6,10 @@ submodule); a template containing ``{e}`` names one HF tensor per expert, and th
 is their stack along dim 0 (HF keeps one ``[out, in]`` per expert, Loom ``[E, out, in]``).
 A third element ``loom shape -> HF shape`` marks a tensor stored in another shape with the same
 element order (a Conv2d patch embedding ``[out, 3, p, p]`` is Loom's Linear ``[out, 3*p*p]``), so
-conversion is a reshape, exact for any dtype. Loom keeps HF's layouts otherwise (rotate-half
-RoPE, separate q/k/v and gate/up), so no rule transposes or permutes anything.
+conversion is a reshape, exact for any dtype. A third element ``Fused`` marks Loom tensors that
+are consecutive row blocks of one HF tensor (a ViT's fused ``qkv``: Loom keeps q/k/v apart, so TP
+shards them like the LLM's); import slices, export concatenates. Loom keeps HF's layouts
+otherwise (rotate-half RoPE, separate gate/up), so no rule transposes or permutes anything.
 
 The expected set of names always comes from a Loom model built for the config (on the meta
 device), so a weight that is missing or unexpected is found before any data is read.
@@ -38,6 +40,14 @@ COMMON_RULES = [
 DENSE_MLP_RULES = [
     (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "model.layers.{0}.mlp.{1}.weight"),
 ]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The Loom tensor is one row block of its HF tensor: regex group ``group`` names which, in ``order``."""
+
+    group: int
+    order: tuple[str, ...]
 
 
 class ConversionError(ValueError):
@@ -102,7 +112,14 @@ class Family:
     def hf_shape(self, loom_name: str, shape) -> Optional[tuple[int, ...]]:
         """The HF shape of a tensor HF stores reshaped, else None."""
         rule, _ = self._rule(loom_name)
-        return tuple(rule[2](tuple(shape))) if len(rule) > 2 else None
+        return tuple(rule[2](tuple(shape))) if len(rule) > 2 and callable(rule[2]) else None
+
+    def fused_part(self, loom_name: str) -> Optional[int]:
+        """Which row block of its HF tensor the Loom tensor is (``Fused``), else None."""
+        rule, m = self._rule(loom_name)
+        if len(rule) > 2 and isinstance(rule[2], Fused):
+            return rule[2].order.index(m.group(rule[2].group + 1))
+        return None
 
 
 def expected_tensors(cfg: ModelConfig, lora=None) -> dict[str, torch.Tensor]:
@@ -128,18 +145,38 @@ class WeightMap:
     stacked: set[str]  # Loom tensors that are a stack of per-expert HF tensors
     shapes: dict[str, tuple[int, ...]]  # Loom shapes
     reshaped: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Loom name -> HF shape, where they differ
+    fused: dict[str, list[str]] = field(default_factory=dict)  # HF name -> its row blocks' Loom names, in order
 
     @property
     def hf_to_loom(self) -> dict[str, tuple[str, int]]:
-        """HF name -> (Loom name, position in the stack, -1 when not stacked)."""
-        return {name: (loom, i if loom in self.stacked else -1)
-                for loom, hf in self.loom_to_hf.items() for i, name in enumerate(hf)}
+        """HF name -> (Loom name, position in the stack, -1 when not stacked); a fused one's first block."""
+        out = {}
+        for loom, hf in self.loom_to_hf.items():
+            for i, name in enumerate(hf):
+                out.setdefault(name, (loom, i if loom in self.stacked else -1))
+        return out
 
     def hf_shape(self, loom: str, index: int) -> tuple[int, ...]:
+        hf = self.loom_to_hf[loom][0]
+        if hf in self.fused:
+            parts = [self.shapes[n] for n in self.fused[hf]]
+            return (sum(p[0] for p in parts), *parts[0][1:])
         shape = self.reshaped.get(loom, self.shapes[loom])
         return shape[1:] if index >= 0 else shape
 
+    def rows(self, loom: str) -> Optional[tuple[int, int]]:
+        """(first row, rows) of a fused Loom tensor within its HF tensor, else None."""
+        hf = self.loom_to_hf[loom][0]
+        if hf not in self.fused:
+            return None
+        names = self.fused[hf]
+        start = sum(self.shapes[n][0] for n in names[:names.index(loom)])
+        return start, self.shapes[loom][0]
+
     def to_loom(self, loom: str, tensor: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(loom)
+        if rows is not None:
+            return tensor[rows[0]:rows[0] + rows[1]].clone()
         return tensor.reshape(self.shapes[loom]) if loom in self.reshaped else tensor
 
     def to_hf(self, loom: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -147,7 +184,7 @@ class WeightMap:
 
 
 def weight_map(family: Family, cfg: ModelConfig) -> WeightMap:
-    loom_to_hf, stacked, shapes, reshaped = {}, set(), {}, {}
+    loom_to_hf, stacked, shapes, reshaped, parts = {}, set(), {}, {}, {}
     for name, tensor in expected_tensors(cfg).items():
         loom_to_hf[name], is_stack = family.hf_names(name, tensor.shape)
         shapes[name] = tuple(tensor.shape)
@@ -156,7 +193,19 @@ def weight_map(family: Family, cfg: ModelConfig) -> WeightMap:
         hf_shape = family.hf_shape(name, tensor.shape)
         if hf_shape is not None:
             reshaped[name] = hf_shape
-    return WeightMap(loom_to_hf, stacked, shapes, reshaped)
+        part = family.fused_part(name)
+        if part is not None:
+            parts.setdefault(loom_to_hf[name][0], {})[part] = name
+    fused = {hf: [blocks[i] for i in sorted(blocks)] for hf, blocks in parts.items()}
+    # A fused HF tensor's blocks stay together, so an export shard can hold all of them.
+    order = []
+    for name in loom_to_hf:
+        group = fused.get(loom_to_hf[name][0], [name])
+        if name == group[0] or name not in fused.get(loom_to_hf[name][0], ()):
+            order.extend(group)
+    loom_to_hf = {n: loom_to_hf[n] for n in order}
+    shapes = {n: shapes[n] for n in order}
+    return WeightMap(loom_to_hf, stacked, shapes, reshaped, fused)
 
 
 def check_hf_names(wmap: WeightMap, found: dict[str, tuple], tie_embeddings: bool, where: str) -> None:
