@@ -184,7 +184,6 @@ class VisionLanguageModel(nn.Module):
 
     def _embed_native(self, batch: PackedBatch, h: torch.Tensor) -> PackedBatch:
         ids = batch.input_ids
-        positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
         has_media = any(p is not None and p.shape[0] > 0 for p in (batch.pixel_values, batch.pixel_values_videos))
         slots = batch.image_slots
         if has_media or slots is None:
@@ -194,6 +193,7 @@ class VisionLanguageModel(nn.Module):
                                   self.cfg.vision.spatial_merge_size)
             if slots is None:
                 slots = self._native_slots(ids, n_img, n_vid)
+        positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
         if has_media:
             feats, _ = self.media_features(batch)
             h = torch.where((slots >= 0).unsqueeze(-1), feats.to(h.dtype)[slots.clamp(min=0)], h)
