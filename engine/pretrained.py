@@ -7,7 +7,9 @@ A Loom checkpoint of any layout loads here: its tensors are stored at global sha
 checkpoint (``model.vision.enabled``), or an HF LLaVA 1.5 directory, gives a ``VisionLanguageModel``:
 ``model(input_ids, pixel_values=[num_images, 3, H, W])`` fills the ``<image>`` placeholders in
 order, with the placeholder id saved in the checkpoint (``model.image_token_id``, or the id of the
-tokenizer it was trained with). A checkpoint trained with ``train.lora`` keeps its adapters, unmerged.
+tokenizer it was trained with). A native-resolution VLM (an HF Qwen2.5-VL directory) takes transformers'
+inputs: ``model(input_ids, attention_mask=..., pixel_values=patches, image_grid_thw=...,
+pixel_values_videos=..., video_grid_thw=...)``. A checkpoint trained with ``train.lora`` keeps its adapters, unmerged.
 """
 from __future__ import annotations
 
