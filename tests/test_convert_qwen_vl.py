@@ -1,9 +1,10 @@
-"""Qwen2.5-VL HF <-> Loom, on a tiny random Qwen2_5_VLForConditionalGeneration built here (nothing downloaded).
+"""Qwen2.5-VL and Qwen3-VL HF <-> Loom, on tiny random models built here (nothing downloaded).
 
 Import, then Loom logits == HF logits (fp32, 1e-4) for a batch holding two images of different
-sizes and a 4-frame video, with window attention spanning several windows per image and one
-full-attention block; export after import reproduces every tensor bit for bit, in both layouts
-transformers reads; unsupported config fields are named.
+sizes and a 4-frame video: for Qwen2.5-VL with window attention spanning several windows per
+image and one full-attention block, for Qwen3-VL with learned positions resized up and down and
+DeepStack features joining two LLM layers; export after import reproduces every tensor bit for
+bit, in both layouts transformers reads; unsupported config fields are named.
 """
 import json
 import shutil
@@ -57,13 +58,15 @@ def copy_of(tiny, tmp_path):
     return tmp_path / "hf"
 
 
-def media_batch():
+def media_batch(frame_text: bool = False):
     """Two left-padded rows: row 0 has images of 4x6 and 8x8 patches and a video of 4 frames (2 temporal
-    patches of 4x4), row 1 an image of 4x4 patches; text between them."""
+    patches of 4x4), row 1 an image of 4x4 patches; text between them (``frame_text``: between the video's
+    temporal patches too, as Qwen3-VL's timestamps)."""
     gen = torch.Generator().manual_seed(1)
     image_grid = torch.tensor([[1, 4, 6], [1, 8, 8], [1, 4, 4]])
     video_grid = torch.tensor([[2, 4, 4]])
-    row0 = [1, 2, 3] + [IMAGE] * 6 + [4, 5] + [IMAGE] * 16 + [6] + [VIDEO] * 8 + [7, 8, 9]
+    video = [VIDEO] * 4 + [7] * frame_text + [VIDEO] * 4
+    row0 = [1, 2, 3] + [IMAGE] * 6 + [4, 5] + [IMAGE] * 16 + [6] + video + [7, 8, 9]
     row1 = [10, 11] + [IMAGE] * 4 + [12, 13, 14]
     pad = len(row0) - len(row1)
     ids = torch.tensor([row0, [0] * pad + row1])
@@ -191,3 +194,56 @@ def test_mrope_section_and_placeholders_are_checked():
     ids = torch.tensor([[1] + [IMAGE] * 3 + [2]])
     with pytest.raises(ValueError, match="input_ids hold 3 image placeholder tokens .* make 4 tokens"):
         model(ids, pixel_values=torch.randn(16, PATCH), image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL
+
+TEXT3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                  "mrope_section": [2, 3, 3]})
+# A 6x6 table of learned positions, resized to 4x6, 8x8 and 4x4 grids; blocks 0 and 1 feed DeepStack.
+VISION3 = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
+               spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=36, deepstack_visual_indexes=[1, 0])
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_vl") / "hf"
+    cfg = transformers.Qwen3VLConfig(text_config=TEXT3, vision_config=VISION3, image_token_id=IMAGE,
+                                     video_token_id=VIDEO, vision_start_token_id=122, vision_end_token_id=123)
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_qwen3_vl_logits_match_and_export_is_bitwise(tiny3, tmp_path):
+    hf, path = tiny3
+    import_hf(path, tmp_path / "loom")
+    batch = media_batch(frame_text=True)
+    ref, keep = hf_logits(hf, batch), batch["attention_mask"].bool()
+    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    assert model.cfg.vision.arch == "qwen3_vl" and model.cfg.mrope_interleaved
+    out = loom_logits(model, batch)
+    assert max_diff(out[keep], ref[keep]) <= ATOL, f"max |Loom - HF| = {max_diff(out[keep], ref[keep])}"
+    export_hf(tmp_path / "loom", tmp_path / "out")
+    original, exported = read_safetensors(path), read_safetensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert type(config).__name__ == "Qwen3VLConfig" and config.vision_config.deepstack_visual_indexes == [1, 0]
+
+
+def test_qwen3_vl_unsupported_config_fields_are_named(tiny3, tmp_path):
+    path = copy_of(tiny3, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "silu"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="vision_config.hidden_act='silu'"):
+        import_hf(path, tmp_path / "loom")
+    config["vision_config"]["hidden_act"] = "gelu_pytorch_tanh"
+    config["text_config"]["attention_bias"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="text_config.attention_bias=true"):
+        import_hf(path, tmp_path / "loom")

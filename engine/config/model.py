@@ -72,7 +72,7 @@ class MoEConfig:
                               f"model.moe.topk_group={self.topk_group} groups of {e // g}")
 
 
-ARCHS = ("vit", "clip", "siglip", "qwen2_5_vl")
+ARCHS = ("vit", "clip", "siglip", "qwen2_5_vl", "qwen3_vl")
 # What makes a ViT a CLIP or a SigLIP tower: the options that family fixes (the rest stay free).
 _FAMILY_OPTIONS = {"clip": {"norm": ("layernorm",), "mlp": ("quick_gelu", "gelu"), "class_token": (True,)},
                    "siglip": {"norm": ("layernorm",), "mlp": ("gelu",), "class_token": (False,)}}
@@ -86,7 +86,9 @@ class VisionConfig:
     ``siglip`` (the same ViT, its options checked against that family), ``qwen2_5_vl`` (the
     native-resolution tower of engine/model/vision_qwen.py: any image size, 2-D rotary positions,
     window attention, a spatial_merge_size^2 patch merger as the projector; image_size, norm, mlp,
-    merge and the CLIP options do not apply to it).
+    merge and the CLIP options do not apply to it), ``qwen3_vl`` (that tower as Qwen3-VL builds it:
+    learned positions interpolated to each image, layernorm and GELU blocks, no windows, and
+    DeepStack: features of some blocks added to the LLM's first layers at the image tokens).
     """
 
     enabled: bool = False
@@ -117,6 +119,10 @@ class VisionConfig:
     fullatt_block_indexes: list[int] = field(default_factory=list)  # blocks attending over the whole image
     rope_theta: float = 10000.0  # the tower's 2-D rotary base
     tokens_per_second: float = 4.0  # a video's temporal M-RoPE step per second of frames (with second_per_grid_ts)
+    # arch qwen3_vl: a learned num_position_embeddings = side^2 position table, bilinearly resized to each image;
+    # the blocks whose outputs (merged) are added to the LLM's hidden states after its layers 0, 1, ...
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.enabled:
@@ -129,7 +135,7 @@ class VisionConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.vision.num_heads={self.num_heads} does not divide "
                               f"model.vision.hidden_size={self.hidden_size}")
-        if self.arch == "qwen2_5_vl":
+        if self.native_resolution:
             self._validate_qwen()
         else:
             self._validate_vit()
@@ -145,10 +151,15 @@ class VisionConfig:
         if (self.hidden_size // self.num_heads) % 4:  # half the rotary pairs code rows, half columns
             raise ConfigError(f"model.vision.hidden_size/model.vision.num_heads={self.hidden_size // self.num_heads} "
                               "must be a multiple of 4 (2-D rotary positions)")
-        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_layers]
-        if bad:
-            raise ConfigError(f"model.vision.fullatt_block_indexes={self.fullatt_block_indexes}: {bad[0]} is not a "
-                              f"block (model.vision.num_layers={self.num_layers})")
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            bad = [i for i in getattr(self, key) if not 0 <= i < self.num_layers]
+            if bad:
+                raise ConfigError(f"model.vision.{key}={getattr(self, key)}: {bad[0]} is not a block "
+                                  f"(model.vision.num_layers={self.num_layers})")
+        side = round(self.num_position_embeddings ** 0.5)
+        if self.arch == "qwen3_vl" and (side < 1 or side * side != self.num_position_embeddings):
+            raise ConfigError(f"model.vision.num_position_embeddings={self.num_position_embeddings} must be a "
+                              "square (a side x side table of learned positions)")
 
     def _validate_vit(self) -> None:
         if self.image_size <= 0:
@@ -179,7 +190,7 @@ class VisionConfig:
     @property
     def native_resolution(self) -> bool:
         """Images of any size, each a variable number of tokens (pixel_values as flattened patches + grid_thw)."""
-        return self.arch == "qwen2_5_vl"
+        return self.arch in ("qwen2_5_vl", "qwen3_vl")
 
     @property
     def tokens_per_image(self) -> int:
@@ -214,6 +225,7 @@ class ModelConfig:
     # Multimodal rotary positions (Qwen2-VL): the head_dim/2 rotary frequencies split into (temporal, height,
     # width) sections, each turned by that axis of the token's [3, T] position; null: ordinary 1-D RoPE.
     mrope_section: Optional[list[int]] = None
+    mrope_interleaved: bool = False  # Qwen3-VL: frequencies cycle t, h, w (within the sections' sizes), not in blocks
     # A Loom checkpoint or HF directory whose model config and weights the run starts from (engine/train/
     # init_from.py); keys set beside it must agree with it.
     pretrained: Optional[str] = None

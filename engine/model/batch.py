@@ -42,6 +42,8 @@ class PackedBatch:
                      int64 ``[N, 3]`` (temporal, height, width patches of each);
     ``pixel_values_videos``, ``video_grid_thw``: the same for the ``<video>`` placeholders;
     ``second_per_grid_ts`` float ``[videos]`` seconds per temporal patch (M-RoPE; default 1);
+    ``deepstack``    ``[T_local, h]`` tensors added to the hidden states after LLM layers 0, 1, ...
+                     (Qwen3-VL DeepStack: vision features at the media tokens, zero elsewhere);
     ``image_token_counts`` int64 ``[N]`` the data's placeholders per image, checked against the model;
     ``image_slots``  int64 ``[T]`` the feature row each token takes (-1: text), given when
                      ``input_ids`` is a shard of the sequence (CP);
@@ -58,6 +60,7 @@ class PackedBatch:
     pixel_values_videos: Optional[torch.Tensor] = None
     video_grid_thw: Optional[torch.Tensor] = None
     second_per_grid_ts: Optional[torch.Tensor] = None
+    deepstack: Optional[list] = None
     image_token_counts: Optional[torch.Tensor] = None
     image_slots: Optional[torch.Tensor] = None
     attn: AttnContext = field(default_factory=AttnContext)

@@ -60,8 +60,11 @@ class Transformer(nn.Module):
         """
         h = self._first_hidden(batch)
         meta = self._meta(batch, h.dtype)
-        for layer in self.layers.values():
+        extra = batch.deepstack or ()
+        for i, layer in self.layers.items():
             h = layer(h, meta)
+            if int(i) < len(extra):  # DeepStack (Qwen3-VL): vision features join after the first layers
+                h = h + extra[int(i)].to(h.dtype)
         return self.norm(h) if self.norm is not None else h
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
@@ -90,7 +93,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"positions of shape {tuple(positions.shape)} are M-RoPE positions, but "
                                  "model.mrope_section is null")
             cos, sin = mrope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta,
-                                    self.cfg.mrope_section, dtype)
+                                    self.cfg.mrope_section, dtype, self.cfg.mrope_interleaved)
         else:
             cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, dtype)
         # Read once here rather than by every layer's attention (and outside compiled blocks).

@@ -58,16 +58,32 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def mrope_tables(positions: torch.Tensor, head_dim: int, theta: float, sections, dtype):
-    """Multimodal rotary tables (Qwen2-VL M-RoPE): ``positions`` int ``[3, T]`` (temporal, height, width).
+def mrope_axes(sections, interleaved: bool, device=None) -> torch.Tensor:
+    """int64 ``[head_dim/2]``: the axis (0 temporal, 1 height, 2 width) each rotary frequency turns with.
+
+    Blocks (Qwen2-VL): ``sections[0]`` temporal, then height, then width. Interleaved (Qwen3-VL):
+    frequency j is height when j % 3 == 1 and j < 3*sections[1], width when j % 3 == 2 and
+    j < 3*sections[2], temporal otherwise.
+    """
+    half = sum(sections)
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(list(sections), device=device),
+                                       output_size=half)
+    axis = torch.zeros(half, dtype=torch.long, device=device)
+    for a in (1, 2):
+        axis[a:3 * sections[a]:3] = a
+    return axis
+
+
+def mrope_tables(positions: torch.Tensor, head_dim: int, theta: float, sections, dtype, interleaved: bool = False):
+    """Multimodal rotary tables (Qwen-VL M-RoPE): ``positions`` int ``[3, T]`` (temporal, height, width).
 
     The head_dim/2 frequencies split into ``sections`` (temporal, height, width sizes, summing to
-    head_dim/2); frequency j turns with the position on its section's axis. A text token has the
-    same position on all three axes, so for text this is ordinary RoPE.
+    head_dim/2; see ``mrope_axes``); frequency j turns with the position on its axis. A text token
+    has the same position on all three axes, so for text this is ordinary RoPE.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                   torch.tensor(list(sections), device=positions.device), output_size=head_dim // 2)
+    axis = mrope_axes(sections, interleaved, positions.device)
     chosen = positions.to(torch.float32)[axis]  # [head_dim/2, T]: each frequency's axis position
     freqs = chosen.t() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)

@@ -12,6 +12,7 @@ so the tower reorders patches by window on the way in (as HF does) and back on t
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,13 +21,19 @@ import torch.nn.functional as F
 
 from engine.config import VisionConfig
 from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
+from engine.model.vision import GeluMLP
 
 
 def qwen_block(cfg: VisionConfig, backend: str) -> DecoderBlock:
+    """Qwen2.5-VL: RMSNorm and a biased SwiGLU; Qwen3-VL: LayerNorm and a tanh-GELU MLP."""
     head_dim = cfg.hidden_size // cfg.num_heads
     attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_heads, head_dim, bias=True, backend=backend, o_bias=True)
     attn.core.causal = False
-    return DecoderBlock(attn, SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True), cfg.hidden_size, cfg.eps)
+    if cfg.arch == "qwen2_5_vl":
+        return DecoderBlock(attn, SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True), cfg.hidden_size, cfg.eps)
+    block = DecoderBlock(attn, GeluMLP(cfg.hidden_size, cfg.intermediate_size, "gelu"), cfg.hidden_size, cfg.eps)
+    block.attn_norm, block.mlp_norm = (nn.LayerNorm(cfg.hidden_size, eps=cfg.eps) for _ in range(2))
+    return block
 
 
 def check_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor, cfg: VisionConfig, name: str = "pixel_values"):
@@ -85,6 +92,23 @@ def window_order(grid_thw: torch.Tensor, cfg: VisionConfig) -> tuple[torch.Tenso
     return torch.cat(order), cu
 
 
+def resized_positions(grid_thw: torch.Tensor, side: int, merge: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows into a ``side x side`` table ``[patches, 4]``, weights ``[patches, 4]``): the table bilinearly resized
+    (corners aligned) to each frame's grid, per patch in merge-block order, as Qwen3-VL reads its learned positions."""
+    pos = patch_positions(grid_thw, merge, device)
+    counts = grid_thw.prod(-1).to(device)
+    size = [torch.repeat_interleave(grid_thw[:, k].to(device), counts) for k in (1, 2)]
+    taps, weights = [], []
+    for axis in (0, 1):
+        src = pos[:, axis].to(torch.float32) * (side - 1) / torch.clamp(size[axis] - 1, min=1)
+        floor = torch.floor(src)
+        offsets = torch.arange(0, 2, device=device)
+        taps.append((floor.long()[:, None] + offsets).clamp(0, side - 1))
+        weights.append((1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0))
+    index = (taps[0][:, :, None] * side + taps[1][:, None, :]).reshape(-1, 4)
+    return index, (weights[0][:, :, None] * weights[1][:, None, :]).reshape(-1, 4)
+
+
 def frame_borders(grid_thw: torch.Tensor) -> torch.Tensor:
     """int32 ``[frames+1]``: every temporal patch of every image or video is one attention document."""
     sizes = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
@@ -102,7 +126,9 @@ class QwenVisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Linear(3 * cfg.temporal_patch_size * cfg.patch_size ** 2, cfg.hidden_size, bias=False)
+        qwen3 = cfg.arch == "qwen3_vl"
+        self.patch_embed = nn.Linear(3 * cfg.temporal_patch_size * cfg.patch_size ** 2, cfg.hidden_size, bias=qwen3)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size) if qwen3 else None
         self.layers = nn.ModuleDict({str(i): qwen_block(cfg, backend) for i in range(cfg.num_layers)})
 
     def unused_parameters(self) -> list[nn.Parameter]:
@@ -120,39 +146,64 @@ class QwenVisionTower(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.features(pixel_values, grid_thw)[0]
+
+    def features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the last block's output, the outputs of ``deepstack_visual_indexes``' blocks), in the input's order."""
         cfg = self.cfg
         check_grid(pixel_values, grid_thw, cfg)
         grid_thw = grid_thw.cpu().long()
         device, unit = pixel_values.device, cfg.spatial_merge_size ** 2
-        units, cu_windows = window_order(grid_thw, cfg)
-        # Patch permutation: each merge unit moves as a whole, so merge blocks stay contiguous.
-        perm = (units.unsqueeze(1) * unit + torch.arange(unit)).flatten().to(device)
-        h = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))[perm]
-        cos, sin = (x[perm] for x in self.rotary(grid_thw, device))
+        h = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        if self.pos_embed is not None:
+            index, weight = resized_positions(grid_thw, math.isqrt(cfg.num_position_embeddings),
+                                              cfg.spatial_merge_size, device)
+            h = h + (self.pos_embed(index) * weight.unsqueeze(-1)).sum(1).to(h.dtype)
+        cos, sin = self.rotary(grid_thw, device)
         cu_frames = frame_borders(grid_thw)
-        # Windows never cross a frame, so the frame borders hold in window order too.
-        metas = {full: PackedMeta(cu.to(device), int((cu[1:] - cu[:-1]).max()), cos, sin)
-                 for full, cu in ((True, cu_frames), (False, cu_windows))}
+        metas = {True: PackedMeta(cu_frames.to(device), int((cu_frames[1:] - cu_frames[:-1]).max()), cos, sin)}
+        perm = None
+        if cfg.arch == "qwen2_5_vl":
+            units, cu_windows = window_order(grid_thw, cfg)
+            # Patch permutation: each merge unit moves as a whole, so merge blocks stay contiguous.
+            perm = (units.unsqueeze(1) * unit + torch.arange(unit)).flatten().to(device)
+            h, cos, sin = h[perm], cos[perm], sin[perm]
+            # Windows never cross a frame, so the frame borders hold in window order too.
+            metas = {full: PackedMeta(cu.to(device), int((cu[1:] - cu[:-1]).max()), cos, sin)
+                     for full, cu in ((True, cu_frames), (False, cu_windows))}
+        taps = {}
         for i, layer in self.layers.items():
-            h = layer(h, metas[int(i) in cfg.fullatt_block_indexes])
-        return h[torch.argsort(perm)]
+            h = layer(h, metas[perm is None or int(i) in cfg.fullatt_block_indexes])
+            taps[int(i)] = h
+        taps = [taps[i] for i in cfg.deepstack_visual_indexes]
+        if perm is not None:
+            back = torch.argsort(perm)
+            h, taps = h[back], [t[back] for t in taps]
+        return h, taps
 
 
 class PatchMerger(nn.Module):
-    """RMSNorm, then each ``merge^2`` consecutive patch features concatenated, then Linear-GELU-Linear to the LLM
-    width: Qwen2.5-VL's merger, which Loom keeps as the projector."""
+    """A norm, each ``merge^2`` consecutive patch features concatenated, then Linear-GELU-Linear to the LLM width.
 
-    def __init__(self, cfg: VisionConfig, llm_hidden: int):
+    Qwen2.5-VL's merger (RMSNorm per patch) is Loom's projector; Qwen3-VL's uses LayerNorm, and its
+    DeepStack mergers (``deepstack``, one per tapped block) norm after concatenating.
+    """
+
+    def __init__(self, cfg: VisionConfig, llm_hidden: int, after_concat: bool = False):
         super().__init__()
         width = cfg.hidden_size * cfg.spatial_merge_size ** 2
-        self.norm = RMSNorm(cfg.hidden_size, 1e-6)
+        normed = width if after_concat else cfg.hidden_size
+        self.norm = RMSNorm(normed, 1e-6) if cfg.arch == "qwen2_5_vl" else nn.LayerNorm(normed, eps=1e-6)
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, llm_hidden)
-        self.width = width
+        self.width, self.after_concat = width, after_concat
+        if cfg.deepstack_visual_indexes and not after_concat:
+            self.deepstack = nn.ModuleList([PatchMerger(cfg, llm_hidden, True) for _ in cfg.deepstack_visual_indexes])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``[patches, C]`` -> ``[patches / merge^2, llm_hidden]``."""
-        return self.fc2(F.gelu(self.fc1(self.norm(feats).reshape(-1, self.width))))
+        x = self.norm(feats.reshape(-1, self.width)) if self.after_concat else self.norm(feats).reshape(-1, self.width)
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def merged_tokens(grid_thw: Optional[torch.Tensor], merge: int) -> int:

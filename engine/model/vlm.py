@@ -163,13 +163,18 @@ class VisionLanguageModel(nn.Module):
         """``[3, T]`` M-RoPE positions of a batch of full documents (model.mrope_section), or None."""
         if self.cfg.mrope_section is None:
             return None
+        video_grid = batch.video_grid_thw
+        if self.cfg.vision.arch == "qwen3_vl" and video_grid is not None:
+            # Qwen3-VL puts a timestamp before each frame: every temporal patch is placed as an image of its own.
+            video_grid = torch.repeat_interleave(video_grid, video_grid[:, 0], dim=0)
+            video_grid[:, 0] = 1
         return mrope_positions(batch.input_ids, batch.cu_seqlens, self.image_token_id, self.cfg.video_token_id,
-                               batch.image_grid_thw, batch.video_grid_thw, self.cfg.vision.spatial_merge_size,
+                               batch.image_grid_thw, video_grid, self.cfg.vision.spatial_merge_size,
                                self.cfg.vision.tokens_per_second, batch.second_per_grid_ts)
 
-    def media_features(self, batch: PackedBatch) -> tuple[torch.Tensor, int]:
-        """(``[image tokens + video tokens, llm hidden]``, image tokens): one tower call for every image and
-        video, images first."""
+    def media_features(self, batch: PackedBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(``[image tokens + video tokens, llm hidden]``, the same from each DeepStack merger): one tower
+        call for every image and video, images first."""
         v = self.cfg.vision
         pixels, grids = [], []
         for pv, grid, name in ((batch.pixel_values, batch.image_grid_thw, "pixel_values"),
@@ -178,9 +183,11 @@ class VisionLanguageModel(nn.Module):
                 check_grid(pv, grid, v, name)
                 pixels.append(pv)
                 grids.append(grid)
-        feats = self.projector(self.vision(torch.cat(pixels), torch.cat(grids)))
-        return feats, merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None,
-                                    v.spatial_merge_size)
+        last, taps = self.vision.features(torch.cat(pixels), torch.cat(grids))
+        # DeepStack merger k reads block deepstack_visual_indexes[k]; the LLM takes them in block order.
+        merged = zip(v.deepstack_visual_indexes, getattr(self.projector, "deepstack", ()), taps)
+        extra = [merger(tap) for _, merger, tap in sorted(merged, key=lambda x: x[0])]
+        return self.projector(last), extra
 
     def _embed_native(self, batch: PackedBatch, h: torch.Tensor) -> PackedBatch:
         ids = batch.input_ids
@@ -194,13 +201,17 @@ class VisionLanguageModel(nn.Module):
             if slots is None:
                 slots = self._native_slots(ids, n_img, n_vid)
         positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
+        deepstack = None
         if has_media:
-            feats, _ = self.media_features(batch)
-            h = torch.where((slots >= 0).unsqueeze(-1), feats.to(h.dtype)[slots.clamp(min=0)], h)
+            feats, extra = self.media_features(batch)
+            media, rows = (slots >= 0).unsqueeze(-1), slots.clamp(min=0)
+            h = torch.where(media, feats.to(h.dtype)[rows], h)
+            deepstack = [torch.where(media, x.to(h.dtype)[rows], 0) for x in extra] or None
         if self.seq_shard is not None:
             h = self.seq_shard(h)
+            deepstack = [self.seq_shard(x) for x in deepstack] if deepstack else None
         out = batch.with_hidden(h)
-        out.positions = positions
+        out.positions, out.deepstack = positions, deepstack
         return out
 
     def _native_slots(self, ids: torch.Tensor, n_img: int, n_vid: int) -> torch.Tensor:

@@ -4,7 +4,7 @@
     dense.py    Llama 3, Qwen2, Qwen3
     moe.py      Mixtral, Qwen2-MoE, Qwen3-MoE (per-expert HF tensors <-> stacked Loom experts)
     llava.py    LLaVA 1.5 (CLIP vision tower + projector + any text family above)
-    qwen_vl.py  Qwen2.5-VL (native-resolution tower, patch merger, Qwen2 LLM with M-RoPE)
+    qwen_vl.py  Qwen2.5-VL, Qwen3-VL (native-resolution tower, patch merger, Qwen2/3 LLM with M-RoPE)
     convert.py  HF directory <-> Loom checkpoint, one tensor in memory at a time
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from engine.config import ModelConfig
 from engine.model.hf.dense import LLAMA, QWEN2, QWEN3
 from engine.model.hf.llava import LLAVA
 from engine.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
-from engine.model.hf.qwen_vl import QWEN_VL
+from engine.model.hf.qwen_vl import QWEN3_VL, QWEN_VL
 from engine.model.hf.naming import ConversionError, Family, check_hf_names, weight_map
 
-FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, LLAVA, QWEN_VL)
+FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, LLAVA, QWEN_VL, QWEN3_VL)
 SUPPORTED = tuple(arch for f in FAMILIES for arch in f.architectures)
 
 
@@ -37,7 +37,7 @@ def family_for_model(cfg: ModelConfig, arch: str | None = None) -> Family:
     if arch is not None:
         return family_for({"architectures": [arch]})
     if cfg.vision.enabled:
-        return QWEN_VL if cfg.vision.arch == "qwen2_5_vl" else LLAVA
+        return {"qwen2_5_vl": QWEN_VL, "qwen3_vl": QWEN3_VL}.get(cfg.vision.arch, LLAVA)
     m = cfg.moe
     if m.num_experts:
         if cfg.qk_norm:
