@@ -129,7 +129,7 @@ def _state_dict_layout(tensors):  # transformers 5's in-memory names
         tensors[new] = tensors.pop(name)
 
 
-@pytest.mark.parametrize("layout", ["saved", "state_dict"])
+@pytest.mark.parametrize("layout", ["saved", pytest.param("state_dict", marks=pytest.mark.slow)])
 def test_export_after_import_is_bitwise(tiny, tmp_path, layout):
     hf, path = tiny[0], copy_of(tiny, tmp_path)
     if layout == "state_dict":
@@ -182,6 +182,25 @@ def _qwen_vision(**kw):
 def test_vision_arch_config_errors_name_the_field(kw, message):
     with pytest.raises(ConfigError, match=message):
         _qwen_vision(**kw).validate()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_random_native_resolution_vlm_trains_every_parameter(arch):
+    """Built from a Loom config (random init), an image and a video: every weight gets a gradient."""
+    extra = dict(norm="layernorm", mlp="gelu", num_position_embeddings=16, deepstack_visual_indexes=[0]) \
+        if arch == "qwen3_vl" else {}
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_heads=4, mrope_section=[2, 3, 3],
+                      mrope_interleaved=arch == "qwen3_vl", image_token_id=IMAGE, video_token_id=VIDEO,
+                      vision=_qwen_vision(arch=arch, **extra))
+    cfg.validate()
+    torch.manual_seed(0)
+    model = build_vlm(cfg)
+    ids = torch.tensor([[1] + [IMAGE] * 4 + [2] + [VIDEO] * 8 + [3]])
+    out = model(ids, pixel_values=torch.randn(16, PATCH), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                pixel_values_videos=torch.randn(32, PATCH), video_grid_thw=torch.tensor([[2, 4, 4]]))
+    out.square().mean().backward()
+    assert out.shape == (1, 15, 128)
+    assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
 
 
 def test_mrope_section_and_placeholders_are_checked():
