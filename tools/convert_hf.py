@@ -9,7 +9,7 @@ Both directions stream: one tensor (export: one output shard) is in memory at a 
 checkpoint converts on a machine with less memory than the model. Import writes a weights-only
 checkpoint that ``train.resume=LOOM_DIR`` or ``engine.from_pretrained(LOOM_DIR)`` loads; export
 writes safetensors shards, config.json and the tokenizer files carried since the import.
-Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, LLaVA 1.5.
+Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, LLaVA 1.5, Qwen2.5-VL, Qwen3-VL.
 """
 from __future__ import annotations
 
