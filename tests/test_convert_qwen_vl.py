@@ -94,7 +94,7 @@ def loom_logits(model, batch):
 def test_import_logits_match_with_images_of_two_sizes_and_a_video(tiny, tmp_path):
     hf, path = tiny
     import_hf(path, tmp_path / "loom")
-    batch = media_batch()
+    batch = {**media_batch(), "second_per_grid_ts": torch.tensor([1.75])}  # video positions step 2 * 1.75, floored
     ref = hf_logits(hf, batch)
     keep = batch["attention_mask"].bool()
     for source in (tmp_path / "loom", path):
