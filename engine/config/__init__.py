@@ -93,6 +93,9 @@ def check_vision(cfg: Config) -> None:
     for key in ("num_heads", "intermediate_size"):
         if getattr(v, key) % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.vision.{key}={getattr(v, key)}")
+    if v.native_resolution and cfg.data.train_jsonl is not None:  # its loader makes fixed-size images
+        raise ConfigError(f"model.vision.arch={v.arch} does not train on data.train_jsonl yet: the multimodal "
+                          "data pipeline makes fixed-size images (model.vision.image_size); use a ViT arch")
 
 
 def check_lora(cfg: Config) -> None:
