@@ -203,6 +203,23 @@ def test_a_random_native_resolution_vlm_trains_every_parameter(arch):
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
 
 
+def test_config_of_a_loom_built_qwen3_vl_builds_the_same_model_in_transformers():
+    """Export of a model never imported: the HF config from Loom's alone gives transformers the same model."""
+    from engine.model.hf import family_for_model
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
+                      mrope_section=[2, 3, 3], mrope_interleaved=True, image_token_id=IMAGE, video_token_id=VIDEO,
+                      vision=_qwen_vision(arch="qwen3_vl", norm="layernorm", mlp="gelu", num_position_embeddings=16,
+                                          deepstack_visual_indexes=[0], fullatt_block_indexes=[]))
+    family = family_for_model(cfg)
+    hf = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**family.config_to_hf(cfg, {})))
+    model = build_vlm(cfg)
+    load_hf_state_dict(model, hf.eval().state_dict())
+    batch = media_batch(frame_text=True)
+    keep = batch["attention_mask"].bool()
+    assert max_diff(loom_logits(model, batch)[keep], hf_logits(hf, batch)[keep]) <= ATOL
+
+
 def test_native_resolution_tower_refuses_the_fixed_size_data_pipeline(tmp_path):
     from engine.config import load_config
 
