@@ -29,7 +29,7 @@ TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 # A window is 16 px = 2x2 merged tokens = 4x4 patches, so every image below spans several; block 1 attends fully.
 VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
               spatial_merge_size=2, window_size=16, fullatt_block_indexes=[1], out_hidden_size=64,
-              tokens_per_second=2)
+              tokens_per_second=2, initializer_range=0.2)  # weights large enough that every nonlinearity shows
 IMAGE, VIDEO = 120, 121
 PATCH = 3 * 2 * 4 * 4
 ATOL = 1e-4
@@ -249,7 +249,8 @@ TEXT3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
                                                                   "mrope_section": [2, 3, 3]})
 # A 6x6 table of learned positions, resized to 4x6, 8x8 and 4x4 grids; blocks 0 and 1 feed DeepStack.
 VISION3 = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, temporal_patch_size=2,
-               spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=36, deepstack_visual_indexes=[1, 0])
+               spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=36, deepstack_visual_indexes=[1, 0],
+               initializer_range=0.2)  # weights large enough that a wrong activation shows in the logits
 
 
 @pytest.fixture(scope="module")
