@@ -156,8 +156,7 @@ class VisionLanguageModel(nn.Module):
         # A gather + where keeps autograd simple: each feature row's gradient is its token's.
         return torch.where((slots >= 0).unsqueeze(-1), feats[slots.clamp(min=0)], h)
 
-
-    # ------------------------------------------------------------------ native-resolution tower (Qwen2.5-VL)
+    # ------------------------------------------------------------------ native-resolution towers (Qwen2.5/3-VL)
 
     def rope_positions(self, batch: PackedBatch) -> Optional[torch.Tensor]:
         """``[3, T]`` M-RoPE positions of a batch of full documents (model.mrope_section), or None."""
@@ -190,16 +189,10 @@ class VisionLanguageModel(nn.Module):
         return self.projector(last), extra
 
     def _embed_native(self, batch: PackedBatch, h: torch.Tensor) -> PackedBatch:
-        ids = batch.input_ids
+        """Features spliced at the image and video placeholders; M-RoPE positions and DeepStack additions set."""
         has_media = any(p is not None and p.shape[0] > 0 for p in (batch.pixel_values, batch.pixel_values_videos))
-        slots = batch.image_slots
-        if has_media or slots is None:
-            n_img = merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None,
-                                  self.cfg.vision.spatial_merge_size)
-            n_vid = merged_tokens(batch.video_grid_thw if batch.pixel_values_videos is not None else None,
-                                  self.cfg.vision.spatial_merge_size)
-            if slots is None:
-                slots = self._native_slots(ids, n_img, n_vid)
+        # Given under CP (a shard of the sequence; the caller checked the full batch), else from the ids.
+        slots = batch.image_slots if batch.image_slots is not None else self._native_slots(batch)
         positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
         deepstack = None
         if has_media:
@@ -214,8 +207,11 @@ class VisionLanguageModel(nn.Module):
         out.positions, out.deepstack = positions, deepstack
         return out
 
-    def _native_slots(self, ids: torch.Tensor, n_img: int, n_vid: int) -> torch.Tensor:
+    def _native_slots(self, batch: PackedBatch) -> torch.Tensor:
         """The feature row of each token: the k-th image placeholder row k, the k-th video one n_img + k; -1 text."""
+        ids, merge = batch.input_ids, self.cfg.vision.spatial_merge_size
+        n_img = merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None, merge)
+        n_vid = merged_tokens(batch.video_grid_thw if batch.pixel_values_videos is not None else None, merge)
         slots = torch.full_like(ids, -1)
         for token, count, offset, kind in ((self.image_token_id, n_img, 0, "image"),
                                            (self.cfg.video_token_id, n_vid, n_img, "video")):
