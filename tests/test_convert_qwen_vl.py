@@ -184,7 +184,7 @@ def test_vision_arch_config_errors_name_the_field(kw, message):
         _qwen_vision(**kw).validate()
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", [pytest.param("qwen2_5_vl", marks=pytest.mark.slow), "qwen3_vl"])
 def test_a_random_native_resolution_vlm_trains_every_parameter(arch):
     """Built from a Loom config (random init), an image and a video: every weight gets a gradient."""
     extra = dict(norm="layernorm", mlp="gelu", num_position_embeddings=16, deepstack_visual_indexes=[0]) \
@@ -203,6 +203,7 @@ def test_a_random_native_resolution_vlm_trains_every_parameter(arch):
     assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
 
 
+@pytest.mark.slow
 def test_config_of_a_loom_built_qwen3_vl_builds_the_same_model_in_transformers():
     """Export of a model never imported: the HF config from Loom's alone gives transformers the same model."""
     from engine.model.hf import family_for_model
