@@ -58,12 +58,24 @@ from engine.model.recompute import recomputing
 class Routing:
     """``experts`` int64 ``[T, k]`` (-1: dropped by capacity); ``weights`` fp32 ``[T, k]`` combine
     weights; ``scores`` fp32 ``[T, k]`` router probability of each choice (capacity order);
-    ``probs`` fp32 ``[T, E]`` what the balancing loss sees."""
+    ``probs`` fp32 ``[T, E]`` what the balancing loss sees; ``may_drop``: capacity dropping ran, so
+    the number of kept assignments is known on the device only (else it is ``T * k``)."""
 
     experts: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor
     probs: torch.Tensor
+    may_drop: bool = False
+
+
+def count_values(index: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 ``[n]``: occurrences of each of ``0 .. n-1`` in ``index`` (every value in range).
+
+    ``torch.bincount`` would do, but on CUDA it reads the input's extremes back to the host first:
+    a sync per call, several per MoE layer.
+    """
+    flat = index.reshape(-1).long()
+    return torch.zeros(n, dtype=torch.int64, device=index.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class Router(nn.Module):
@@ -149,8 +161,9 @@ def _limit_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.
     return grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(t, e)
 
 
-def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> int:
-    """Drop assignments beyond ``capacity`` per expert, in place; return how many were dropped.
+def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> torch.Tensor:
+    """Drop assignments beyond ``capacity`` per expert, in place; return how many were dropped
+    (a 0-dim tensor: the count stays on the device).
 
     Each expert keeps its highest-probability assignments; equal probabilities keep the lower
     token index. Dropped assignments get expert -1 and weight 0.
@@ -159,7 +172,7 @@ def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> int:
     # Stable sorts: by probability (token order survives among ties), then by expert.
     by_score = torch.sort(-flat_s, stable=True).indices
     order = by_score[torch.sort(flat_e[by_score], stable=True).indices]
-    counts = torch.bincount(flat_e, minlength=num_experts)
+    counts = count_values(flat_e, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat_e.numel(), device=flat_e.device) - starts[flat_e[order]]
     drop = torch.zeros_like(flat_e, dtype=torch.bool)
@@ -167,7 +180,8 @@ def apply_capacity(routing: Routing, num_experts: int, capacity: int) -> int:
     drop = drop.view_as(routing.experts)
     routing.experts = routing.experts.masked_fill(drop, -1)
     routing.weights = routing.weights.masked_fill(drop, 0.0)
-    return int(drop.sum())
+    routing.may_drop = True
+    return drop.sum()
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -190,13 +204,22 @@ class Permutation:
     num_tokens: int
 
 
-def permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, Permutation]:
-    """``x [T, h]`` -> rows grouped by expert ``[N, h]`` (N = kept assignments); dropped ones go last and are cut."""
-    k = experts.shape[-1]
+def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat ``[T*k]`` assignment indices sorted by expert, dropped ones last; rows per expert ``[E]``)."""
     key = experts.reshape(-1).masked_fill(experts.reshape(-1) < 0, num_experts)
-    slot = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-    slot = slot[: int(counts.sum())]
+    return torch.argsort(key, stable=True), count_values(key, num_experts + 1)[:num_experts]
+
+
+def permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int, sorted_slots=None,
+            kept: Optional[int] = None) -> tuple[torch.Tensor, Permutation]:
+    """``x [T, h]`` -> rows grouped by expert ``[N, h]`` (N = kept assignments); dropped ones go last and are cut.
+
+    ``sorted_slots``: ``sort_by_expert``'s result, if already computed. ``kept``: N, if known on the
+    host; None reads it from the device (a sync).
+    """
+    k = experts.shape[-1]
+    slot, counts = sort_by_expert(experts, num_experts) if sorted_slots is None else sorted_slots
+    slot = slot[: int(counts.sum()) if kept is None else kept]
     token = slot // k
     return x.index_select(0, token), Permutation(token, slot, counts, x.shape[0])
 
@@ -209,11 +232,20 @@ def unpermute(y: torch.Tensor, perm: Permutation, weights: torch.Tensor) -> torc
 
 
 class LocalDispatcher:
-    """All experts on this device: permute -> experts -> unpermute."""
+    """All experts on this device: permute -> experts -> unpermute.
+
+    Reads the rows per expert back to the host (one sync) only where something needs them there:
+    capacity dropping (how many rows are kept) or experts that loop over the groups.
+    """
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: "GroupedExperts") -> torch.Tensor:
-        xp, perm = permute(x, routing.experts, experts.num_experts)
-        return unpermute(experts(xp, perm.counts), perm, routing.weights).to(x.dtype)
+        slots = sort_by_expert(routing.experts, experts.num_experts)
+        host_counts = None
+        if routing.may_drop or experts.needs_host_counts(x):
+            host_counts = slots[1].tolist()
+        kept = routing.experts.numel() if host_counts is None else sum(host_counts)
+        xp, perm = permute(x, routing.experts, experts.num_experts, slots, kept)
+        return unpermute(experts(xp, perm.counts, host_counts), perm, routing.weights).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -241,7 +273,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts with stacked weights; this rank's slice under EP / ETP.
 
-    forward: ``x [N, h]`` grouped by expert with ``counts [E_local]`` rows each -> ``[N, h]``.
+    forward: ``x [N, h]`` grouped by expert with ``counts [E_local]`` rows each -> ``[N, h]``;
+    ``host_counts``: the same counts as a host list, if the caller has them (the loop needs them).
     Under expert tensor parallelism F is this rank's slice and the output a partial sum.
     """
 
@@ -256,11 +289,15 @@ class GroupedExperts(nn.Module):
         for w in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(w, mean=0.0, std=std)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, host_counts: Optional[list] = None) -> torch.Tensor:
         dtype = compute_dtype(x)
         if self.use_grouped_mm(x.device, dtype):
             return self._grouped(x.to(dtype), counts, dtype)
-        return self._loop(x, counts)
+        return self._loop(x, counts.tolist() if host_counts is None else host_counts)
+
+    def needs_host_counts(self, x: torch.Tensor) -> bool:
+        """Whether forward on ``x`` reads the counts on the host (the loop over experts does)."""
+        return not self.use_grouped_mm(x.device, compute_dtype(x))
 
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         # grouped GEMM wants 16-byte aligned rows in every operand.
@@ -294,7 +331,7 @@ class GroupedExperts(nn.Module):
         """SwiGLU's ``silu(gate) * up``: its own method so selective recompute can drop its output."""
         return F.silu(gate) * up
 
-    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, counts: list) -> torch.Tensor:
         # unbind: one backward that stacks the per-expert gradients (indexing would zero-fill E times)
         names = [n for n, p in self.named_parameters(recurse=False) if p is not None]
         weights = {n: getattr(self, n).unbind(0) for n in names}
@@ -308,7 +345,7 @@ class GroupedExperts(nn.Module):
                 out = out + lora * self.lora_scaling
             return out
 
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(counts):
             rows = x[start:start + n]
             start += n
             if n:
@@ -329,9 +366,9 @@ class BalanceScope:
     ranks that hold pieces of one microbatch.
     """
 
-    def units(self, num_tokens: int, meta, kind: str) -> tuple[torch.Tensor, int]:
-        """(unit id of each local token ``[T]`` int64, units in this microbatch)."""
-        return torch.zeros(num_tokens, dtype=torch.long), 1
+    def units(self, num_tokens: int, meta, kind: str, device=None) -> tuple[torch.Tensor, int]:
+        """(unit id of each local token ``[T]`` int64 on ``device``, units in this microbatch)."""
+        return torch.zeros(num_tokens, dtype=torch.long, device=device), 1
 
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -371,13 +408,13 @@ class MoEStats:
 
     def reset(self) -> None:
         self.load: Optional[torch.Tensor] = None
-        self.dropped = 0
+        self.dropped = 0  # a device tensor once capacity dropping ran: read at the end of the step only
         self.aux = 0.0
         self.z = 0.0
 
-    def add(self, experts: torch.Tensor, dropped: int, aux, z) -> None:
-        kept = experts[experts >= 0]
-        load = torch.bincount(kept, minlength=self.num_experts).float()
+    def add(self, experts: torch.Tensor, dropped, aux, z) -> None:
+        load = count_values(experts.masked_fill(experts < 0, self.num_experts), self.num_experts + 1)
+        load = load[:self.num_experts].float()
         self.load = load if self.load is None else self.load + load
         self.dropped += dropped
         self.aux = self.aux + (aux.detach() if torch.is_tensor(aux) else aux)
@@ -386,8 +423,9 @@ class MoEStats:
     def vector(self, device) -> torch.Tensor:
         """``[E + 3]`` fp32: load, dropped, aux, z."""
         load = self.load if self.load is not None else torch.zeros(self.num_experts)
-        tail = torch.tensor([float(self.dropped), float(self.aux), float(self.z)])
-        return torch.cat([load.float().to(device), tail.to(device)])
+        tail = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1)
+                for v in (self.dropped, self.aux, self.z)]
+        return torch.cat([load.float().to(device), *tail])
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -452,12 +490,11 @@ class MoE(nn.Module):
         # balances the load the experts receive (as DeepSeek-V3's reference). Megatron counts a
         # separate top-k of the unbiased, ungrouped scores: the two agree only without either.
         e, k, kind = self.cfg.num_experts, self.cfg.top_k, self.cfg.aux_loss_type
-        unit, num_units = self.scope.units(n, meta, kind)
-        unit = unit.to(routing.probs.device)
+        unit, num_units = self.scope.units(n, meta, kind, routing.probs.device)
         counts = torch.zeros(num_units, e, device=unit.device)
         counts.index_put_((unit.unsqueeze(-1).expand_as(routing.experts), routing.experts),
                           torch.ones((), device=unit.device), accumulate=True)
-        sizes = torch.bincount(unit, minlength=num_units).float()
+        sizes = count_values(unit, num_units).float()
         both = self.scope.sum_over_shards(torch.cat([counts.reshape(-1), sizes]))
         counts, sizes = both[:-num_units].view(num_units, e), both[-num_units:].clamp(min=1)
         prob_sums = torch.zeros(num_units, e, device=unit.device).index_add(0, unit, routing.probs)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import ConfigError
-from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, unpermute
+from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
+    unpermute
 from engine.parallel import comm
 from engine.parallel.index import ranges
 from engine.parallel.context_parallel import CPShard
@@ -36,7 +37,8 @@ from engine.parallel.tensor_parallel import mark
 
 class _Plan(NamedTuple):
     """One dispatch: rows sent to / received from each rank, the etp copies (None: etp = 1), the
-    (source, expert) -> (expert, source) order of the received rows and its inverse, rows per local expert."""
+    (source, expert) -> (expert, source) order of the received rows and its inverse, rows per local
+    expert (on the device and on the host), and the kept assignments of this rank."""
 
     send_splits: list
     recv_splits: list
@@ -44,6 +46,8 @@ class _Plan(NamedTuple):
     order: torch.Tensor
     inverse: torch.Tensor
     local_counts: torch.Tensor
+    host_local_counts: list
+    kept: int
 
 
 class ExpertParallelDispatcher:
@@ -61,6 +65,8 @@ class ExpertParallelDispatcher:
       6. unpermute weighted by the routing weights: ``[T, h]``.
     Backward runs the same exchanges in reverse (``comm.AllToAll``); copies sent to several etp
     ranks get their gradients summed by the duplication's backward.
+    The host waits for the device once per call: for the exchanged row counts, from which every
+    split size, the kept rows and the regrouping sizes follow (as Megatron's dispatcher).
     """
 
     def __init__(self, group, num_experts: int, ep: int, etp: int, placement: Optional[list[list[int]]] = None):
@@ -74,19 +80,23 @@ class ExpertParallelDispatcher:
         slots = [e for rank in placement or () for e in rank]
         self.slot_of = None if not slots or slots == list(range(num_experts)) else \
             torch.argsort(torch.tensor(slots))
+        self._slot_of_on: dict = {}  # per device: a copy from host memory each call could stall the host
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         chosen = routing.experts
         if self.slot_of is not None:
-            slot = self.slot_of.to(chosen.device)[chosen.clamp(min=0)]
+            if chosen.device not in self._slot_of_on:
+                self._slot_of_on[chosen.device] = self.slot_of.to(chosen.device)
+            slot = self._slot_of_on[chosen.device][chosen.clamp(min=0)]
             chosen = torch.where(chosen >= 0, slot, chosen)  # dropped assignments stay -1
-        xp, perm = permute(x, chosen, self.num_experts)
-        plan = self._plan(perm.counts)
+        slots = sort_by_expert(chosen, self.num_experts)
+        plan = self._plan(slots[1])
+        xp, perm = permute(x, chosen, self.num_experts, slots, plan.kept)
         xp = xp.to(compute_dtype(x))  # under autocast the experts run in bf16: send bf16
         if plan.copies is not None:
             xp = xp.index_select(0, plan.copies)
         received = comm.all_to_all(xp, self.group, plan.recv_splits, plan.send_splits)
-        out = experts(received.index_select(0, plan.order), plan.local_counts)
+        out = experts(received.index_select(0, plan.order), plan.local_counts, plan.host_local_counts)
         back = comm.all_to_all(out.index_select(0, plan.inverse), self.group, plan.send_splits, plan.recv_splits)
         if plan.copies is not None:  # sum the etp ranks' partial outputs
             back = back.new_zeros((perm.token.numel(), back.shape[-1])).index_add(0, plan.copies, back)
@@ -97,20 +107,27 @@ class ExpertParallelDispatcher:
         per_slot = counts.view(self.ep, self.local_experts)
         send = per_slot.repeat_interleave(self.etp, dim=0)  # row d: what dispatch rank d gets
         recv = comm.all_to_all(send, self.group)  # row s: what source s sends, per local expert
+        host = torch.cat([send.reshape(-1), recv.reshape(-1)]).tolist()  # the one sync
+        n = self.ep * self.etp
+        host_send = [host[d * self.local_experts:(d + 1) * self.local_experts] for d in range(n)]
+        host_recv = [host[(n + s) * self.local_experts:(n + s + 1) * self.local_experts] for s in range(n)]
+        send_splits, recv_splits = [sum(r) for r in host_send], [sum(r) for r in host_recv]
         copies = None
         if self.etp > 1:  # every etp rank of an ep slot gets that slot's rows
             rows = per_slot.sum(1)
             starts = torch.cumsum(rows, 0) - rows
-            copies = ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp))
-        order = self._expert_major(recv)
-        return _Plan(send.sum(1).tolist(), recv.sum(1).tolist(), copies, order, torch.argsort(order), recv.sum(0))
+            copies = ranges(starts.repeat_interleave(self.etp), rows.repeat_interleave(self.etp), sum(send_splits))
+        order = self._expert_major(recv, sum(recv_splits))
+        return _Plan(send_splits, recv_splits, copies, order, torch.argsort(order), recv.sum(0),
+                     [sum(col) for col in zip(*host_recv)], sum(send_splits) // self.etp)
 
     @staticmethod
-    def _expert_major(counts: torch.Tensor) -> torch.Tensor:
-        """Rows laid out in (source, expert) blocks of ``counts [n, E_l]`` -> the (expert, source) order."""
+    def _expert_major(counts: torch.Tensor, total: int) -> torch.Tensor:
+        """Rows laid out in (source, expert) blocks of ``counts [n, E_l]`` (``total`` rows) -> the
+        (expert, source) order."""
         flat = counts.reshape(-1)
         starts = (torch.cumsum(flat, 0) - flat).view_as(counts)
-        return ranges(starts.T.reshape(-1), counts.T.reshape(-1))
+        return ranges(starts.T.reshape(-1), counts.T.reshape(-1), total)
 
 
 # ----------------------------------------------------------------------------- balancing scope
@@ -137,11 +154,11 @@ class ShardedBalanceScope(BalanceScope):
             index = torch.arange(num_tokens * sp, device=meta.cu_seqlens.device if meta is not None else None)
         return comm.split(index, self.sp_group, 0) if sp > 1 else index
 
-    def units(self, num_tokens: int, meta, kind: str) -> tuple[torch.Tensor, int]:
+    def units(self, num_tokens: int, meta, kind: str, device=None) -> tuple[torch.Tensor, int]:
         if kind != "seq":
-            return super().units(num_tokens, meta, kind)
+            return super().units(num_tokens, meta, kind, device)
         total = num_tokens * comm.group_size(self.shard_group)
-        return self.token_index(num_tokens, meta) // self.seq_len, -(-total // self.seq_len)
+        return (self.token_index(num_tokens, meta) // self.seq_len).to(device), -(-total // self.seq_len)
 
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         return comm.all_reduce(t, self.shard_group)

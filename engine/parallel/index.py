@@ -1,16 +1,19 @@
 """Index arithmetic shared by the context-parallel plan and the expert-parallel dispatcher."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def ranges(starts, lengths) -> torch.Tensor:
+def ranges(starts, lengths, total: Optional[int] = None) -> torch.Tensor:
     """Concatenation of ``arange(s, s + n)`` for each (s, n), vectorised; int64, on ``starts``' device.
 
-    Accepts tensors or array-likes (host-side plans pass numpy arrays)."""
+    Accepts tensors or array-likes (host-side plans pass numpy arrays). ``total``: the sum of the
+    lengths if the caller knows it, which saves reading it from the device (a sync)."""
     starts = torch.as_tensor(starts, dtype=torch.int64).reshape(-1)
     lengths = torch.as_tensor(lengths, dtype=torch.int64, device=starts.device).reshape(-1)
-    total = int(lengths.sum())
+    total = int(lengths.sum()) if total is None else total
     shift = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths, output_size=total)
     return torch.arange(total, device=starts.device) + shift
 
