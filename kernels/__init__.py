@@ -2,7 +2,7 @@
 
     attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
               causal=True, softmax_scale=None, pos_q=None, pos_k=None,
-              backend="auto", return_lse=False, uniform=False)
+              backend="auto", return_lse=False, uniform=False, tables=None)
 
 Packed THD shapes: q [Tq, Hq, D]; k, v [Tk, Hkv, D] with Hq % Hkv == 0 (q head h reads kv head
 h // (Hq // Hkv)); cu_seqlens_* int32 [num_docs + 1] from 0, the same number of documents on both
@@ -14,8 +14,10 @@ log-sum-exp of the scaled visible scores. Rows that see no key: out 0, lse -inf,
 Differentiable through q, k, v; NOT through lse (it is returned detached). uniform: the caller
 knows that every document of q and of k has max_seqlen_q == max_seqlen_k tokens (a plain [B, S]
 batch); the torch backend then needs no host read of cu_seqlens and stays inside a torch.compile
-graph. The other backends read cu_seqlens on the host (tile tables, checks) and run outside any
+graph. The other backends read cu_seqlens on the host (checks) and run outside any
 compiled graph (a graph break), as does the torch backend without ``uniform``.
+tables: a ``BlockTables`` shared by every call over the same batch (a model's layers): the
+Triton backend builds its block tables there once instead of per call; other backends ignore it.
 
 Backends: "triton" (kernels.flash_attn), "flash_attn" (the flash-attn package, CUDA, default
 positions only), "torch" (SDPA; the reference math when lse is requested), "auto" = triton on
@@ -23,8 +25,9 @@ CUDA, torch elsewhere. Triton is imported lazily, on first use of the triton bac
 
 Ring attention needs per-block forward/backward with LSE: ``block_ops(backend, device)`` returns
 the (forward, backward) pair, kernels.flash_attn's for triton and kernels.reference's for torch:
-    forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k) -> (out, lse)
-    backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k) -> (dq, dk, dv)
+    forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k, tables=None) -> (out, lse)
+    backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k, tables=None)
+        -> (dq, dk, dv)
 where backward uses the GIVEN out/lse (the globally merged ones under ring attention).
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from kernels import reference
 from kernels._flash_shim import is_available as flash_attn_available
+from kernels.block_table import BlockTables
 
 BACKENDS = ("auto", "triton", "flash_attn", "torch")
 
@@ -83,7 +87,8 @@ def _validate(q, k, v, cu_q, cu_k, pos_q, pos_k):
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True,
-              softmax_scale=None, pos_q=None, pos_k=None, backend="auto", return_lse=False, uniform=False):
+              softmax_scale=None, pos_q=None, pos_k=None, backend="auto", return_lse=False, uniform=False,
+              tables=None):
     """Varlen attention over packed documents; see the module docstring for shapes and semantics."""
     name = resolve_backend(backend, q.device)
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k)
@@ -94,11 +99,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *
         equal = uniform and max_seqlen_q == max_seqlen_k and max_seqlen_q > 0
         return sdpa_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k,
                               uniform_len=max_seqlen_q if equal else None)
-    return _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse)
+    return _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse, tables)
 
 
 @torch.compiler.disable
-def _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse):
+def _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse, tables=None):
     if name == "torch":
         return reference.attention(*args, causal=causal, softmax_scale=scale, pos_q=pos_q, pos_k=pos_k,
                                    return_lse=True)
@@ -106,8 +111,9 @@ def _eager_kernel(name, args, causal, scale, pos_q, pos_k, return_lse):
         from kernels._flash_shim import flash_attn_varlen
         return flash_attn_varlen(*args, causal, scale, pos_q, pos_k, return_lse)
     from kernels.flash_attn import flash_attn_func
-    out, lse = flash_attn_func(*args, causal=causal, softmax_scale=scale, pos_q=pos_q, pos_k=pos_k)
+    out, lse = flash_attn_func(*args, causal=causal, softmax_scale=scale, pos_q=pos_q, pos_k=pos_k, tables=tables)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention", "block_ops", "resolve_backend", "AttentionOps", "BACKENDS", "flash_attn_available"]
+__all__ = ["attention", "block_ops", "resolve_backend", "AttentionOps", "BACKENDS", "BlockTables",
+           "flash_attn_available"]

@@ -5,8 +5,10 @@ pos_k int32 [Tq] / [Tk] or None (0, 1, 2, ... per document); out [Tq, Hq, D]; ls
 Document i of q attends document i of k; causal means pos_k <= pos_q. GQA: q head h reads kv head
 h // (Hq // Hkv), K/V are never repeated. Rows that see no key: out 0, lse -inf, zero gradients.
 
-Grids run over the blocks of each document only: a host-built int32 table maps program id ->
-(document, first token of the block), so no program is spent on padding.
+Grids run over the blocks of each document only: an int32 table maps program id -> (document,
+first token of the block), built on the device (kernels.block_table: no host sync, a grid bound
+from shapes, the programs past the last block exit at once) and shared by every launch over one
+batch through a ``BlockTables``.
   forward  grid (q blocks, Hq):  online softmax over the k blocks of the same document.
   dq       grid (q blocks, Hq):  recomputes p from the GIVEN lse (no atomics, deterministic).
   dk / dv  grid (k blocks, Hkv): loops over the q heads of the GQA group and the document's q blocks.
@@ -21,6 +23,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from kernels.block_table import BlockTables
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 # triton.language's own @jit helpers (tl.max, tl.sum, tl.zeros) were decorated when triton itself was
@@ -82,6 +86,8 @@ def _fwd_kernel(Q, K, V, O, LSE, POS_Q, POS_K, CU_Q, CU_K, TABLE,
     pid, h = tl.program_id(0), tl.program_id(1)
     hk = h // GROUP
     doc, q_lo = tl.load(TABLE + 2 * pid), tl.load(TABLE + 2 * pid + 1)
+    if doc < 0:  # past the last block: the grid is a bound (kernels.block_table)
+        return
     q_doc, q_end = tl.load(CU_Q + doc), tl.load(CU_Q + doc + 1)
     k_doc, k_end = tl.load(CU_K + doc), tl.load(CU_K + doc + 1)
     offs_m = q_lo + tl.arange(0, BLOCK_M)
@@ -137,6 +143,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, POS_Q, POS_K, CU_Q, CU_K, TABLE,
     pid, h = tl.program_id(0), tl.program_id(1)
     hk = h // GROUP
     doc, q_lo = tl.load(TABLE + 2 * pid), tl.load(TABLE + 2 * pid + 1)
+    if doc < 0:  # past the last block: the grid is a bound (kernels.block_table)
+        return
     q_doc, q_end = tl.load(CU_Q + doc), tl.load(CU_Q + doc + 1)
     k_doc, k_end = tl.load(CU_K + doc), tl.load(CU_K + doc + 1)
     offs_m = q_lo + tl.arange(0, BLOCK_M)
@@ -174,6 +182,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, POS_Q, POS_K, CU_Q, CU_K, TABL
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid, hk = tl.program_id(0), tl.program_id(1)
     doc, k_lo = tl.load(TABLE + 2 * pid), tl.load(TABLE + 2 * pid + 1)
+    if doc < 0:
+        return
     q_doc, q_end = tl.load(CU_Q + doc), tl.load(CU_Q + doc + 1)
     k_doc, k_end = tl.load(CU_K + doc), tl.load(CU_K + doc + 1)
     offs_n = k_lo + tl.arange(0, BLOCK_N)
@@ -211,34 +221,82 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, POS_Q, POS_K, CU_Q, CU_K, TABL
 # ----------------------------------------------------------------------------------------------
 # Host side
 
+KERNELS = ("fwd", "dq", "dkdv")
 
 # The interpreter pays per block op, not per element: 32 runs a 1023-token causal document 5x faster
 # than 16, while documents of 113..239 tokens still span several blocks (tests need the boundaries).
 INTERPRETER_BLOCKS = (32, 32)
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) of each kernel, by (dtype kind, BLOCK_D, head dim a multiple
+# of 16). Chosen by compiling every variant ahead of time for sm_80, sm_86 and sm_90 (tools/kernel_report.py,
+# checked by tests/kernels/test_compile_targets.py): tiles that keep every variant within sm_86's 99 KB
+# of shared memory (sm_80 allows 163 KB, sm_90 227 KB) and free of register spills. fp32 dots run on
+# FMA units (input_precision="ieee"), which hold the operand tiles in registers: hence small tiles, 8
+# warps and, for dk/dv, no software pipelining (its prefetch of the next q tile costs the registers).
+# A head dim that is no multiple of 16 (72: SigLIP) loads unvectorised, masked rows, which costs
+# registers: its own entries where measured; other such dims take the aligned entry of their BLOCK_D.
+# maxnreg 255 (the hardware's limit; x 256 threads it still fits an SM's register file): left to itself,
+# ptxas caps these kernels at an occupancy step (64 or 168 registers) and spills 8-16 bytes to get there.
+# Not everywhere: on other kernels the same option makes ptxas spill at 255 instead.
+# Untimed on hardware: these settle resources, not speed.
+GPU_BLOCKS = {
+    ("half", 16, True): {"fwd": (64, 32, 4, 2), "dq": (64, 64, 4, 2, 255), "dkdv": (64, 64, 8, 2)},
+    ("half", 32, True): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
+    ("half", 64, True): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 32, 8, 2)},
+    ("half", 128, True): {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2)},
+    ("half", 128, False): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 16, 8, 2)},
+    ("half", 256, True): {"fwd": (64, 32, 8, 2), "dq": (32, 32, 8, 2, 255), "dkdv": (16, 32, 8, 2)},
+    ("fp32", 16, True): {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 1), "dkdv": (16, 16, 4, 1)},
+    ("fp32", 32, True): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 8, 2), "dkdv": (32, 16, 4, 1)},
+    ("fp32", 64, True): {"fwd": (32, 32, 4, 2), "dq": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1)},
+    ("fp32", 128, True): {"fwd": (16, 32, 8, 2), "dq": (16, 16, 8, 2), "dkdv": (16, 16, 8, 1, 255)},
+    ("fp32", 128, False): {"fwd": (16, 16, 8, 2), "dq": (16, 16, 8, 2), "dkdv": (16, 16, 4, 1, 255)},
+    ("fp32", 256, True): {"fwd": (32, 16, 8, 2), "dq": (16, 16, 8, 1), "dkdv": (16, 16, 8, 1)},
+}
 
-def _config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes (BLOCK_D = head dim padded to a power of two, masked): per device."""
+
+def _config(device: torch.device, head_dim: int, dtype: torch.dtype, kernel: str) -> dict:
+    """Block sizes and launch options of ``kernel`` (BLOCK_D = head dim padded to a power of two, masked)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return dict(BLOCK_M=INTERPRETER_BLOCKS[0], BLOCK_N=INTERPRETER_BLOCKS[1], BLOCK_D=block_d)
-    # fp32 tiles and wide heads take more shared memory: shrink the blocks so that every kernel fits
-    # in ~100 KB (sm_86; checked by compiling ahead of time for sm_86 and sm_90). Untuned otherwise.
-    fp32 = dtype == torch.float32
-    block_m = 32 if fp32 and block_d > 64 else 64
-    block_n = 32 if fp32 or block_d > 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if block_d > 256:
+        raise ValueError(f"the triton attention kernels take head dims up to 256, got {head_dim}")
+    kind = "fp32" if dtype == torch.float32 else "half"
+    table = GPU_BLOCKS.get((kind, block_d, head_dim % 16 == 0)) or GPU_BLOCKS[(kind, block_d, True)]
+    block_m, block_n, warps, stages, *regs = table[kernel]
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    return dict(cfg, maxnreg=regs[0]) if regs else cfg
 
 
-def _block_table(cu: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """int32 [2 * n]: (document, first token) of every `block`-token block of every document."""
-    cu = cu.to(torch.int64)
-    nb = (cu[1:] - cu[:-1] + block - 1) // block
-    n = int(nb.sum())
-    doc = torch.repeat_interleave(torch.arange(nb.numel(), device=cu.device), nb)
-    first_block = torch.cumsum(nb, 0) - nb
-    start = cu[doc] + block * (torch.arange(n, device=cu.device) - first_block[doc])
-    return torch.stack([doc, start], dim=1).flatten().to(torch.int32), n
+def _meta(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool, has_pos: bool) -> dict:
+    """The constexprs and launch options of one launch (what the JIT specialises on besides the arguments)."""
+    # fp32 inputs mean "exact": keep tl.dot off TF32 (10-bit mantissa) on tensor-core GPUs.
+    return dict(CAUSAL=bool(causal), HAS_POS=bool(has_pos), PRECISION="ieee" if dtype == torch.float32 else None,
+                **_config(device, head_dim, dtype, kernel))
+
+
+def _fwd_args(q, k, v, out, lse, pos_q, pos_k, cu_q, cu_k, scale, table):
+    return (q, k, v, out, lse, pos_q, pos_k, cu_q, cu_k, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), scale * LOG2E, q.shape[2], q.shape[1] // k.shape[1])
+
+
+def _dq_args(q, k, v, dout, dq, lse, delta, pos_q, pos_k, cu_q, cu_k, scale, table):
+    return (q, k, v, dout, dq, lse, delta, pos_q, pos_k, cu_q, cu_k, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            scale * LOG2E, scale, q.shape[2], q.shape[1] // k.shape[1])
+
+
+def _dkdv_args(q, k, v, dout, dk, dv, lse, delta, pos_q, pos_k, cu_q, cu_k, scale, table):
+    return (q, k, v, dout, dk, dv, lse, delta, pos_q, pos_k, cu_q, cu_k, table,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), scale * LOG2E, scale, q.shape[2], q.shape[1] // k.shape[1])
+
+
+LAUNCHES = {"fwd": (_fwd_kernel, _fwd_args), "dq": (_dq_kernel, _dq_args), "dkdv": (_dkdv_kernel, _dkdv_args)}
 
 
 def _check_runnable(x: torch.Tensor):
@@ -250,7 +308,7 @@ def _check_runnable(x: torch.Tensor):
 
 
 def _prepare(q, k, v, cu_q, cu_k, causal, softmax_scale, pos_q, pos_k):
-    """Common launch arguments: contiguous last dims, int32 cu_seqlens, positions, scale, config."""
+    """Common launch arguments: contiguous last dims, int32 cu_seqlens, positions, scale."""
     if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2] or k.shape != v.shape:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype:
@@ -266,60 +324,55 @@ def _prepare(q, k, v, cu_q, cu_k, causal, softmax_scale, pos_q, pos_k):
     else:
         pos_q = pos_k = cu_q  # never read; any pointer will do
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    # fp32 inputs mean "exact": keep tl.dot off TF32 (10-bit mantissa) on tensor-core GPUs.
-    meta = dict(CAUSAL=bool(causal), HAS_POS=has_pos,
-                PRECISION="ieee" if q.dtype == torch.float32 else None, **_config(q.device, q.shape[-1], q.dtype))
-    return q, k, v, cu_q, cu_k, pos_q, pos_k, scale, meta
+    return q, k, v, cu_q, cu_k, pos_q, pos_k, scale, has_pos
+
+
+def _launch(kernel, tables, cu, total, heads, q, causal, has_pos, *args):
+    """Run ``kernel`` over the blocks of ``cu``'s documents (``total`` tokens) times ``heads``;
+    ``args``: its ``LAUNCHES`` packer's arguments but the table."""
+    meta = _meta(kernel, q.device, q.dtype, q.shape[-1], causal, has_pos)
+    block = meta["BLOCK_N"] if kernel == "dkdv" else meta["BLOCK_M"]
+    table, n = tables.get(cu, block, total)
+    if n and heads:
+        fn, pack = LAUNCHES[kernel]
+        fn[(n, heads)](*pack(*args, table), **meta)
 
 
 def flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
-                       softmax_scale=None, pos_q=None, pos_k=None):
+                       softmax_scale=None, pos_q=None, pos_k=None, tables=None):
     """Block forward: q [Tq, Hq, D], k/v [Tk, Hkv, D] -> (out [Tq, Hq, D] in q.dtype, lse fp32 [Tq, Hq]).
 
     No autograd. ``max_seqlen_*`` are accepted for API symmetry; the block table makes them unneeded.
+    ``tables``: a BlockTables shared by the launches over this batch (None: built for this call).
     """
-    q, k, v, cu_q, cu_k, pos_q, pos_k, scale, meta = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, causal,
-                                                            softmax_scale, pos_q, pos_k)
+    tables = BlockTables() if tables is None else tables
+    q, k, v, cu_q, cu_k, pos_q, pos_k, scale, has_pos = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, causal,
+                                                               softmax_scale, pos_q, pos_k)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    table, n = _block_table(cu_q, meta["BLOCK_M"])
-    if n and q.shape[1]:
-        _fwd_kernel[(n, q.shape[1])](
-            q, k, v, out, lse, pos_q, pos_k, cu_q, cu_k, table,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            scale * LOG2E, q.shape[2], q.shape[1] // k.shape[1], **meta)
+    _launch("fwd", tables, cu_seqlens_q, q.shape[0], q.shape[1], q, causal, has_pos,
+            q, k, v, out, lse, pos_q, pos_k, cu_q, cu_k, scale)
     return out, lse
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        causal=True, softmax_scale=None, pos_q=None, pos_k=None):
+                        causal=True, softmax_scale=None, pos_q=None, pos_k=None, tables=None):
     """Block backward from the GIVEN out/lse (globally merged ones under ring attention).
 
     dout, out: [Tq, Hq, D]; lse fp32 [Tq, Hq] -> (dq, dk, dv) in the dtypes of q, k, v.
     """
-    q, k, v, cu_q, cu_k, pos_q, pos_k, scale, meta = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, causal,
-                                                            softmax_scale, pos_q, pos_k)
+    tables = BlockTables() if tables is None else tables
+    q, k, v, cu_q, cu_k, pos_q, pos_k, scale, has_pos = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, causal,
+                                                               softmax_scale, pos_q, pos_k)
     dout = dout.to(q.dtype)  # the dots pair dout with q/v tiles, which must share a dtype
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     lse = lse.to(torch.float32).contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # [Tq, Hq]: rowsum(dO * O), FA2's preprocess
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    group = q.shape[1] // k.shape[1]
-    common = (scale * LOG2E, scale, q.shape[2], group)
-    table_q, nq = _block_table(cu_q, meta["BLOCK_M"])
-    if nq and q.shape[1]:
-        _dq_kernel[(nq, q.shape[1])](
-            q, k, v, dout, dq, lse, delta, pos_q, pos_k, cu_q, cu_k, table_q,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), *common, **meta)
-    table_k, nk = _block_table(cu_k, meta["BLOCK_N"])
-    if nk and k.shape[1]:
-        _dkdv_kernel[(nk, k.shape[1])](
-            q, k, v, dout, dk, dv, lse, delta, pos_q, pos_k, cu_q, cu_k, table_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), *common, **meta)
+    _launch("dq", tables, cu_seqlens_q, q.shape[0], q.shape[1], q, causal, has_pos,
+            q, k, v, dout, dq, lse, delta, pos_q, pos_k, cu_q, cu_k, scale)
+    _launch("dkdv", tables, cu_seqlens_k, k.shape[0], k.shape[1], q, causal, has_pos,
+            q, k, v, dout, dk, dv, lse, delta, pos_q, pos_k, cu_q, cu_k, scale)
     return dq, dk, dv
 
 
@@ -327,24 +380,25 @@ class _FlashAttnFunction(torch.autograd.Function):
     """Autograd wrapper: differentiable through q, k, v; lse is returned non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k):
-        out, lse = flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k, tables):
+        tables = BlockTables() if tables is None else tables  # the backward reuses the forward's
+        out, lse = flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_q, pos_k, tables)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k)
-        ctx.args = (max_q, max_k, causal, scale)
+        ctx.args = (max_q, max_k, causal, scale, tables)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_q, cu_k, pos_q, pos_k = ctx.saved_tensors
-        max_q, max_k, causal, scale = ctx.args
+        max_q, max_k, causal, scale, tables = ctx.args
         dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
-                                         pos_q, pos_k)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                         pos_q, pos_k, tables)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def flash_attn_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True,
-                    softmax_scale=None, pos_q=None, pos_k=None):
+                    softmax_scale=None, pos_q=None, pos_k=None, tables=None):
     """Differentiable varlen attention: -> (out [Tq, Hq, D], lse fp32 [Tq, Hq], no gradient)."""
     return _FlashAttnFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                    softmax_scale, pos_q, pos_k)
+                                    softmax_scale, pos_q, pos_k, tables)

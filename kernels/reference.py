@@ -10,7 +10,6 @@ Rows that see no key give out = 0 and lse = -inf (never NaN, zero gradients).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -101,8 +100,11 @@ def _forward_math(q, k, v, cu_q, cu_k, causal, scale, pos_q, pos_k, dtype=torch.
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
-                      softmax_scale=None, pos_q=None, pos_k=None):
-    """Block forward for ring attention: -> (out [Tq, Hq, D] in q.dtype, lse fp32 [Tq, Hq]). No autograd."""
+                      softmax_scale=None, pos_q=None, pos_k=None, tables=None):
+    """Block forward for ring attention: -> (out [Tq, Hq, D] in q.dtype, lse fp32 [Tq, Hq]). No autograd.
+
+    ``tables`` (the Triton kernels' block tables) is accepted for a common signature and unused.
+    """
     _check(q, k, v)
     scale, pos_q, pos_k = _resolve(q, cu_seqlens_q, cu_seqlens_k, softmax_scale, pos_q, pos_k, k.shape[0])
     with torch.no_grad():
@@ -129,7 +131,7 @@ def _doc_backward(dod, qd, kd, vd, od, lsed, pq, pk, causal, scale):
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       causal=True, softmax_scale=None, pos_q=None, pos_k=None):
+                       causal=True, softmax_scale=None, pos_q=None, pos_k=None, tables=None):
     """Block backward for ring attention: -> (dq, dk, dv) in the dtypes of q, k, v.
 
     ``out``/``lse`` are used as given: in ring attention they are the globally merged results, so

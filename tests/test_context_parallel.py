@@ -163,13 +163,13 @@ class _CountingOps:
     def __init__(self, ops):
         self.ops, self.calls = ops, {"forward": 0, "backward": 0}
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.calls["forward"] += 1
-        return self.ops.forward(*args)
+        return self.ops.forward(*args, **kwargs)
 
-    def backward(self, *args):
+    def backward(self, *args, **kwargs):
         self.calls["backward"] += 1
-        return self.ops.backward(*args)
+        return self.ops.backward(*args, **kwargs)
 
 
 def _attention_case(mode, name, backend="torch"):

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from kernels import BlockTables
+
 
 @dataclass
 class AttnContext:
@@ -18,10 +20,13 @@ class AttnContext:
 
     ``positions``: int32 ``[T]`` positions within documents, for the kernel's mask when a
     shard's tokens do not simply count from each document's start (context parallelism);
-    None otherwise. A wrapper that replaces attention subclasses this for what it needs.
+    None otherwise. ``tables``: the Triton kernels' block tables of this batch, built by the
+    first attention layer and reused by the others and by the backward (no host sync per layer).
+    A wrapper that replaces attention subclasses this for what it needs.
     """
 
     positions: Optional[torch.Tensor] = None
+    tables: BlockTables = field(default_factory=BlockTables, repr=False, compare=False)
 
 
 @dataclass

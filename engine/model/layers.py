@@ -113,7 +113,7 @@ class CoreAttention(nn.Module):
         return kernels.attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
             causal=self.causal, pos_q=meta.attn.positions, pos_k=meta.attn.positions, backend=self.backend,
-            uniform=meta.uniform,
+            uniform=meta.uniform, tables=meta.attn.tables,
         )
 
 

@@ -26,6 +26,7 @@ import torch
 from engine.config import check_zigzag_length
 from engine.parallel import comm
 from engine.parallel.index import ranges
+from kernels import BlockTables
 
 
 @dataclass
@@ -78,6 +79,7 @@ class BlockSpec:
     (None: all). The rest is provably invisible under the zigzag layout and never computed.
     ``causal`` is only needed on the diagonal block; off it, every selected pair is visible.
     ``visible`` False: no document has a visible (q, k) pair, the block is skipped.
+    ``tables``: the Triton kernels' block tables of this step, shared by every layer of the microbatch.
     """
 
     q_index: Optional[torch.Tensor]
@@ -90,6 +92,7 @@ class BlockSpec:
     pos_k: torch.Tensor
     causal: bool
     visible: bool
+    tables: BlockTables = field(default_factory=BlockTables, repr=False, compare=False)
 
 
 class ZigzagPlan:
@@ -116,6 +119,7 @@ class ZigzagPlan:
         self._ranks: dict = {}
         self._blocks: dict = {}
         self._gathered: Optional[tuple] = None
+        self.tables = BlockTables()  # Ulysses attends over the full microbatch: its block tables
 
     # ------------------------------------------------------------------ per rank
 

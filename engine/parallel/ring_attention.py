@@ -89,7 +89,7 @@ def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
 def _block_forward(ops, q, kv, blk: BlockSpec, scale: float):
     qb, kb, vb = _rows(q, blk.q_index), _rows(kv[0], blk.k_index), _rows(kv[1], blk.k_index)
     return ops.forward(qb, kb, vb, blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, blk.causal, scale,
-                       blk.pos_q, blk.pos_k)
+                       blk.pos_q, blk.pos_k, tables=blk.tables)
 
 
 def _merge_into(out, lse, block_out, block_lse, index) -> None:
@@ -108,7 +108,7 @@ def _block_backward(ops, dout, q, kv, out, lse, blk: BlockSpec, scale: float):
     qi, ki = blk.q_index, blk.k_index
     return ops.backward(_rows(dout, qi), _rows(q, qi), _rows(kv[0], ki), _rows(kv[1], ki), _rows(out, qi),
                         _rows(lse, qi), blk.cu_q, blk.cu_k, blk.max_q, blk.max_k, blk.causal, scale,
-                        blk.pos_q, blk.pos_k)
+                        blk.pos_q, blk.pos_k, tables=blk.tables)
 
 
 def _add_rows(acc: torch.Tensor, index: Optional[torch.Tensor], x: torch.Tensor) -> None:

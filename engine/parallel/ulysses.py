@@ -47,5 +47,5 @@ def ulysses_attention(q, k, v, plan: ZigzagPlan, group, *, causal: bool = True, 
     q, k, v = (comm.seq_to_heads(x, group, stats).index_select(0, inverse) for x in (q, k, v))
     cu = plan.cu_seqlens_full
     out = kernels.attention(q, k, v, cu, cu, plan.max_seqlen_full, plan.max_seqlen_full, causal=causal,
-                            softmax_scale=softmax_scale, backend=backend)
+                            softmax_scale=softmax_scale, backend=backend, tables=plan.tables)
     return comm.heads_to_seq(out.index_select(0, order), group, stats)
