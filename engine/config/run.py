@@ -115,7 +115,9 @@ class DataConfig:
     tokenizer: Optional[str] = None  # sentencepiece .model or an HF tokenizer directory
     on_bad_sample: str = "error"  # error | skip (skipped samples are counted by reason)
     pack_window: Optional[int] = None  # samples per first-fit-decreasing window; null: all at once
-    image_backend: str = "auto"  # auto (DALI if installed and on CUDA, else Pillow) | pillow | dali
+    image_backend: str = "auto"  # auto (DALI if installed, on CUDA and num_workers 0, else Pillow) | pillow | dali
+    num_workers: int = 0  # DataLoader processes making whole step batches ahead; 0: in the training process
+    prefetch: int = 2  # step batches made ahead per worker
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -149,6 +151,13 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_sample={self.on_bad_sample!r} must be error or skip")
         if self.image_backend not in ("auto", "pillow", "dali"):
             raise ConfigError(f"data.image_backend={self.image_backend!r} must be auto, pillow or dali")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError(f"data.prefetch={self.prefetch} must be >= 1")
+        if self.image_backend == "dali" and self.num_workers > 0:
+            raise ConfigError(f"data.image_backend=dali decodes on the GPU in the training process: it needs "
+                              f"data.num_workers=0, not {self.num_workers}")
         if self.pack_window is not None and self.pack_window < 1:
             raise ConfigError(f"data.pack_window={self.pack_window} must be >= 1 (or null)")
         for key in ("train_jsonl", "eval_jsonl"):

@@ -6,13 +6,15 @@ A JSONL line is one sample::
                   {"role": "assistant", "content": "red"}],
      "images": ["img/0001.png"], "question_type": "colour"}
 
-Image paths are relative to the JSONL file's directory. Preparation (``from_jsonl``) reads
-every line, checks it, tokenizes it and decodes every image once, so bad data surfaces before
-training, never mid-run. Each bad sample is either a ``ValueError`` naming file and line
-(``train.jsonl:17: image img/0007.png is missing``) or, with ``on_bad_sample="skip"``,
-dropped and counted by reason (``bad_sample_counts``). The samples are then packed whole
-into ``seq_len`` sequences (engine/data/multimodal_packing.py), and the text
-GlobalBatchSampler picks sequences, so a step's global batch is independent of the layout.
+Image paths are relative to the JSONL file's directory. This module's MultimodalDataset
+(``from_jsonl``) reads every line, checks it, tokenizes it and decodes every image once, and
+keeps the samples in memory; training reads the same data on demand instead
+(LazyMultimodalDataset, engine/data/multimodal_lazy.py). Each bad sample is either a
+``ValueError`` naming file and line (``train.jsonl:17: image img/0007.png is missing``) or,
+with ``on_bad_sample="skip"``, dropped and counted by reason (``bad_sample_counts``). The
+samples are then packed whole into ``seq_len`` sequences (engine/data/multimodal_packing.py),
+and the text GlobalBatchSampler picks sequences, so a step's global batch is independent of
+the layout.
 """
 from __future__ import annotations
 
@@ -74,20 +76,22 @@ class MultimodalSequence(Sample):
                  samples do not fill ``seq_len`` (pad tokens never carry labels)
     image_paths: this sequence's images in placeholder order
     sample_ids:  int64 ``[num_samples_in_sequence]`` dataset sample indices, in order
+    pixels:      float32 ``[num_images, 3, H, W]`` when the images were decoded with the sequence
+                 (the lazy dataset), else None (``collate`` decodes ``image_paths``)
     """
 
     image_paths: list[str]
     sample_ids: np.ndarray
+    pixels: Optional[np.ndarray] = None
 
 
 # ----------------------------------------------------------------------------- preparation
 
 
-def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_tokens: int) -> tuple:
-    """Check and encode one JSONL line: (EncodedChat, image paths, question_type).
-
-    Raises _Bad(reason, detail). Cheap checks run first; decoding the images runs last.
-    """
+def encode_line(raw: bytes, tok: Tokenizer, image_tokens: int) -> tuple:
+    """The text-level checks and encoding of one JSONL line: (EncodedChat, relative image paths,
+    question_type). Raises _Bad for a malformed line or a placeholder mismatch; the length and
+    the images are checked by the callers (the length limit depends on ``seq_len``)."""
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -106,16 +110,31 @@ def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_t
     tags = count_image_tags(messages)
     if tags != len(images):
         raise _Bad("placeholder_mismatch", f"{tags} <image> tags in the messages but {len(images)} images")
-    encoded = encode_chat(messages, tok, image_tokens)
-    if len(encoded.input_ids) > seq_len:
-        raise _Bad("too_long", f"sample is {len(encoded.input_ids)} tokens ({len(images)} images x "
-                               f"{image_tokens} image tokens), longer than data.seq_len={seq_len}")
+    return encode_chat(messages, tok, image_tokens), images, record.get("question_type")
+
+
+def too_long(num_tokens: int, num_images: int, image_tokens: int, seq_len: int) -> Optional[_Bad]:
+    if num_tokens <= seq_len:
+        return None
+    return _Bad("too_long", f"sample is {num_tokens} tokens ({num_images} images x {image_tokens} image "
+                            f"tokens), longer than data.seq_len={seq_len}")
+
+
+def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_tokens: int) -> tuple:
+    """Check and encode one JSONL line: (EncodedChat, image paths, question_type).
+
+    Raises _Bad(reason, detail). Cheap checks run first; decoding the images runs last.
+    """
+    encoded, images, question_type = encode_line(raw, tok, image_tokens)
+    bad = too_long(len(encoded.input_ids), len(images), image_tokens, seq_len)
+    if bad:
+        raise bad
     paths = [os.path.join(base_dir, p) for p in images]
     for rel, path in zip(images, paths):
         bad = image_problem(path)
         if bad:
             raise _Bad(bad[0], f"image {rel} {bad[1]}")
-    return encoded, paths, record.get("question_type")
+    return encoded, paths, question_type
 
 
 def read_chat_jsonl(path: str, tok: Tokenizer, seq_len: int, image_tokens: int,
@@ -154,20 +173,28 @@ class MultimodalDataset:
     """Prepared chat samples packed into ``seq_len`` sequences; ``len`` = number of sequences.
 
     ``dataset[s]`` is a MultimodalSequence of exactly ``seq_len`` tokens, so microbatch shapes
-    stay fixed (what sequence and context parallelism need).
+    stay fixed (what sequence and context parallelism need). This class holds every prepared
+    sample in memory (``samples``); LazyMultimodalDataset (engine/data/multimodal_lazy.py) reads
+    them on demand through the same sequence, collate and microbatch code.
     """
 
     def __init__(self, samples: list[ChatSample], seq_len: int, tokenizer: Tokenizer, image_tokens: int,
                  image_loader: Callable[[Sequence[str]], torch.Tensor], seed: int,
                  pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = ()):
-        if not samples:
+        self.samples = samples
+        self._setup([len(s.input_ids) for s in samples], seq_len, tokenizer, image_tokens, image_loader, seed,
+                    pack_window, bad_samples)
+
+    def _setup(self, lengths, seq_len: int, tokenizer: Tokenizer, image_tokens: int, image_loader, seed: int,
+               pack_window: Optional[int], bad_samples: Sequence[BadSample]) -> None:
+        if not len(lengths):
             where = f" ({len(bad_samples)} bad samples skipped)" if bad_samples else ""
             raise ValueError(f"the multimodal dataset has no usable samples{where}")
-        self.samples, self.seq_len = samples, int(seq_len)
+        self.seq_len, self.num_samples = int(seq_len), len(lengths)
         self.pad_id, self.image_id, self.vocab_size = tokenizer.pad_id, tokenizer.image_id, tokenizer.vocab_size
         self.image_tokens, self.image_loader = int(image_tokens), image_loader
         self.bad_samples = list(bad_samples)
-        self.plan: PackingPlan = pack_samples([len(s.input_ids) for s in samples], seq_len, seed, pack_window)
+        self.plan: PackingPlan = pack_samples(lengths, seq_len, seed, pack_window)
 
     @classmethod
     def from_jsonl(cls, paths: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, *, image_size: int,
@@ -182,8 +209,8 @@ class MultimodalDataset:
         """
         n_image = image_token_count(image_size, patch_size, merge) if image_tokens is None else int(image_tokens)
         samples, bad = [], []
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            good_k, bad_k = read_chat_jsonl(os.fspath(path), tokenizer, seq_len, n_image, on_bad_sample)
+        for path in jsonl_paths(paths):
+            good_k, bad_k = read_chat_jsonl(path, tokenizer, seq_len, n_image, on_bad_sample)
             samples += good_k
             bad += bad_k
         loader = make_image_loader(image_size, image_backend)
@@ -196,9 +223,12 @@ class MultimodalDataset:
         path = getattr(data_cfg, f"{split}_jsonl")
         if path is None:
             raise ValueError(f"data.{split}_jsonl is not set")
+        backend = data_cfg.image_backend
+        if backend == "auto" and data_cfg.num_workers > 0:  # DALI decodes on the GPU: never in a worker
+            backend = "pillow"
         return cls.from_jsonl(path, Tokenizer.load(data_cfg.tokenizer), data_cfg.seq_len, image_size=image_size,
                               patch_size=patch_size, merge=merge, seed=seed, on_bad_sample=data_cfg.on_bad_sample,
-                              pack_window=data_cfg.pack_window, image_backend=data_cfg.image_backend,
+                              pack_window=data_cfg.pack_window, image_backend=backend,
                               image_tokens=image_tokens)
 
     def __len__(self) -> int:
@@ -218,16 +248,26 @@ class MultimodalDataset:
     def metrics(self) -> dict[str, float]:
         """Flat figures for metrics.jsonl: packing efficiency and skipped samples per reason."""
         out: dict[str, float] = {"data/packing_efficiency": self.packing_efficiency,
-                                 "data/samples": len(self.samples), "data/sequences": len(self)}
+                                 "data/samples": self.num_samples, "data/sequences": len(self)}
         out.update({f"data/skipped_{r}": n for r, n in self.bad_sample_counts.items()})
         return out
 
+    def sample(self, i: int) -> ChatSample:
+        """Prepared sample ``i`` (in file order over the good samples)."""
+        return self.samples[i]
+
     def __getitem__(self, s: int) -> MultimodalSequence:
+        ids = self._sequence_ids(s)
+        return self._assemble(ids, [self.sample(int(i)) for i in ids])
+
+    def _sequence_ids(self, s: int) -> np.ndarray:
         n = len(self)
         if not -n <= s < n:
-            raise IndexError(f"MultimodalDataset index {s} out of range for {n} sequences")
-        ids = self.plan.sequence(int(s) % n)
-        docs = [self.samples[i] for i in ids]
+            raise IndexError(f"{type(self).__name__} index {s} out of range for {n} sequences")
+        return self.plan.sequence(int(s) % n)
+
+    def _assemble(self, ids: np.ndarray, docs: Sequence[ChatSample], pixels: Optional[np.ndarray] = None
+                  ) -> MultimodalSequence:
         lens = [len(d.input_ids) for d in docs]
         pad = self.seq_len - sum(lens)
         doc_lens = lens + ([pad] if pad else [])
@@ -236,7 +276,8 @@ class MultimodalDataset:
         positions = np.concatenate([np.arange(k, dtype=np.int32) for k in doc_lens])
         return MultimodalSequence(input_ids=input_ids, labels=labels, positions=positions,
                                   doc_lens=np.asarray(doc_lens, np.int32),
-                                  image_paths=[p for d in docs for p in d.images], sample_ids=ids.copy())
+                                  image_paths=[p for d in docs for p in d.images], sample_ids=ids.copy(),
+                                  pixels=pixels)
 
     def collate(self, sequences: Sequence[MultimodalSequence]) -> Microbatch:
         """Text fields as ``sampler.collate``, plus (images in placeholder order)
@@ -246,7 +287,11 @@ class MultimodalDataset:
         """
         mb = collate(sequences)
         paths = [p for s in sequences for p in s.image_paths]
-        return dataclasses.replace(mb, pixel_values=self.image_loader(paths),
+        if all(s.pixels is not None for s in sequences):  # decoded already, where the sequence was read
+            pixel_values = torch.from_numpy(np.concatenate([s.pixels for s in sequences]))
+        else:
+            pixel_values = self.image_loader(paths)
+        return dataclasses.replace(mb, pixel_values=pixel_values,
                                    image_token_counts=torch.full((len(paths),), self.image_tokens, dtype=torch.int64))
 
     def microbatches(self, global_indices: Sequence[int], dp_rank: int, dp_size: int,
@@ -255,3 +300,7 @@ class MultimodalDataset:
         mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
         return [self.collate([self[int(i)] for i in mine[k:k + micro_batch_size]])
                 for k in range(0, len(mine), micro_batch_size)]
+
+
+def jsonl_paths(paths: str | os.PathLike | Sequence[str]) -> list[str]:
+    return [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]

@@ -8,6 +8,7 @@ size, never on the parallel layout, so every rank computes the same plan.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -22,33 +23,42 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     10^5 samples packs in about a second. Returns bins in creation order, items in insertion
     order. Every length must be in [1, capacity].
     """
+    items, sizes = _ffd(np.asarray(lengths, np.int64), capacity)
+    return [b.tolist() for b in np.split(items, np.cumsum(sizes)[:-1])] if len(items) else []
+
+
+def _ffd(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """first_fit_decreasing as arrays: (item indices bin after bin, items per bin).
+
+    Compact arrays instead of a list per bin and a Python object per item, so that packing
+    millions of samples holds a few arrays of their size.
+    """
     n = len(lengths)
     if n == 0:
-        return []
-    bad = [i for i, length in enumerate(lengths) if not 1 <= length <= capacity]
-    if bad:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > capacity))
+    if len(bad):
         raise ValueError(f"item {bad[0]} has length {lengths[bad[0]]}, outside [1, capacity={capacity}]")
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties by index
     size = 1 << (n - 1).bit_length()  # leaves: one per potential bin
-    free = [0] * (2 * size)  # free[node] = max free space below node; unopened bins hold 0
-    bins: list[list[int]] = []
-    for i in sorted(range(n), key=lambda k: (-lengths[k], k)):
-        need = lengths[i]
+    free = array("q", bytes(16 * size))  # free[node] = max free space below node; unopened bins hold 0
+    bin_of, opened = array("q"), 0
+    for need in array("q", lengths[order].tobytes()):
         if free[1] >= need:
             node = 1
             while node < size:  # descend towards the leftmost leaf with room
                 node = 2 * node if free[2 * node] >= need else 2 * node + 1
-            b = node - size
         else:
-            b, node = len(bins), len(bins) + size
-            bins.append([])
+            node, opened = opened + size, opened + 1
             free[node] = capacity
-        bins[b].append(i)
+        bin_of.append(node - size)
         free[node] -= need
         node //= 2
         while node:
             free[node] = max(free[2 * node], free[2 * node + 1])
             node //= 2
-    return bins
+    bins = np.frombuffer(bin_of, np.int64)
+    return order[np.argsort(bins, kind="stable")], np.bincount(bins, minlength=opened)
 
 
 @dataclass
@@ -107,11 +117,13 @@ def pack_samples(lengths: Sequence[int], seq_len: int, seed: int, window: Option
         if window < 1:
             raise ValueError(f"packing window={window} must be >= 1")
         order = np.random.default_rng([seed, 0x9AC]).permutation(n).astype(np.int64)
-    samples, offsets = [], [0]
+    samples, sizes = [], []
     for start in range(0, n, window):
         chunk = order[start:start + window]
-        for b in first_fit_decreasing(lengths[chunk].tolist(), seq_len):
-            samples.extend(chunk[b].tolist())
-            offsets.append(len(samples))
-    return PackingPlan(np.asarray(samples, np.int64), np.asarray(offsets, np.int64), int(seq_len),
+        items, counts = _ffd(lengths[chunk], seq_len)
+        samples.append(chunk[items])
+        sizes.append(counts)
+    offsets = np.zeros(sum(len(k) for k in sizes) + 1, np.int64)
+    np.cumsum(np.concatenate(sizes) if sizes else [], out=offsets[1:])
+    return PackingPlan(np.concatenate(samples) if samples else np.zeros(0, np.int64), offsets, int(seq_len),
                        int(lengths.sum()))

@@ -19,6 +19,7 @@ tokenizers run on), so loading one does not import transformers. A directory hol
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class _SentencePiece:
     def vocab_size(self) -> int:
         return int(self.sp.get_piece_size())
 
+    def serialized(self) -> bytes:
+        return self.sp.serialized_model_proto()
+
 
 class _HFTokenizers:
     kind = "hf"
@@ -114,6 +118,9 @@ class _HFTokenizers:
 
     def vocab_size(self) -> int:
         return int(self.tk.get_vocab_size(with_added_tokens=True))
+
+    def serialized(self) -> bytes:
+        return self.tk.to_str().encode("utf-8")
 
 
 def _read_json(path: str) -> dict:
@@ -166,6 +173,15 @@ class Tokenizer:
     @property
     def kind(self) -> str:
         return self.backend.kind
+
+    def fingerprint(self) -> str:
+        """Hash of the vocabulary, merges and special ids: equal fingerprints encode alike (whatever
+        the file's path), so caches of token counts can key on it."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(self.backend.serialized())
+            h.update(repr((self.kind, self.specials, self.bos_id, self.eos_id, self.pad_id)).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def vocab_size(self) -> int:
