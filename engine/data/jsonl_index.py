@@ -1,0 +1,220 @@
+"""A byte-offset index of a chat JSONL file, built in one streaming pass and cached beside it.
+
+Per non-blank line the index holds what packing and the bad-sample checks need, so that no
+sample has to stay in memory: its byte offset and line number, its token count after the chat
+template, its number of images and a status (``ok``, ``malformed``, ``placeholder_mismatch``,
+``missing_image``: the text-level problems, and image files that do not exist, found by a stat)
+with a message for each bad line. Whether a sample is too long depends on ``seq_len`` and is
+decided when the index is read, so a new ``seq_len`` reuses the cache. Decoding an image costs
+far more than a stat; corrupt images are found when their sample is read.
+
+The cache is ``FILE.loomidx.npz``. It records the key it was built for, the JSONL's size and
+modification time, the tokenizer's fingerprint and the placeholder tokens per image, and any
+difference rebuilds it. It is written under a temporary name and renamed, so a reader sees a
+whole file or none. One process builds while the others wait on a lock file beside it (other
+ranks of the job, other jobs on the machine); without one (a filesystem without ``flock``),
+concurrent builders write identical files and the last rename wins. An unwritable directory
+means no cache, and a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import warnings
+import zipfile
+from array import array
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.data.multimodal import BadSample, _Bad, encode_line, too_long
+from engine.data.tokenizer import Tokenizer
+
+INDEX_VERSION = 1
+STATUS = ("ok", "malformed", "placeholder_mismatch", "missing_image")
+OK, MISSING = 0, STATUS.index("missing_image")
+CACHE_SUFFIX = ".loomidx.npz"
+
+
+@dataclass
+class JsonlIndex:
+    """One JSONL file's lines, arrays of ``[n]`` over its non-blank lines in file order.
+
+    offsets:    int64 byte offset of the line
+    lines:      int32 1-based line number
+    lengths:    int32 tokens after the chat template (0 where the line cannot be encoded)
+    num_images: int32 images of the sample
+    status:     int8 index into STATUS
+    details:    what is wrong, by row, for every row whose status is not ok
+    """
+
+    path: str
+    offsets: np.ndarray
+    lines: np.ndarray
+    lengths: np.ndarray
+    num_images: np.ndarray
+    status: np.ndarray
+    details: dict[int, str]
+
+    def classify(self, seq_len: int, image_tokens: int) -> tuple[np.ndarray, list[BadSample]]:
+        """(rows of the usable samples, bad samples in file order) for ``seq_len``.
+
+        The reasons take the order of the eager checks: malformed or mismatched text, then too
+        long, then a missing image.
+        """
+        text_bad = (self.status != OK) & (self.status != MISSING)
+        long = ~text_bad & (self.lengths > seq_len)
+        bad = text_bad | long | (self.status == MISSING)
+        out = []
+        for row in np.flatnonzero(bad).tolist():
+            if long[row]:
+                problem = too_long(int(self.lengths[row]), int(self.num_images[row]), image_tokens, seq_len)
+                reason, detail = problem.reason, problem.detail
+            else:
+                reason, detail = STATUS[self.status[row]], self.details[row]
+            line = int(self.lines[row])
+            out.append(BadSample(self.path, line, reason, f"{self.path}:{line}: {detail}"))
+        return np.flatnonzero(~bad), out
+
+
+def cache_path(path: str) -> str:
+    return path + CACHE_SUFFIX
+
+
+def index_key(path: str, tok: Tokenizer, image_tokens: int) -> dict:
+    """What the cached index depends on; a change in any of it rebuilds the index."""
+    st = os.stat(path)
+    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "tokenizer": tok.fingerprint(), "image_tokens": int(image_tokens)}
+
+
+def load_or_build(path: str, tok: Tokenizer, image_tokens: int) -> JsonlIndex:
+    """The index of ``path``: from its cache when the key matches, else built (once) and cached."""
+    path = os.fspath(path)
+    key = index_key(path, tok, image_tokens)  # before reading: a file changed mid-build fails the next check
+    index = _load(path, key)
+    if index is not None:
+        return index
+    with _build_lock(cache_path(path)):
+        index = _load(path, key)  # built by another process while this one waited
+        if index is None:
+            index = build_index(path, tok, image_tokens)
+            _save(index, key)
+    return index
+
+
+# ----------------------------------------------------------------------------- building
+
+
+class _Exists:
+    """os.path.isfile with a bounded memo: many samples may share an image."""
+
+    def __init__(self, limit: int = 1 << 16):
+        self.seen: dict[str, bool] = {}
+        self.limit = limit
+
+    def __call__(self, path: str) -> bool:
+        if path not in self.seen:
+            if len(self.seen) >= self.limit:
+                self.seen.clear()
+            self.seen[path] = os.path.isfile(path)
+        return self.seen[path]
+
+
+def _index_line(raw: bytes, base_dir: str, tok: Tokenizer, image_tokens: int, exists: _Exists) -> tuple:
+    """(status, tokens, images, detail or None) of one line."""
+    try:
+        encoded, images, _ = encode_line(raw, tok, image_tokens)
+    except _Bad as e:
+        return STATUS.index(e.reason), 0, 0, e.detail
+    missing = next((rel for rel in images if not exists(os.path.join(base_dir, rel))), None)
+    if missing is not None:
+        return MISSING, len(encoded.input_ids), len(images), f"image {missing} is missing"
+    return OK, len(encoded.input_ids), len(images), None
+
+
+def build_index(path: str, tok: Tokenizer, image_tokens: int) -> JsonlIndex:
+    """One pass over the file, a line at a time; compact arrays grow as it goes."""
+    base_dir = os.path.dirname(os.path.abspath(path))
+    offsets, lines, lengths, images = array("q"), array("i"), array("i"), array("i")
+    status, details, exists, offset = array("b"), {}, _Exists(), 0
+    with open(path, "rb") as f:  # bytes: a line of bad UTF-8 is one bad sample, not a crash
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip():
+                code, n_tokens, n_images, detail = _index_line(raw, base_dir, tok, image_tokens, exists)
+                if detail is not None:
+                    details[len(offsets)] = detail
+                offsets.append(offset)
+                lines.append(line_no)
+                lengths.append(n_tokens)
+                images.append(n_images)
+                status.append(code)
+            offset += len(raw)
+    return JsonlIndex(path, np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int32),
+                      np.frombuffer(lengths, np.int32), np.frombuffer(images, np.int32),
+                      np.frombuffer(status, np.int8), details)
+
+
+# ----------------------------------------------------------------------------- the cache file
+
+
+def _as_bytes(value) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+
+
+def _from_bytes(array_: np.ndarray):
+    return json.loads(array_.tobytes().decode("utf-8"))
+
+
+def _load(path: str, key: dict) -> JsonlIndex | None:
+    try:
+        with np.load(cache_path(path), allow_pickle=False) as z:
+            if _from_bytes(z["key"]) != key:
+                return None
+            details = {int(row): text for row, text in _from_bytes(z["details"])}
+            return JsonlIndex(path, z["offsets"], z["lines"], z["lengths"], z["num_images"], z["status"], details)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged or foreign: rebuild
+        warnings.warn(f"ignoring the unreadable index {cache_path(path)} ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+
+
+def _save(index: JsonlIndex, key: dict) -> None:
+    """Write under a temporary name, then rename: the cache is whole or absent, never partial."""
+    final = cache_path(index.path)
+    tmp = f"{final}.tmp.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=_as_bytes(key), offsets=index.offsets, lines=index.lines, lengths=index.lengths,
+                     num_images=index.num_images, status=index.status,
+                     details=_as_bytes(sorted(index.details.items())))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        warnings.warn(f"cannot cache the index of {index.path} as {final} ({e}); it is rebuilt at every start",
+                      stacklevel=2)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _build_lock(final: str):
+    """An exclusive flock on ``final + '.lock'``; nothing where the directory is not writable."""
+    import fcntl
+
+    try:
+        handle = open(final + ".lock", "ab")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
