@@ -13,6 +13,7 @@ from engine.data import (
     GlobalBatchSampler,
     IGNORE_INDEX,
     ImageProcessor,
+    LazyMultimodalDataset,
     Microbatch,
     MultimodalDataset,
     Tokenizer,
@@ -53,8 +54,11 @@ def build(path, tok, seed=0, **kw):
                                         merge=False, seed=seed, **kw)
 
 
-@pytest.fixture(scope="module")
-def dataset(vqa, tok):
+@pytest.fixture(scope="module", params=["eager", "lazy"])
+def dataset(vqa, tok, request):
+    if request.param == "lazy":  # read on demand through the line index: the same sequences
+        return LazyMultimodalDataset.from_jsonl(vqa[1]["train"], tok, SEQ_LEN, image_size=IMAGE_SIZE,
+                                                patch_size=PATCH, merge=False, seed=0)
     return build(vqa[1]["train"], tok)
 
 
@@ -249,7 +253,7 @@ def test_pack_samples_windows_deterministic_and_efficiency():
 
 def test_dataset_sequences_hold_whole_samples(dataset):
     assert dataset.packing_efficiency == pytest.approx(
-        sum(len(s.input_ids) for s in dataset.samples) / (len(dataset) * SEQ_LEN))
+        sum(len(dataset.sample(i).input_ids) for i in range(dataset.num_samples)) / (len(dataset) * SEQ_LEN))
     seen = []
     for k in range(len(dataset)):
         seq = dataset[k]
@@ -257,7 +261,7 @@ def test_dataset_sequences_hold_whole_samples(dataset):
         assert seq.doc_lens.sum() == SEQ_LEN
         starts = np.concatenate(([0], np.cumsum(seq.doc_lens)[:-1]))
         for d, i in enumerate(seq.sample_ids.tolist()):  # each sample whole, in its own document
-            sample = dataset.samples[i]
+            sample = dataset.sample(i)
             span = slice(starts[d], starts[d] + seq.doc_lens[d])
             assert seq.doc_lens[d] == len(sample.input_ids)
             np.testing.assert_array_equal(seq.input_ids[span], sample.input_ids)
@@ -267,7 +271,7 @@ def test_dataset_sequences_hold_whole_samples(dataset):
             pad = slice(starts[-1], SEQ_LEN)
             assert (seq.input_ids[pad] == dataset.pad_id).all() and (seq.labels[pad] == IGNORE_INDEX).all()
         seen += seq.sample_ids.tolist()
-    assert sorted(seen) == list(range(len(dataset.samples)))  # every sample exactly once
+    assert sorted(seen) == list(range(dataset.num_samples))  # every sample exactly once
 
 
 # ----------------------------------------------------------------------------- microbatches
@@ -291,7 +295,7 @@ def test_microbatch_images_follow_placeholders(dataset, tok):
     proc = ImageProcessor(IMAGE_SIZE)
     for j, start in enumerate(run_starts.tolist()):
         assert is_img[start:start + N_IMAGE].all() and (start + N_IMAGE == len(ids) or not is_img[start + N_IMAGE])
-        (path,) = dataset.samples[doc_sample[doc_of_token[start]]].images
+        (path,) = dataset.sample(doc_sample[doc_of_token[start]]).images
         assert torch.equal(mb.pixel_values[j], torch.from_numpy(proc.load(path)))
     assert mb.num_loss_tokens == int((mb.labels != IGNORE_INDEX).sum()) > 0
     assert mb.positions.dtype == torch.int32 and mb.cu_seqlens.dtype == torch.int32

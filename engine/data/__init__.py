@@ -13,6 +13,8 @@ from engine.data.blend import (BlendedDataset, BlendedSampler, blend_pattern, bu
 from engine.data.chat import IMAGE_TAG, encode_chat
 from engine.data.images import ImageProcessor, image_token_count, make_image_loader
 from engine.data.multimodal import BAD_SAMPLE_REASONS, MultimodalDataset
+from engine.data.multimodal_lazy import LazyMultimodalDataset
+from engine.data.loader import StepBatches, StepLoader
 from engine.data.multimodal_packing import PackingPlan, first_fit_decreasing, pack_samples
 from engine.data.tokenizer import SpecialTokens, Tokenizer
 
@@ -46,9 +48,12 @@ __all__ = [
     "BAD_SAMPLE_REASONS",
     "IMAGE_TAG",
     "ImageProcessor",
+    "LazyMultimodalDataset",
     "MultimodalDataset",
     "PackingPlan",
     "SpecialTokens",
+    "StepBatches",
+    "StepLoader",
     "Tokenizer",
     "encode_chat",
     "first_fit_decreasing",

@@ -6,11 +6,14 @@ plain pass-through for a text-only config.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch.nn as nn
 
 from engine.config import Config, ConfigError
+from engine.data.loader import StepBatches, StepLoader
 from engine.data.multimodal import MultimodalDataset
+from engine.data.multimodal_lazy import LazyMultimodalDataset
 from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 from engine.model.lora import apply_lora, is_adapter
@@ -19,15 +22,26 @@ from engine.parallel.context_parallel import CPShard
 
 
 def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
+    """The training split, read on demand through its cached line index (engine/data/multimodal_lazy.py)."""
     v = cfg.model.vision
     if not v.enabled:
         raise ValueError("data.train_jsonl (multimodal data) needs model.vision.enabled=true")
-    dataset = MultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
+    dataset = LazyMultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
                                             merge=v.merge, seed=cfg.train.seed, image_tokens=v.tokens_per_image)
     if dataset.vocab_size > cfg.model.vocab_size:  # its ids would index past the embedding
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {dataset.vocab_size} ids, more than "
                           f"model.vocab_size={cfg.model.vocab_size}")
     return dataset
+
+
+def step_loader(cfg: Config, dataset, sampler, groups) -> Optional[StepLoader]:
+    """This rank's step batches through the DataLoader (``data.num_workers``, ``data.prefetch``);
+    None for text data, whose windows are slices of a memory-mapped array."""
+    if not isinstance(dataset, MultimodalDataset):
+        return None
+    steps = StepBatches(dataset, sampler, groups.dp_rank, cfg.dp_size(groups.world_size),
+                        cfg.train.micro_batch_size)
+    return StepLoader(steps, cfg.data.num_workers, cfg.data.prefetch)
 
 
 def build_any_model(cfg: Config, dataset) -> nn.Module:
@@ -84,4 +98,4 @@ def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
     return dataclasses.replace(batch, pixel_values=mb.pixel_values, image_slots=slots)
 
 
-__all__ = ["build_multimodal_dataset", "build_any_model", "freeze", "text_model", "with_images"]
+__all__ = ["build_multimodal_dataset", "build_any_model", "step_loader", "freeze", "text_model", "with_images"]

@@ -28,7 +28,8 @@ from engine.train.flops import device_peak_tflops, step_flops
 from engine.train.guard import NonFiniteGuard
 from engine.train.metrics import HotExperts, MetricsLogger, Progress
 from engine.train.memory import MemoryReport, report_rank
-from engine.train.multimodal import MultimodalDataset, build_multimodal_dataset, text_model, with_images
+from engine.train.multimodal import (MultimodalDataset, build_multimodal_dataset, step_loader, text_model,
+                                     with_images)
 from engine.train.optim import lr_at
 from engine.train.preflight import check_collectives, check_identity
 from engine.train.resilience import StepWatchdog, StopSignal
@@ -81,6 +82,7 @@ class Trainer:
         self.grads = self.optimizer.grads  # fp32 gradient buckets, reduced over data parallel
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sampler = make_sampler(self.dataset, cfg.train.global_batch_size, cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.batches = step_loader(cfg, self.dataset, self.sampler, groups)  # None: text
         self.checkpoints = Checkpointer(cfg)
         self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
@@ -100,13 +102,11 @@ class Trainer:
 
     def microbatches(self, step: int):
         """This rank's share of the global batch of ``step`` (the batch itself ignores the layout)."""
+        if self.batches is not None:  # multimodal: made ahead by the DataLoader's workers
+            return [mb.to(self.device) for mb in self.batches(step)]
         share = (self.sampler.indices(step), self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
                  self.cfg.train.micro_batch_size)
-        if isinstance(self.dataset, MultimodalDataset):
-            mbs = self.dataset.microbatches(*share)
-        else:
-            mbs = rank_microbatches(self.dataset, *share)
-        return [mb.to(self.device) for mb in mbs]
+        return [mb.to(self.device) for mb in rank_microbatches(self.dataset, *share)]
 
     def forward_backward(self, step: int, microbatches=None) -> tuple[torch.Tensor, int]:
         """Accumulate reduced gradients for ``step``; return (global mean loss, global loss tokens).
