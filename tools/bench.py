@@ -8,6 +8,8 @@
     loom-bench cp          context-parallel load balance and bytes sent (tools/bench_context_parallel.py)
     loom-bench pipeline    pipeline schedules' bubbles with real stages under torchrun (tools/bench_pipeline.py)
     loom-bench memory      each rank's memory against its share as the layout grows (tools/bench_memory.py)
+    loom-bench data        multimodal loading: the step loader per worker count, and a demo step with real
+                           loading against prepared batches (tools/bench_data.py)
 
 ``loom-bench NAME --help`` shows that benchmark's options.
 """
@@ -18,7 +20,7 @@ import sys
 
 BENCHES = {"step": "bench_step", "moe": "bench_moe", "grouped-gemm": "bench_grouped_gemm",
            "attention": "bench_attention", "cp": "bench_context_parallel", "pipeline": "bench_pipeline",
-           "memory": "bench_memory"}
+           "memory": "bench_memory", "data": "bench_data"}
 
 
 def main(argv=None) -> int:

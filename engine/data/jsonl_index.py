@@ -6,7 +6,8 @@ template, its number of images and a status (``ok``, ``malformed``, ``placeholde
 ``missing_image``: the text-level problems, and image files that do not exist, found by a stat)
 with a message for each bad line. Whether a sample is too long depends on ``seq_len`` and is
 decided when the index is read, so a new ``seq_len`` reuses the cache. Decoding an image costs
-far more than a stat; corrupt images are found when their sample is read.
+far more than a stat; corrupt images are found when their sample is read. The stat is cached
+too: an image added after the index was built counts as missing until the JSONL changes.
 
 The cache is ``FILE.loomidx.npz``. It records the key it was built for, the JSONL's size and
 modification time, the tokenizer's fingerprint and the placeholder tokens per image, and any
