@@ -3,6 +3,7 @@ memory that does not grow with the dataset, and the trainer reading through Data
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -278,6 +279,24 @@ def test_workers_yield_the_batches_made_in_process(vqa):
     # The corrupt sample (line 3 of the second file) was read by a worker; its count came back, once.
     assert inline_ds.bad_sample_counts["corrupt_image"] == 1
     assert workers_ds.bad_sample_counts == inline_ds.bad_sample_counts
+    workers.close()
+
+
+def test_workers_outlive_a_sigterm_to_the_process_group(vqa):
+    """The training process saves on SIGTERM at the end of its step: its data workers, which get the
+    same signal from a scheduler, must keep serving that step instead of dying under it."""
+    root, _, tok = vqa
+    ds = build(LazyMultimodalDataset, [str(mixed_jsonl(root, "sigterm.jsonl"))], tok)
+    inline, workers = step_loader(ds, 0), step_loader(ds, 1)
+    workers(0)
+    pids = [w.pid for w in workers._iterator._workers]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    for step in (1, 2, 3):
+        for x, y in zip(inline(step), workers(step)):
+            assert_same_microbatch(x, y)
+    assert workers.restarts == 1
     workers.close()
 
 

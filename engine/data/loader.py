@@ -9,6 +9,7 @@ With ``num_workers=0`` the step is made in the calling process when asked for.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -44,6 +45,13 @@ class StepBatches(torch.utils.data.Dataset):
 
 def _as_is(item):
     return item
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM to the whole process group must reach only the training process, which
+    finishes its step and saves: a worker killed by it would make the DataLoader raise mid-step. The
+    workers exit when the loader closes, or when they see the training process gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StepLoader:
@@ -88,7 +96,7 @@ class StepLoader:
         self.close()
         loader = torch.utils.data.DataLoader(self.steps, batch_size=None, sampler=range(step, sys.maxsize),
                                              num_workers=self.num_workers, prefetch_factor=self.prefetch,
-                                             collate_fn=_as_is)
+                                             collate_fn=_as_is, worker_init_fn=_ignore_stop_signals)
         self._iterator, self._next = iter(loader), step
         self.restarts += 1
 
