@@ -99,13 +99,15 @@ class LazyMultimodalDataset(MultimodalDataset):
             except _Bad as e:
                 docs[k] = self._drop(doc, e)
         size = self.image_loader.image_size
-        return self._assemble(ids, docs, np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.float32))
+        rgb = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+        return self._assemble(ids, docs, self.image_loader.normalize(rgb))
 
     def _decode(self, doc: ChatSample) -> list[np.ndarray]:
+        """``doc``'s images, decoded and resized (uint8 ``[H, W, 3]`` each); normalised by the caller."""
         out = []
         for path in doc.images:
             try:
-                out.append(self.image_loader.load(path))
+                out.append(self.image_loader.decode(path))
             except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
                 reason, detail = image_problem(path) or ("corrupt_image", f"cannot be decoded ({e})")
                 rel = os.path.relpath(path, os.path.dirname(os.path.abspath(doc.file)))
