@@ -1,6 +1,7 @@
 """Multimodal data loading: the step loader alone, and what real loading costs a training step.
 
-    python tools/bench_data.py [--data data/vqa_demo] [--workers 0 1 2] [--steps 10 --warmup 3 --rounds 2]
+    python tools/bench_data.py [--data data/vqa_demo] [--workers 0 1 2] [--step-workers 1 2] [--threads 1]
+                               [--steps 10 --warmup 3 --rounds 2]
     loom-bench data
 
 The data is the quick-start set (tools/make_synthetic_vqa.py, 10000 samples of 32x32 images, and its
@@ -11,9 +12,11 @@ tokenizer), made under ``--data`` unless it is there already. Two parts, in one 
    and collated) taken one after the other with nothing else running, for each ``--workers``
    count. Samples/s and tokens/s count real samples and their tokens, not padding.
 2. The demo config's training step (world size 1: tp, sp and ep off, one microbatch of 32
-   sequences, as tests/test_demo_learns.py runs it) with batches made by 2 DataLoader workers
-   during the steps, against the same steps with every microbatch made before the timer starts
-   (and, for reference, with each batch made in the training process when its step asks).
+   sequences, as tests/test_demo_learns.py runs it) with batches made by ``--step-workers``
+   DataLoader workers during the steps (one mode per count), against the same steps with every
+   microbatch made before the timer starts (and, for reference, with each batch made in the
+   training process when its step asks). ``--threads`` sets the training process's torch threads:
+   on a 2-core machine, 2 compute threads leave the workers no core of their own.
    Both run the same step numbers, so the same batches; the first ``--warmup`` steps of each
    block (worker start-up included) are not timed, and blocks alternate over ``--rounds``.
    The model keeps training from block to block: a step's cost does not depend on its weights.
@@ -40,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--train-samples", type=int, default=10000)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader part: worker counts")
     p.add_argument("--loader-steps", type=int, default=20, help="loader part: timed steps per worker count")
-    p.add_argument("--step-workers", type=int, default=2, help="step part: data.num_workers of real loading")
+    p.add_argument("--step-workers", type=int, nargs="+", default=[2],
+                   help="step part: data.num_workers of real loading (one mode each)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the training process (default: torch's)")
     p.add_argument("--steps", type=int, default=10, help="step part: timed steps per block")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each block")
     p.add_argument("--rounds", type=int, default=2, help="step part: blocks per mode, alternating")
@@ -76,16 +81,19 @@ def bench_loader(cfg, workers: int, steps: int, warmup: int) -> dict:
     dataset = build_multimodal_dataset(cfg)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch_size, cfg.train.seed)
     loader = StepLoader(StepBatches(dataset, sampler, 0, 1, cfg.train.micro_batch_size), workers, cfg.data.prefetch)
-    times = []
+    times, cpu = [], []
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         loader(step)
         times.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
     loader.close()
     timed = range(warmup, warmup + steps)
     docs = [dataset.plan.sequence(int(s)) for k in timed for s in sampler.indices(k)]
     samples, tokens, total = sum(map(len, docs)), int(sum(dataset.lengths[d].sum() for d in docs)), sum(times[warmup:])
-    return {"workers": workers, "step_s": spread(times[warmup:]), "samples_per_s": samples / total,
+    # CPU of this thread per step: with 0 workers the whole cost of making a step, else what receiving it costs
+    return {"workers": workers, "step_s": spread(times[warmup:]), "cpu_s": spread(cpu[warmup:]),
+            "samples_per_s": samples / total,
             "tokens_per_s": tokens / total, "samples": samples, "tokens": tokens}
 
 
@@ -94,14 +102,15 @@ def bench_loader(cfg, workers: int, steps: int, warmup: int) -> dict:
 
 def timed_block(trainer, first: int, count: int, warmup: int, prepared=None) -> dict:
     """Steps first .. first+count-1 from ``trainer.batches`` (or ``prepared``): per timed step, its time
-    and the part spent waiting for its batch."""
-    waits, step_times = [], []
+    the part spent waiting for its batch, and the training thread's CPU time in that wait."""
+    waits, cpus, step_times = [], [], []
     fetch = prepared.__getitem__ if prepared is not None else trainer.microbatches
 
     def timed_fetch(step):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         out = fetch(step)
         waits.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - start_cpu)
         return out
 
     trainer.microbatches = timed_fetch  # train_step asks for its batch through this attribute
@@ -111,18 +120,18 @@ def timed_block(trainer, first: int, count: int, warmup: int, prepared=None) -> 
             step_times.append(trainer.train_step()["step_time_s"])
     finally:
         del trainer.microbatches
-    return {"step_s": step_times[warmup:], "wait_s": waits[warmup:]}
+    return {"step_s": step_times[warmup:], "wait_s": waits[warmup:], "wait_cpu_s": cpus[warmup:]}
 
 
 def bench_steps(trainer, args) -> dict:
-    """Modes ``loading`` (``--step-workers`` workers), ``in_process`` (num_workers 0: each batch made when
-    its step asks) and ``prepared``, block after block, the order reversed every other round."""
+    """Modes ``loading_W`` (W in ``--step-workers`` workers), ``in_process`` (num_workers 0: each batch made
+    when its step asks) and ``prepared``, block after block, the order reversed every other round."""
     from engine.data import StepLoader
 
     count, first = args.warmup + args.steps, 0
     steps = trainer.batches.steps
-    workers = {"loading": args.step_workers, "in_process": 0}
-    modes = {mode: {"step_s": [], "wait_s": []} for mode in ("loading", "in_process", "prepared")}
+    workers = {**{f"loading_{w}": w for w in args.step_workers}, "in_process": 0}
+    modes = {mode: {"step_s": [], "wait_s": [], "wait_cpu_s": []} for mode in (*workers, "prepared")}
     for r in range(args.rounds):
         for mode in list(modes) if r % 2 == 0 else list(modes)[::-1]:
             if mode in workers:
@@ -133,13 +142,11 @@ def bench_steps(trainer, args) -> dict:
                 prepared = {s: trainer.microbatches(s) for s in range(first, first + count)}
                 block = timed_block(trainer, first, count, args.warmup, prepared)
             trainer.batches.close()  # no worker left running into the next block
-            for key in ("step_s", "wait_s"):
+            for key in block:
                 modes[mode][key] += block[key]
-    out = {mode: {"step_s": spread(v["step_s"]), "wait_s": spread(v["wait_s"]), "steps": len(v["step_s"])}
-           for mode, v in modes.items()}
+    out = {mode: {**{key: spread(v[key]) for key in v}, "steps": len(v["step_s"])} for mode, v in modes.items()}
     for mode in workers:
         out[mode]["ratio"] = out[mode]["step_s"]["median"] / out["prepared"]["step_s"]["median"]
-    out["ratio"] = out["loading"]["ratio"]
     return out
 
 
@@ -151,25 +158,30 @@ def fmt(s: dict, scale: float = 1e3) -> str:
 
 
 def report(result: dict) -> str:
-    lines = ["| loader: num_workers | ms per step | samples/s | tokens/s |", "| --- | --- | --- | --- |"]
+    lines = ["| loader: num_workers | ms per step | main-thread CPU ms per step | samples/s | tokens/s |",
+             "| --- | --- | --- | --- | --- |"]
     for r in result["loader"]:
-        lines.append(f"| {r['workers']} | {fmt(r['step_s'])} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} |")
+        lines.append(f"| {r['workers']} | {fmt(r['step_s'])} | {fmt(r['cpu_s'])} | {r['samples_per_s']:.0f} | "
+                     f"{r['tokens_per_s']:.0f} |")
     steps, load = result["steps"], result["load_average"]
-    lines += ["", f"| demo step ({steps['loading']['steps']} timed steps per mode) | ms per step | "
-                  "ms waiting for the batch | step / prepared |", "| --- | --- | --- | --- |"]
-    names = {"loading": f"real loading, {result['step_workers']} workers", "in_process": "real loading, in process",
-             "prepared": "prepared in advance"}
+    lines += ["", f"| demo step ({steps['prepared']['steps']} timed steps per mode, {result['threads']} torch "
+                  "threads) | ms per step | ms waiting for the batch | CPU ms of that wait | step / prepared |",
+              "| --- | --- | --- | --- | --- |"]
+    names = {**{f"loading_{w}": f"real loading, {w} workers" for w in result["step_workers"]},
+             "in_process": "real loading, in process", "prepared": "prepared in advance"}
     for mode, name in names.items():
-        ratio = f"{steps[mode]['ratio']:.3f}" if "ratio" in steps[mode] else "1"
-        lines.append(f"| {name} | {fmt(steps[mode]['step_s'])} | {fmt(steps[mode]['wait_s'])} | {ratio} |")
-    lines.append(f"\nratio (median step, real loading with {result['step_workers']} workers / prepared): "
-                 f"{steps['ratio']:.3f}; {result['cpus']} CPUs, load average {load['start'][0]:.1f} at the start, "
+        s = steps[mode]
+        ratio = f"{s['ratio']:.3f}" if "ratio" in s else "1"
+        lines.append(f"| {name} | {fmt(s['step_s'])} | {fmt(s['wait_s'])} | {fmt(s['wait_cpu_s'])} | {ratio} |")
+    lines.append(f"\n{result['cpus']} CPUs, load average {load['start'][0]:.1f} at the start, "
                  f"{load['end'][0]:.1f} at the end")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
     from engine.config import load_config
     from engine.parallel.mesh import init_distributed
     from engine.train.trainer import Trainer, build_groups
@@ -183,7 +195,10 @@ def main(argv=None) -> int:
     result = {"config": CONFIG, "overrides": overrides, "cpus": os.cpu_count(), "step_workers": args.step_workers,
               "loader": [bench_loader(load_config(CONFIG, overrides), w, args.loader_steps, args.warmup)
                          for w in args.workers]}
-    cfg.data.num_workers = args.step_workers
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result["threads"] = torch.get_num_threads()
+    cfg.data.num_workers = max(args.step_workers)
     cfg.train.steps = max(cfg.train.steps, args.warmup + args.steps)
     init_distributed(device=cfg.train.device)
     trainer = Trainer(cfg, build_groups(cfg))
