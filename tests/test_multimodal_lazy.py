@@ -387,13 +387,16 @@ def trainer_probe(data: dict) -> None:
             "parallel.tp=1", "parallel.sp=false", "parallel.ep=1", f"model.vision.image_size={IMAGE_SIZE}",
             f"data.train_jsonl={data['train']}", f"data.tokenizer={data['tok']}", "data.eval_jsonl=null",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=3", "train.save_interval=0",
-            f"train.run_dir={data['run']}_{workers}", "train.resume=none", f"data.num_workers={workers}"])
+            f"train.run_dir={data['run']}_{workers}", "train.resume=none", f"data.num_workers={workers}",
+            "train.log_samples=true"])
         groups = build_groups(cfg)
         trainer = Trainer(cfg, groups)
         records = trainer.fit()
         back = trainer.microbatches(1)
         out[workers] = {"losses": [r["loss"] for r in records], "restarts": trainer.batches.restarts,
-                        "back": [mb.input_ids.tolist() for mb in back], "pixels": float(back[0].pixel_values.sum())}
+                        "back": [mb.input_ids.tolist() for mb in back], "pixels": float(back[0].pixel_values.sum()),
+                        "samples": [r["samples"] for r in records],
+                        "sampler": [trainer.sampler.indices(k).tolist() for k in range(3)]}
         trainer.batches.close()
         groups.destroy()
     print(json.dumps(out))
@@ -410,4 +413,6 @@ def test_trainer_reads_through_dataloader_workers(vqa, tmp_path):
     inline, workers = result["0"], result["2"]
     assert len(inline["losses"]) == 3 and workers["losses"] == inline["losses"]  # bit for bit
     assert workers["back"] == inline["back"] and workers["pixels"] == inline["pixels"]
+    # train.log_samples: each record names the step's packed sequences, whichever process made the batch
+    assert workers["samples"] == inline["samples"] == inline["sampler"]
     assert workers["restarts"] == 2  # one for steps 0-2 (pre-flight included), one for the step back
