@@ -30,6 +30,7 @@ def dry_run(config: str, world: int, rank: int, overrides: list[str]):
 
     from engine.compat import fake_process_group_store
     from engine.config import load_config
+    from engine.model.lora import quantize_base
     from engine.parallel.mesh import ParallelDims, ParallelGroups
     from engine.train.memory import report_rank
     from engine.train.setup import build_rank
@@ -44,6 +45,7 @@ def dry_run(config: str, world: int, rank: int, overrides: list[str]):
         dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
         groups = ParallelGroups(dims, device=torch.device("cpu"))
         built = build_rank(cfg, groups, None, torch.device("meta"))
+        quantize_base(built.model, cfg.train.lora)  # QLoRA: the base as the trainer holds it (NF4)
         return report_rank(cfg, groups, built.model, built.optimizer)
     finally:
         dist.destroy_process_group()

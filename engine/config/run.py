@@ -182,10 +182,16 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # QLoRA: nf4 stores the frozen base's linear weights as 4-bit NormalFloat in blocks of quant_block values
+    # (absmax scales, themselves 8-bit with double_quant); null / none: the model dtype (engine/model/quant.py).
+    base_dtype: Optional[str] = None
+    double_quant: bool = True
+    quant_block: int = 64
 
     def validate(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: no LoRA)")
+        self.validate_quant()
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"train.lora.dropout={self.dropout} must be in [0, 1)")
         if self.alpha <= 0:
@@ -196,6 +202,16 @@ class LoRAConfig:
                               f"(one of {', '.join(LORA_TARGETS)})")
         if self.rank and not self.target_modules:
             raise ConfigError(f"train.lora.rank={self.rank} needs train.lora.target_modules")
+
+    def validate_quant(self) -> None:
+        if self.base_dtype == "none":
+            self.base_dtype = None
+        if self.base_dtype not in (None, "nf4"):
+            raise ConfigError(f"train.lora.base_dtype={self.base_dtype!r} must be nf4 or none (the model dtype)")
+        if self.base_dtype == "nf4" and self.rank == 0:
+            raise ConfigError("train.lora.base_dtype=nf4 quantises a frozen base: it needs train.lora.rank > 0")
+        if self.quant_block < 2 or self.quant_block % 2:
+            raise ConfigError(f"train.lora.quant_block={self.quant_block} must be an even number >= 2")
 
 
 @dataclass

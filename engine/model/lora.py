@@ -25,9 +25,11 @@ from engine.config import LORA_TARGETS, LoRAConfig
 from engine.model.init import ZEROS, normal
 from engine.model.layers import SwiGLU
 from engine.model.moe import MoE
+from engine.model.quant import NF4Linear, base_linear, quantize_param
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-__all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS"]
+__all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS",
+           "quantize_base"]
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
@@ -44,6 +46,8 @@ def is_adapter(name: str) -> bool:
 
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` plus a rank-r adapter; ``weight`` and ``bias`` are the wrapped layer's own."""
+
+    supports_nf4 = True  # forward goes through base_linear, so weight may become weight_nf4
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: LoRAConfig) -> "LoRALinear":
@@ -64,7 +68,7 @@ class LoRALinear(nn.Linear):
                 "lora_B": ZEROS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + lora_delta(x, self.lora_A, self.lora_B, self.lora_scaling,
+        return base_linear(x, self, self.bias) + lora_delta(x, self.lora_A, self.lora_B, self.lora_scaling,
                                                                 self.lora_dropout, self.training)
 
 
@@ -140,3 +144,43 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
     return n
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@torch.no_grad()
+def quantize_base(model: nn.Module, cfg: LoRAConfig) -> int:
+    """QLoRA: store every frozen linear weight of the language model's blocks in NF4 (engine/model/quant.py):
+    the attention and MLP projections, shared experts and routed experts (per expert), whether adapted or
+    not. Embeddings, norms, routers, the LM head and a vision tower keep the model dtype. Runs on this
+    rank's shards, once their weights are final (initialised or loaded). Returns the number quantised."""
+    if cfg.base_dtype != "nf4":
+        return 0
+    block, dq, n = cfg.quant_block, cfg.double_quant, 0
+    for block_module in getattr(model, "llm", model).layers.values():
+        mlp = block_module.mlp
+        owners = [(block_module.attn, ATTENTION_PROJECTIONS)]
+        if isinstance(mlp, MoE):
+            if mlp.shared_expert is not None:
+                owners.append((mlp.shared_expert, EXPERT_PROJECTIONS))
+            for name in EXPERT_PROJECTIONS:
+                quantize_param(mlp.experts, name, block, dq)
+                n += 1
+        else:
+            owners.append((mlp, EXPERT_PROJECTIONS))
+        for owner, names in owners:
+            for name in names:
+                n += _quantize_linear(owner, name, block, dq)
+    return n
+
+
+def _quantize_linear(owner: nn.Module, name: str, block: int, double_quant: bool) -> int:
+    layer = getattr(owner, name)
+    if type(layer) is nn.Linear:
+        setattr(owner, name, NF4Linear(layer, block, double_quant))
+    elif getattr(layer, "supports_nf4", False):
+        quantize_param(layer, "weight", block, double_quant)
+    else:
+        raise TypeError(f"{type(layer).__name__} cannot hold an NF4 weight (its forward must use base_linear)")
+    return 1

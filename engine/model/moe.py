@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.compat import grouped_mm, grouped_mm_runs
+from engine.model.quant import expert_grouped_mm, expert_linear, quantized
 from engine.model.layers import SwiGLU
 from engine.model.recompute import recomputing
 
@@ -301,7 +302,7 @@ class GroupedExperts(nn.Module):
 
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         # grouped GEMM wants 16-byte aligned rows in every operand.
-        sizes = (self.gate_proj.shape[1], self.gate_proj.shape[2])
+        sizes = self.weight_shape("gate_proj")[1:]
         if self.has_lora:
             sizes += (self.gate_proj_lora_A.shape[1],)
         aligned = all(n * dtype.itemsize % 16 == 0 for n in sizes)
@@ -314,7 +315,11 @@ class GroupedExperts(nn.Module):
             return _ContiguousGrad.apply(grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
 
         def proj(a, name):  # a LoRA adapter is two more grouped GEMMs through rank r
-            out = mm(a, getattr(self, name))
+            q = quantized(self, name)  # QLoRA: the frozen stack in NF4
+            if q is None:
+                out = mm(a, getattr(self, name))
+            else:
+                out = _ContiguousGrad.apply(expert_grouped_mm(a, q, offs, dtype))
             lora_a = getattr(self, f"{name}_lora_A", None)
             if lora_a is not None:
                 a = F.dropout(a, self.lora_dropout, self.training) if self.lora_dropout else a
@@ -322,6 +327,10 @@ class GroupedExperts(nn.Module):
             return out
 
         return proj(self.activation(proj(x, "gate_proj"), proj(x, "up_proj")), "down_proj")
+
+    def weight_shape(self, name: str) -> tuple:
+        q = quantized(self, name)
+        return tuple(getattr(self, name).shape) if q is None else q.shape
 
     @property
     def has_lora(self) -> bool:
@@ -338,7 +347,8 @@ class GroupedExperts(nn.Module):
         outs, start = [], 0
 
         def proj(rows, name, e):
-            out = F.linear(rows, weights[name][e])
+            q = quantized(self, name)
+            out = F.linear(rows, weights[name][e]) if q is None else expert_linear(rows, q, e)
             if f"{name}_lora_A" in weights:
                 rows = F.dropout(rows, self.lora_dropout, self.training) if self.lora_dropout else rows
                 lora = F.linear(F.linear(rows, weights[f"{name}_lora_A"][e]), weights[f"{name}_lora_B"][e])

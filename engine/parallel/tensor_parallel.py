@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.model.lora import lora_delta
+from engine.model.quant import base_linear
 from engine.parallel import comm
 from engine.parallel.sharding import add_split, set_spec
 
@@ -73,6 +74,8 @@ class ColumnParallelLinear(nn.Module):
     output: ``[T, out/tp]``, or ``[T, out]`` with ``gather_output``.
     """
 
+    supports_nf4 = True  # QLoRA may swap weight for weight_nf4 (this rank's rows, quantised)
+
     def __init__(self, weight: torch.Tensor, bias, group, input_mode="copy", gather_output=False):
         super().__init__()
         if input_mode not in ("copy", "gather", "none"):
@@ -91,7 +94,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.group, self.input_mode)
-        y = _adapted(self, x, F.linear(x, self.weight, self.bias))
+        y = _adapted(self, x, base_linear(x, self, self.bias))
         return comm.gather(y, self.group, -1) if self.gather_output else y
 
 
@@ -100,6 +103,8 @@ class RowParallelLinear(nn.Module):
 
     input: ``[T, in/tp]``. output: ``[T, out]``, or ``[T/tp, out]`` under SP (reduce-scattered).
     """
+
+    supports_nf4 = True  # QLoRA may swap weight for weight_nf4 (this rank's input columns, quantised)
 
     def __init__(self, weight: torch.Tensor, bias, group, sequence_parallel=False):
         super().__init__()
@@ -117,7 +122,7 @@ class RowParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _adapted(self, x, F.linear(x, self.weight))
+        y = _adapted(self, x, base_linear(x, self))
         if self.sequence_parallel:
             y = comm.reduce_scatter_to_sequence(y, self.group)
         else:

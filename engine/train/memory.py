@@ -44,6 +44,7 @@ import torch
 from engine.config import Config
 from engine.parallel.mesh import ParallelDims
 from engine.parallel.pipeline_schedule import in_flight_bound
+from engine.model.quant import NF4Weight
 from engine.parallel.sharding import spec_of
 from engine.train.multimodal import text_model
 
@@ -185,11 +186,12 @@ def report_rank(cfg: Config, groups, model: torch.nn.Module, optimizer,
     trainable = [p for p in params if p.requires_grad]
     buckets = optimizer.grads.buckets
     in_buckets = {id(p) for b in buckets for p in b.params}
-    held = [b.param_data for b in buckets] + [p for p in params if id(p) not in in_buckets]  # padding included
+    nf4 = [b for m in model.modules() if isinstance(m, NF4Weight) for b in m.buffers()]  # QLoRA's base
+    held = [b.param_data for b in buckets] + [p for p in params if id(p) not in in_buckets] + nf4  # padding included
     expert = sum(p.numel() for p in trainable if spec_of(p).expert)
     layers = sorted(int(k) for k in text_model(model).layers.keys())
     return build_report(cfg=cfg, dims=groups.dims, rank=groups.rank, pp_rank=groups.pp_rank, params=held,
                         grads=[b.grad_data for b in buckets], optimizer_bytes=optimizer.state_bytes(),
                         dense_params=sum(p.numel() for p in trainable) - expert, expert_params=expert,
                         layers_on_rank=layers, activations=activations,
-                        frozen_bytes=tensors_bytes(p for p in params if not p.requires_grad))
+                        frozen_bytes=tensors_bytes([p for p in params if not p.requires_grad] + nf4))

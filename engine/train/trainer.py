@@ -14,6 +14,7 @@ import engine.faults as faults
 from engine.config import Config, ConfigError, save_config
 from engine.data import BlendedDataset, PackedDataset, build_text_dataset, make_sampler, rank_microbatches
 from engine.model.batch import PackedBatch
+from engine.model.lora import quantize_base
 from engine.parallel import comm
 from engine.parallel.context_parallel import shard_microbatch
 from engine.parallel.expert_parallel import finish_moe_step
@@ -85,6 +86,7 @@ class Trainer:
         self.batches = step_loader(cfg, self.dataset, self.sampler, groups)  # None: text
         self.checkpoints = Checkpointer(cfg)
         self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
+        quantize_base(self.model, cfg.train.lora)  # QLoRA: this rank's final base weights, to NF4
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
         self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
         self.hot_experts = HotExperts(cfg.train.hot_expert_share, cfg.train.hot_expert_steps)
