@@ -9,6 +9,10 @@ Keys (every tensor at its global shape, see engine/checkpoint/storage.py):
     optim/step                         Adam's step counter, a scalar
     rng/cpu/<rank>, rng/cuda/<rank>    each rank's generators, restored where that rank exists again
 
+A QLoRA run (``train.lora.base_dtype: nf4``) saves no base weights: they are frozen and came from
+``model.pretrained`` (or the seeded initialisation), so a resume loads them from there again, then
+the checkpoint, then quantises; the rest is saved as above, so it resumes under any layout too.
+
 The optimizer's state of a parameter may be cut anywhere: the distributed optimizer holds a flat
 slice of each gradient bucket. Each rank stores its slice of a parameter as a few boxes of the
 global tensor (``flat_boxes``), so a run saved at DP4 resumes at DP2, or under TP, unchanged.
@@ -29,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.config import flat_keys
+from engine.model.hf.peft import lora_config_of
 from engine.model.lora import is_adapter
 from engine.train.init_from import pretrained_checkpoint
 from engine.parallel.index import flat_boxes
@@ -214,10 +219,13 @@ def load(path: Path, modules: Modules, optimizer, cfg, weights_only: bool = Fals
     state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings, with_rng=False)
     saved = io.saved_tensors(path)
     if not train:  # a base model imported without adapters: the run's adapters keep their initial values
-        fresh = [k for k in state if is_adapter(k) and k.split("@")[0] not in saved]
-        for key in fresh:
-            state.pop(key)
-            placements.pop(key, None)
+        _keep_current(state, placements, [k for k in state if is_adapter(k) and k.split("@")[0] not in saved])
+    if saved_without_base(marker):
+        base = [k for k in state if k.startswith("model/") and k.split("@")[0] not in saved]
+        if not train and base:
+            raise CheckpointError(f"checkpoint {path} was trained with train.lora.base_dtype=nf4 and holds no base "
+                                  f"weights (e.g. {base[0]}); start from its model.pretrained instead")
+        _keep_current(state, placements, base)  # the frozen base: model.pretrained's or the seeded init
     rng = {k: v.clone() for k, v in rng_state().items() if k in saved}
     io.read_checkpoint(path, {**state, **rng}, placements)
     _restore_rng(rng)
@@ -227,6 +235,17 @@ def load(path: Path, modules: Modules, optimizer, cfg, weights_only: bool = Fals
     if fresh_optimizer is not None:  # fp32 masters start from the loaded weights
         fresh_optimizer.masters_from_params()
     return int(marker.get("step", 0))
+
+
+def _keep_current(state: dict, placements: dict, keys: list[str]) -> None:
+    for key in keys:
+        state.pop(key)
+        placements.pop(key, None)
+
+
+def saved_without_base(marker: dict) -> bool:
+    """Whether a checkpoint is a QLoRA run's: its frozen base lived in NF4 and was not saved."""
+    return lora_config_of(marker).base_dtype == "nf4"
 
 
 def check_compatible(marker: dict, cfg, path: Path) -> None:
@@ -287,6 +306,9 @@ class Checkpointer:
             return 0
         if path is None:
             return 0
+        marker = io.read_marker(path)
+        if saved_without_base(marker):  # QLoRA: the base first, as the run began, then the adapters and state
+            self._load_base(path, marker, modules, optimizer)
         step = load(path, modules, optimizer, self.cfg)
         if (path / "hf").is_dir():
             self.hf_assets = path / "hf"
@@ -294,6 +316,14 @@ class Checkpointer:
         if _is_rank0():
             print(f"resumed from {path} at step {step}", flush=True)
         return step
+
+    def _load_base(self, path: Path, marker: dict, modules: Modules, optimizer) -> None:
+        theirs = (marker.get("config", {}).get("model") or {}).get("pretrained")
+        if self.cfg.model.pretrained is not None:
+            load(pretrained_checkpoint(self.cfg), modules, optimizer, self.cfg, weights_only=True)
+        elif theirs is not None:
+            raise CheckpointError(f"checkpoint {path} holds no base weights (train.lora.base_dtype=nf4); its run "
+                                  f"took them from model.pretrained={theirs!r}: set model.pretrained to resume")
 
     def should_save(self, step: int, final: bool = False) -> bool:
         interval = self.cfg.train.save_interval

@@ -235,6 +235,9 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     elif adapters:
         raise ConversionError(f"checkpoint {ckpt_dir} holds LoRA adapters: export them merged (--merge-lora) "
                               "or as a PEFT adapter (--adapter-only)")
+    if lora.base_dtype == "nf4" and not adapter_only:
+        raise ConversionError(f"checkpoint {ckpt_dir} was trained with train.lora.base_dtype=nf4 (QLoRA) and holds "
+                              "no base weights: export the adapter (--adapter-only) and apply it to the base model")
     cast = DTYPE_NAMES[dtype] if dtype else None
     if adapter_only:
         state = {f"model/{k}": torch.empty(shape, dtype=d) for k, (shape, d) in adapters.items()}
