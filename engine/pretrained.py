@@ -35,6 +35,9 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
     if (path / io.MARKER).is_file() or (path / ".metadata").is_file():
         cfg, fill, image_token_id = _loom_checkpoint(path)
         lora = lora_config_of(io.read_marker(path))
+        if lora.base_dtype == "nf4":
+            raise ValueError(f"{path} was trained with train.lora.base_dtype=nf4 (QLoRA) and holds no base weights: "
+                             "load its model.pretrained and apply the adapter (convert_hf.py export --adapter-only)")
     elif (path / "config.json").is_file():
         cfg, fill = _hf_directory(path)
     else:

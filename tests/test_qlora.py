@@ -234,6 +234,14 @@ def test_qlora_resumes_from_its_pretrained_base(world4, pretrained, tmp_path):
     assert not any(k.endswith("q_proj.weight") for k in io.saved_tensors(ckpt))
     resumed = world4.run(_train, DENSE, run + [f"train.resume={ckpt}"], 3, nranks=1)[0]["losses"]
     assert len(resumed) == 1 and abs(resumed[0] - whole[2]) <= 1e-5 * abs(whole[2])
+    # the adapters export to PEFT as LoRA's do; a merged export has no base to merge into
+    from pathlib import Path
+
+    from engine.model.hf.convert import export_hf
+    from engine.model.hf.naming import ConversionError
+    assert (export_hf(Path(ckpt), tmp_path / "adapter", adapter_only=True) / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConversionError, match="base_dtype=nf4"):
+        export_hf(Path(ckpt), tmp_path / "merged", merge_lora=True)
 
 
 MOE = "launch/configs/tiny_moe.yaml"
