@@ -214,6 +214,8 @@ def test_qlora_learns_as_bf16_lora_does(world4, pretrained, tmp_path):
     first, last, q_last = mean(lora["losses"][:10]), mean(lora["losses"][-10:]), mean(qlora["losses"][-10:])
     print(f"mean of the first / last 10 steps: bf16 LoRA {first:.4f} / {last:.4f}, QLoRA -- / {q_last:.4f}")
     assert last < first - 0.02  # fine-tuning lowers the loss
+    # step 1 runs the base alone (B = 0): the NF4 base gives the bf16 base's loss, to quantisation error
+    assert abs(qlora["losses"][0] - lora["losses"][0]) <= 2e-3 * lora["losses"][0]
     assert abs(qlora["losses"][-1] - lora["losses"][-1]) <= 0.05 * lora["losses"][-1]
     assert abs(q_last - last) <= 0.05 * last
     assert qlora["params_bytes"] < lora["params_bytes"]  # the memory report holds the NF4 base
