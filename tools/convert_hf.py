@@ -3,6 +3,7 @@
     python tools/convert_hf.py import --hf HF_DIR --out LOOM_DIR
     python tools/convert_hf.py export --ckpt LOOM_DIR --out HF_DIR [--dtype bf16] [--arch Qwen2ForCausalLM]
     python tools/convert_hf.py import --hf HF_DIR --adapter PEFT_DIR --out LOOM_DIR   # base + a LoRA adapter
+    python tools/convert_hf.py import --hf LLM_DIR --vision-from CLIP_OR_SIGLIP_DIR --out LOOM_DIR  # a new VLM
     python tools/convert_hf.py export --ckpt LOOM_DIR --out PEFT_DIR --adapter-only   # or --merge-lora
 
 Both directions stream: one tensor (export: one output shard) is in memory at a time, so a
@@ -10,6 +11,11 @@ checkpoint converts on a machine with less memory than the model. Import writes 
 checkpoint that ``train.resume=LOOM_DIR`` or ``engine.from_pretrained(LOOM_DIR)`` loads; export
 writes safetensors shards, config.json and the tokenizer files carried since the import.
 Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, LLaVA 1.5, Qwen2.5-VL, Qwen3-VL.
+
+``--vision-from`` builds a VLM: the LLM of ``--hf`` (a text model, or a LLaVA whose tower and projector
+are replaced), the vision tower of a CLIPVisionModel / SiglipVisionModel directory (or of a whole
+CLIPModel / SiglipModel), with ``model.vision`` (arch, sizes, image and patch size) from its config,
+and a new projector from the tower's width to the LLM's, initialised for training.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ def parse_args(argv=None):
     imp.add_argument("--out", required=True, help="Loom checkpoint directory to write")
     imp.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory on that model: the checkpoint "
                                                      "carries it, and its train.lora settings, to continue training")
+    imp.add_argument("--vision-from", default=None, help="a CLIP / SigLIP vision model directory: its tower, "
+                                                         "with a new projector, joins the LLM of --hf in a VLM")
     exp = sub.add_parser("export", help="Loom checkpoint -> HF directory")
     exp.add_argument("--ckpt", required=True, help="Loom checkpoint directory (with checkpoint.json)")
     exp.add_argument("--out", required=True, help="HF directory to write")
@@ -50,7 +58,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "import":
-            out = import_hf(args.hf, args.out, adapter=args.adapter)
+            out = import_hf(args.hf, args.out, adapter=args.adapter, vision_from=args.vision_from)
         else:
             out = export_hf(args.ckpt, args.out, dtype=args.dtype, arch=args.arch,
                             max_shard_bytes=int(args.max_shard_gb * 2**30), merge_lora=args.merge_lora,

@@ -72,10 +72,24 @@ class MoEConfig:
                               f"model.moe.topk_group={self.topk_group} groups of {e // g}")
 
 
-ARCHS = ("vit", "clip", "siglip", "qwen2_5_vl", "qwen3_vl")
-# What makes a ViT a CLIP or a SigLIP tower: the options that family fixes (the rest stay free).
-_FAMILY_OPTIONS = {"clip": {"norm": ("layernorm",), "mlp": ("quick_gelu", "gelu"), "class_token": (True,)},
-                   "siglip": {"norm": ("layernorm",), "mlp": ("gelu",), "class_token": (False,)}}
+VISION_ARCHS = ("vit", "clip", "siglip", "qwen2_5_vl", "qwen3_vl")
+# What model.vision.arch fills in for each tower option left unset. vit is Loom's free-form ViT: every
+# option may be set, and these are its defaults of old. CLIP and SigLIP are those models as transformers
+# builds them (CLIPVisionModel, SiglipVisionModel): the options in _FIXED define the architecture, so an
+# explicit value that contradicts the arch is an error; the rest (how the features are read, eps) are
+# defaults that an explicit value overrides (a CLIP tower read at its last layer is still CLIP). The
+# native-resolution towers take vit's defaults for the options they leave unset, unchecked.
+_VIT = dict(norm="layernorm", mlp="gelu", class_token=False, pre_norm=False, post_norm=True, patch_bias=True,
+            o_bias=False, feature_layer=-1, feature_select="default", eps=1e-6)
+VISION_PRESETS = {
+    "vit": _VIT,
+    # LLaVA's reading: the penultimate block's output, before post_layernorm (which only pools [CLS] in CLIP).
+    "clip": dict(_VIT, mlp="quick_gelu", class_token=True, pre_norm=True, post_norm=False, patch_bias=False,
+                 o_bias=True, feature_layer=-2, eps=1e-5),
+    # SigLIP's last_hidden_state: the last block through post_layernorm; no class token, no pre-norm.
+    "siglip": dict(_VIT, o_bias=True),
+}
+_FIXED = ("norm", "mlp", "class_token", "pre_norm", "patch_bias", "o_bias")
 
 
 @dataclass
@@ -89,28 +103,30 @@ class VisionConfig:
     merge and the CLIP options do not apply to it), ``qwen3_vl`` (that tower as Qwen3-VL builds it:
     learned positions interpolated to each image, layernorm and GELU blocks, no windows, and
     DeepStack: features of some blocks added to the LLM's first layers at the image tokens).
+
+    The tower options left null take ``arch``'s values (VISION_PRESETS) when the config is built.
     """
 
     enabled: bool = False
-    arch: str = "vit"  # vit | clip | siglip | qwen2_5_vl
+    arch: str = "vit"  # one of VISION_ARCHS
     image_size: int = 32
     patch_size: int = 8
     hidden_size: int = 32
     intermediate_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    norm: str = "layernorm"  # layernorm (CLIP/SigLIP) | rmsnorm
-    mlp: str = "gelu"  # gelu (tanh-approximate, SigLIP) | quick_gelu (CLIP: x*sigmoid(1.702x)) | swiglu
+    norm: Optional[str] = None  # layernorm (CLIP/SigLIP) | rmsnorm
+    mlp: Optional[str] = None  # gelu (tanh-approximate, SigLIP) | quick_gelu (CLIP: x*sigmoid(1.702x)) | swiglu
     merge: bool = False  # 2x2 patch merging in the projector: 4x fewer image tokens
-    eps: float = 1e-6
-    # CLIP as LLaVA uses it; the defaults keep the plain ViT above.
-    class_token: bool = False  # a learned [CLS] token before the patches (positions grid^2 + 1)
-    pre_norm: bool = False  # a norm on the embeddings before the first block (CLIP's pre_layrnorm)
-    post_norm: bool = True  # the final norm on the features handed to the projector (kept as a weight either way)
-    patch_bias: bool = True  # CLIP's patch embedding has none
-    o_bias: bool = False  # a bias on the attention output projection (CLIP)
-    feature_layer: int = -1  # hidden state the projector reads, HF-style: 0 embeddings, -1 last block, -2 penultimate
-    feature_select: str = "default"  # default: drop the class token from the features | full: keep it
+    eps: Optional[float] = None
+    # CLIP as LLaVA uses it; vit's defaults keep the plain ViT above.
+    class_token: Optional[bool] = None  # a learned [CLS] token before the patches (positions grid^2 + 1)
+    pre_norm: Optional[bool] = None  # a norm on the embeddings before the first block (CLIP's pre_layrnorm)
+    post_norm: Optional[bool] = None  # the final norm on the features handed to the projector (a weight either way)
+    patch_bias: Optional[bool] = None  # CLIP's patch embedding has none
+    o_bias: Optional[bool] = None  # a bias on the attention output projection (CLIP, SigLIP)
+    feature_layer: Optional[int] = None  # hidden state the projector reads, HF-style: 0 embeddings, -1 last block
+    feature_select: Optional[str] = None  # default: drop the class token from the features | full: keep it
     # arch qwen2_5_vl: pixel_values are flattened [C, temporal_patch_size, p, p] patches (a video's frames
     # pair up; an image is repeated), each spatial_merge_size^2 block of patches becomes one LLM token.
     temporal_patch_size: int = 2
@@ -124,11 +140,22 @@ class VisionConfig:
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        preset = VISION_PRESETS.get(self.arch, _VIT)  # an unknown arch fails in validate()
+        for key, value in preset.items():
+            given = getattr(self, key)
+            if given is None:
+                setattr(self, key, value)
+            elif self.arch in ("clip", "siglip") and key in _FIXED and given != value:
+                raise ConfigError(f"model.vision.{key}={given!r} contradicts model.vision.arch={self.arch!r} "
+                                  f"(which has {key}={value!r}): leave model.vision.{key} unset, or use "
+                                  "model.vision.arch=vit to combine the options freely")
+
     def validate(self) -> None:
+        if self.arch not in VISION_ARCHS:
+            raise ConfigError(f"model.vision.arch={self.arch!r} must be one of {', '.join(VISION_ARCHS)}")
         if not self.enabled:
             return
-        if self.arch not in ARCHS:
-            raise ConfigError(f"model.vision.arch={self.arch!r} must be one of {', '.join(ARCHS)}")
         for key in ("patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.vision.{key}={getattr(self, key)} must be positive")
@@ -164,10 +191,6 @@ class VisionConfig:
     def _validate_vit(self) -> None:
         if self.image_size <= 0:
             raise ConfigError(f"model.vision.image_size={self.image_size} must be positive")
-        for key, want in _FAMILY_OPTIONS.get(self.arch, {}).items():
-            if getattr(self, key) not in want:
-                raise ConfigError(f"model.vision.arch={self.arch} needs model.vision.{key} in {list(want)}, "
-                                  f"got {getattr(self, key)!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.vision.patch_size={self.patch_size} does not divide "
                               f"model.vision.image_size={self.image_size}")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from engine.config import ConfigError, ModelConfig, build
 from engine.model.hf import family_for, family_for_model
 from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, expected_tensors, weight_map
+from engine.model.hf.tower import tower_map, with_tower
 from engine.model.hf.peft import adapter_names_of, export_adapter, is_adapter, lora_config_of, merged, read_adapter
 from engine.checkpoint import storage as io
 
@@ -71,7 +72,8 @@ def index_hf_dir(hf_dir: Path) -> HfIndex:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     if name in index:
-                        raise ConversionError(f"{hf_dir}: weight {name!r} is in both {index[name][2].name} and {file.name}")
+                        raise ConversionError(f"{hf_dir}: weight {name!r} is in both {index[name][2].name} "
+                                              f"and {file.name}")
                     index[name] = (tuple(sl.get_shape()), _dtype(sl.get_dtype(), name, file), file)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated or corrupt file
             if isinstance(e, ConversionError):
@@ -140,21 +142,31 @@ def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
 # ----------------------------------------------------------------------------- import
 
 
-def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None) -> Path:
+def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None,
+              vision_from: Optional[Path] = None) -> Path:
     """Convert an HF directory (and a PEFT LoRA ``adapter`` directory on it) into a weights-only Loom
-    checkpoint at ``out_dir``; with an adapter its ``train.lora`` section is recorded for the run."""
+    checkpoint at ``out_dir``; with an adapter its ``train.lora`` section is recorded for the run.
+
+    ``vision_from``: a CLIP / SigLIP vision tower directory (engine/model/hf/tower.py); the checkpoint is
+    then a VLM of the base model's LLM, that tower and a new projector between them."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     family, cfg, wmap, index = hf_model_plan(hf_dir)
-    state, sources = {}, {}
-    for loom, hf_names in wmap.loom_to_hf.items():
-        dtype = index[hf_names[0]][1]
-        state[f"model/{loom}"] = torch.empty(wmap.shapes[loom], dtype=dtype, device="meta")
-        sources[f"model/{loom}"] = lambda loom=loom: read_loom_tensor(index, wmap, loom)
+    tensors = {loom: (wmap.shapes[loom], index[hf_names[0]][1], lambda loom=loom: read_loom_tensor(index, wmap, loom))
+               for loom, hf_names in wmap.loom_to_hf.items()}
+    if vision_from is not None:
+        if adapter is not None:
+            raise ConversionError("--adapter and --vision-from do not combine: merge the adapter into the base "
+                                  "model first (export --merge-lora), then add the tower to that")
+        cfg, tensors = _with_tower(cfg, tensors, Path(vision_from))
+    state = {f"model/{k}": torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype, _) in tensors.items()}
+    sources = {f"model/{k}": read for k, (_, _, read) in tensors.items()}
     marker = {"kind": "model", "step": 0, "config": {"model": dataclasses.asdict(cfg)},
               "source": {"hf_dir": str(hf_dir), "family": family.name}}
+    if vision_from is not None:
+        marker["source"]["vision_from"] = str(vision_from)
     if adapter is not None:
-        lora, tensors = _read_peft(adapter, cfg, wmap)
-        for name, tensor in tensors.items():
+        lora, adapters = _read_peft(adapter, cfg, wmap)
+        for name, tensor in adapters.items():
             state[f"model/{name}"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
             sources[f"model/{name}"] = lambda tensor=tensor: tensor
         marker["config"]["train"] = {"lora": dataclasses.asdict(lora)}
@@ -162,6 +174,14 @@ def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None) -> Pa
     io.write_checkpoint(out_dir, state, {}, marker, sources=sources, no_dist=True,
                         side_files=lambda path: _write_hf_dir(hf_dir, path / "hf", sorted(index)))
     return out_dir
+
+
+def _with_tower(cfg: ModelConfig, tensors: dict, vision_dir: Path) -> tuple[ModelConfig, dict]:
+    index = index_hf_dir(vision_dir)
+    vcfg, wmap = tower_map(read_hf_config(vision_dir), index, str(vision_dir))
+    tower = {loom: (wmap.shapes[loom], index[hf[0]][1], lambda loom=loom: read_loom_tensor(index, wmap, loom))
+             for loom, hf in wmap.loom_to_hf.items()}
+    return with_tower(cfg, tensors, vcfg, tower, str(vision_dir))
 
 
 def _read_peft(adapter: Path, cfg: ModelConfig, wmap: WeightMap):
@@ -268,7 +288,8 @@ def _stored_dtypes(ckpt_dir: Path, wmap: WeightMap) -> dict[str, torch.dtype]:
         if entry is None:
             raise io.CheckpointError(f"checkpoint {ckpt_dir} lacks tensor model/{loom}")
         if tuple(entry[0]) != tuple(shape):
-            raise io.CheckpointError(f"checkpoint {ckpt_dir}: model/{loom} has shape {entry[0]}, the config says {shape}")
+            raise io.CheckpointError(f"checkpoint {ckpt_dir}: model/{loom} has shape {entry[0]}, "
+                                     f"the config says {shape}")
         out[loom] = entry[1]
     return out
 

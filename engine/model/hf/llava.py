@@ -127,8 +127,10 @@ def _vision_from_hf(hf: dict) -> VisionConfig:
     if select not in ("default", "full"):
         raise ConversionError(f"config.json: vision_feature_select_strategy={select!r} is not supported "
                               "(only default or full)")
+    # CLIP exactly, unless its activation is not CLIP's: then Loom's ViT with CLIP's other options
+    arch = "clip" if v["hidden_act"] == "quick_gelu" else "vit"
     return VisionConfig(
-        enabled=True, arch="clip", image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
+        enabled=True, arch=arch, image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
         intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
         num_heads=v["num_attention_heads"], norm="layernorm", mlp=_ACTS[v["hidden_act"]], merge=False,
         eps=float(v["layer_norm_eps"]), class_token=True, pre_norm=True, post_norm=False, patch_bias=False,
