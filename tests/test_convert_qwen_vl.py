@@ -177,7 +177,7 @@ def _qwen_vision(**kw):
     (dict(window_size=4), "model.vision.window_size=4"),
     (dict(fullatt_block_indexes=[2]), r"model.vision.fullatt_block_indexes=\[2\]"),
     (dict(hidden_size=24, num_heads=4), "must be a multiple of 4"),
-    (dict(arch="clip", class_token=False), "model.vision.arch=clip needs model.vision.class_token"),
+    (dict(arch="clip", class_token=False), "model.vision.class_token=False contradicts model.vision.arch='clip'"),
 ])
 def test_vision_arch_config_errors_name_the_field(kw, message):
     with pytest.raises(ConfigError, match=message):
