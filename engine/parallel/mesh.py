@@ -160,6 +160,7 @@ class ParallelGroups:
         self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = coords
         self._build_expert_groups(backend, timeout)
         self._check_against_layout()
+        self._memo: dict = {}
 
     def _build_expert_groups(self, backend: str, timeout: timedelta) -> None:
         self.expert_mesh: Optional[DeviceMesh] = None
@@ -238,9 +239,18 @@ class ParallelGroups:
             if sorted(mine) not in expected[name] or self.rank not in mine:
                 raise RuntimeError(f"DeviceMesh built group {name}={mine}, not one of {expected[name]}")
 
+    def memo(self, key, build):
+        """``build()``'s groups, made once per ParallelGroups (collective: every rank asks for the
+        same keys in the same order). A trainer built again on these groups reuses them: a fresh
+        communicator per trainer would hold its buffers for the life of the process."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def destroy(self) -> None:
         """Destroy the sub-groups (tests build several layouts inside one world)."""
-        for group in {id(g): g for g in self._groups.values() if g is not None}.values():
+        memo = [g for links in self._memo.values() for g in links.values()]
+        for group in {id(g): g for g in [*self._groups.values(), *memo] if g is not None}.values():
             try:
                 dist.destroy_process_group(group)
             except (ValueError, RuntimeError):

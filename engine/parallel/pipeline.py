@@ -335,7 +335,9 @@ class Pipeline:
         self.token_divisor = p.tp if p.sp else 1
         # Activations and their gradients cross stages in the compute dtype.
         self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-        links = p2p_links(group_layout(groups.dims)["pp"], groups.rank, wrap=p.vpp > 1, timeout=groups.timeout)
+        wrap = p.vpp > 1
+        links = groups.memo(("p2p_links", wrap), lambda: p2p_links(group_layout(groups.dims)["pp"], groups.rank,
+                                                                   wrap=wrap, timeout=groups.timeout))
         self.executor = PipelineExecutor(groups.pp, groups.device, links)
         self.tied_weight, self.tied_group = tied_embedding(chunks, groups, cfg.model.tie_embeddings)
         self._tables: dict[int, Table] = {}
