@@ -192,7 +192,7 @@ class VisionLanguageModel(nn.Module):
         """Features spliced at the image and video placeholders; M-RoPE positions and DeepStack additions set."""
         has_media = any(p is not None and p.shape[0] > 0 for p in (batch.pixel_values, batch.pixel_values_videos))
         # Given under CP (a shard of the sequence; the caller checked the full batch), else from the ids.
-        slots = batch.image_slots if batch.image_slots is not None else self._native_slots(batch)
+        slots = batch.image_slots if batch.image_slots is not None else self.native_slots(batch)
         positions = batch.positions if batch.positions is not None else self.rope_positions(batch)
         deepstack = None
         if has_media:
@@ -207,7 +207,7 @@ class VisionLanguageModel(nn.Module):
         out.positions, out.deepstack = positions, deepstack
         return out
 
-    def _native_slots(self, batch: PackedBatch) -> torch.Tensor:
+    def native_slots(self, batch: PackedBatch) -> torch.Tensor:
         """The feature row of each token: the k-th image placeholder row k, the k-th video one n_img + k; -1 text."""
         ids, merge = batch.input_ids, self.cfg.vision.spatial_merge_size
         n_img = merged_tokens(batch.image_grid_thw if batch.pixel_values is not None else None, merge)

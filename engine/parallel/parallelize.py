@@ -27,7 +27,7 @@ from engine.parallel.context_parallel import ContextParallelAttention
 from engine.parallel.cp_plan import CommStats
 from engine.parallel.expert_parallel import parallelize_moe
 from engine.parallel.mesh import ParallelGroups
-from engine.parallel.pipeline import split_stages
+from engine.parallel.pipeline import split_stages, stage_layers
 from engine.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -76,12 +76,24 @@ def parallelize_stages(model: Transformer, groups: ParallelGroups, cfg: Config) 
     if isinstance(model, VisionLanguageModel):  # the vision tower rides with the first stage
         if p.pp == 1:
             return [parallelize_vlm(model, groups, cfg)]
+        _check_deepstack_on_first_stage(model, p)
         chunks = split_stages(model.llm, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
         return [parallelize_vlm(model.pipeline_stage(chunk), groups, cfg) for chunk in chunks]
     if p.pp == 1:
         return [parallelize(model, groups, cfg)]
     chunks = split_stages(model, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
     return [parallelize(chunk, groups, cfg) for chunk in chunks]
+
+
+def _check_deepstack_on_first_stage(model: VisionLanguageModel, p) -> None:
+    """DeepStack features join the LLM after its first layers; they are made next to the vision tower,
+    on the first stage, and do not travel between stages, so those layers must all be there."""
+    need = len(model.cfg.vision.deepstack_visual_indexes)
+    first = len(stage_layers(len(model.llm.layers), p.pp, p.vpp, p.pp_layout)[0])
+    if need > first:
+        raise ValueError(f"model.vision.deepstack_visual_indexes adds features after LLM layers 0..{need - 1}, "
+                         f"but the first pipeline stage holds {first} layer(s); give it at least {need} "
+                         "(parallel.pp_layout)")
 
 
 def parallelize_vlm(model: VisionLanguageModel, groups: ParallelGroups, cfg: Config) -> VisionLanguageModel:

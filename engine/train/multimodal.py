@@ -87,7 +87,11 @@ def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
     and small next to the LLM) and takes the feature rows of its own placeholder tokens:
     ``image_slots`` is computed on the full sequence, then zigzag-sharded like the tokens.
     """
-    if mb.pixel_values is None or not isinstance(model, VisionLanguageModel):
+    if not isinstance(model, VisionLanguageModel):
+        return batch
+    if model.cfg.vision.native_resolution:
+        return _with_native_media(model, batch, mb)
+    if mb.pixel_values is None:
         return batch
     shard = batch.attn
     if not isinstance(shard, CPShard):
@@ -96,6 +100,31 @@ def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
     model.check_placeholders(mb.input_ids, mb.pixel_values.shape[0], token_id, mb.image_token_counts)
     slots = shard.plan.shard(image_slots(mb.input_ids, token_id), shard.rank)
     return dataclasses.replace(batch, pixel_values=mb.pixel_values, image_slots=slots)
+
+
+NATIVE_MEDIA = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def _with_native_media(model: VisionLanguageModel, batch: PackedBatch, mb) -> PackedBatch:
+    """A native-resolution VLM: ``mb``'s images and videos with their grids, and its M-RoPE positions.
+
+    M-RoPE positions depend on every placeholder before a token in its document, so they are
+    computed on the full microbatch, here, and sharded like the tokens under CP; every pipeline
+    stage reads them from the batch (a later stage never sees the ids they come from). Under CP
+    the feature row of each placeholder is computed on the full sequence too (which checks the
+    placeholder counts against the grids), then sharded.
+    """
+    media = {name: getattr(mb, name, None) for name in NATIVE_MEDIA}
+    full = PackedBatch(input_ids=mb.input_ids, cu_seqlens=mb.cu_seqlens, max_seqlen=mb.max_seqlen, **media)
+    positions = model.rope_positions(full)  # [3, T]; None: 1-D RoPE, as the batch has it
+    shard = batch.attn
+    if not isinstance(shard, CPShard):
+        return dataclasses.replace(batch, positions=batch.positions if positions is None else positions, **media)
+    if positions is not None:
+        positions = shard.plan.shard(positions.t(), shard.rank).t().contiguous()
+    slots = shard.plan.shard(model.native_slots(full), shard.rank)
+    return dataclasses.replace(batch, positions=batch.positions if positions is None else positions,
+                               image_slots=slots, **media)
 
 
 __all__ = ["build_multimodal_dataset", "build_any_model", "step_loader", "freeze", "text_model", "with_images"]
