@@ -38,9 +38,9 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "cp2_ring": (2, ["parallel.cp=2", "parallel.cp_mode=ring"]),
     "cp2_ulysses": (2, ["parallel.cp=2", "parallel.cp_mode=ulysses"]),
-    "pp2": (2, ["parallel.pp=2"]),
+    "pp2": (2, ["parallel.pp=2", "parallel.pp_layout=[2,1]"]),
     "ep2": (2, ["parallel.ep=2"]),
-    "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"]),
+    "tp2_sp_pp2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.pp_layout=[2,1]"]),
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
 }
 QWEN3_LAYOUTS = ("tp2_sp", "cp2_ring", "pp2")  # DeepStack rows sharded under SP and CP, kept on the first stage
