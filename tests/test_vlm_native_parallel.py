@@ -1,7 +1,7 @@
 """Parity of the native-resolution VLM (Qwen2.5-VL / Qwen3-VL towers): parallel layouts against world size 1,
 5 fp32 steps on a MoE LLM with M-RoPE.
 
-Every microbatch packs images of different sizes, a 2-frame video and text into three documents, so
+Every microbatch packs images of different sizes, a 4-frame video and text into three documents, so
 M-RoPE positions, window attention borders and feature rows all differ from token to token; the
 batches are built here and handed to the trainer in place of its data (each rank takes its DP share).
 """
@@ -66,11 +66,11 @@ class NativeMicrobatch:
 
 # Image grids (t, h, w patches) per microbatch: 2x2 patches merge into one token, so 4x6 -> 6 tokens, 8x8 -> 16.
 GRIDS = [[(1, 4, 6), (1, 8, 8)], [(1, 8, 4), (1, 4, 4), (1, 4, 8)], [(1, 8, 8), (1, 4, 4)], [(1, 4, 4), (1, 6, 4)]]
-VIDEO_GRID = (1, 4, 4)  # 2 frames = one temporal patch
+VIDEO_GRID = (2, 4, 4)  # 4 frames = two temporal patches, at M-RoPE times 0 and 3
 
 
 def native_microbatch(step: int, index: int) -> NativeMicrobatch:
-    """Three documents: text and images of different sizes between text; a 2-frame video in text; text."""
+    """Three documents: text and images of different sizes between text; a 4-frame video in text; text."""
     gen = torch.Generator().manual_seed(1000 * step + index)
     text = lambda n: torch.randint(1, 240, (n,), generator=gen).tolist()  # noqa: E731
     grids = GRIDS[(step + index) % len(GRIDS)]
@@ -153,7 +153,7 @@ def test_qwen3_vl_deepstack_parity(world4, references, base, layout):
 def test_microbatch_mixes_image_sizes_and_a_video():
     mb = native_microbatch(0, 0)
     assert mb.input_ids.numel() == SEQ and len(set(map(tuple, mb.image_grid_thw.tolist()))) > 1
-    assert int((mb.input_ids == VIDEO).sum()) == 4 and int(mb.cu_seqlens.numel()) == 4
+    assert int((mb.input_ids == VIDEO).sum()) == 8 and int(mb.cu_seqlens.numel()) == 4
 
 
 def test_deepstack_beyond_the_first_stage_is_refused():
