@@ -139,7 +139,7 @@ def _check(world4, references, base, model, layout):
     assert any(k.startswith("projector.") for k in out["first_grads"])
 
 
-@pytest.mark.parametrize("layout", params(LAYOUTS, slow=[n for n in LAYOUTS if n != "cp2_ring"]))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=list(LAYOUTS)))
 def test_qwen2_5_vl_parity(world4, references, base, layout):
     _check(world4, references, base, QWEN2_5, layout)
 
@@ -156,15 +156,40 @@ def test_microbatch_mixes_image_sizes_and_a_video():
     assert int((mb.input_ids == VIDEO).sum()) == 8 and int(mb.cu_seqlens.numel()) == 4
 
 
-def test_deepstack_beyond_the_first_stage_is_refused():
+def meta_vlm(overrides: list[str]):
     from engine.config import load_config
     from engine.model.vlm import build_vlm
-    from engine.parallel.parallelize import _check_deepstack_on_first_stage
     from tests.parity import ROOT
 
-    cfg = load_config(f"{ROOT}/{CONFIG}", SINGLE + QWEN3 + ["parallel.pp=2", "model.num_layers=2"])
+    cfg = load_config(f"{ROOT}/{CONFIG}", SINGLE + overrides)
     with torch.device("meta"):
-        model = build_vlm(cfg.model)
+        return cfg, build_vlm(cfg.model)
+
+
+def test_cp_shards_mrope_positions_and_feature_rows_like_the_tokens():
+    """Each CP rank's [3, T/cp] positions and feature rows are the full microbatch's at its zigzag tokens."""
+    from engine.model.batch import PackedBatch
+    from engine.parallel.context_parallel import shard_microbatch
+    from engine.train.multimodal import with_images
+
+    model = meta_vlm(QWEN2_5)[1]
+    mb = native_microbatch(0, 1)
+    full = with_images(model, PackedBatch(input_ids=mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens,
+                                          max_seqlen=mb.max_seqlen), mb)
+    assert full.positions.shape == (3, SEQ) and bool((full.positions[1] != full.positions[2]).any())
+    slots = model.native_slots(full)
+    for rank in range(2):
+        batch = with_images(model, shard_microbatch(mb, 2, rank)[0], mb)
+        index = batch.attn.plan.index(rank)
+        assert torch.equal(batch.positions, full.positions[:, index])
+        assert torch.equal(batch.image_slots, slots[index])
+        assert torch.equal(batch.attn.positions.long(), mb.positions[index].long())  # the mask's 1-D positions
+
+
+def test_deepstack_beyond_the_first_stage_is_refused():
+    from engine.parallel.parallelize import _check_deepstack_on_first_stage
+
+    cfg, model = meta_vlm(QWEN3 + ["parallel.pp=2", "model.num_layers=2"])
     with pytest.raises(ValueError, match="deepstack_visual_indexes"):
         _check_deepstack_on_first_stage(model, cfg.parallel)
     cfg.parallel.pp = 1
