@@ -103,7 +103,11 @@ def parallelize_vlm(model: VisionLanguageModel, groups: ParallelGroups, cfg: Con
     stays unsplit (all-reduce) and ``seq_shard`` cuts the spliced result into this rank's slice.
     The vision tower and projector are replicated over CP and DP, and their gradients are
     reduced over dp x cp like every other replicated parameter. Under CP the trainer hands
-    ``image_slots`` so each rank splices the features of its own placeholder tokens.
+    ``image_slots`` so each rank splices the features of its own placeholder tokens, and a
+    native-resolution tower's M-RoPE positions, computed on the full microbatch and sharded like
+    the tokens (engine/train/multimodal.py). Its window borders are the same on every TP rank
+    (each runs all patches, with its heads); DeepStack rows go through ``seq_shard`` with the
+    embeddings, and stay on the first pipeline stage.
     """
     parallelize(model.llm, groups, cfg)
     if model.vision is None:  # a later pipeline stage
