@@ -221,16 +221,6 @@ def test_config_of_a_loom_built_qwen3_vl_builds_the_same_model_in_transformers()
     assert max_diff(loom_logits(model, batch)[keep], hf_logits(hf, batch)[keep]) <= ATOL
 
 
-def test_native_resolution_tower_refuses_the_fixed_size_data_pipeline(tmp_path):
-    from engine.config import load_config
-
-    (tmp_path / "train.jsonl").write_text("")
-    with pytest.raises(ConfigError, match="model.vision.arch=qwen2_5_vl does not train on data.train_jsonl"):
-        load_config(None, ["model.vision.enabled=true", "model.vision.arch=qwen2_5_vl", "model.vision.patch_size=4",
-                           "model.vision.window_size=16", f"data.train_jsonl={tmp_path / 'train.jsonl'}",
-                           f"data.tokenizer={tmp_path}"]).validate(1)
-
-
 def test_mrope_section_and_placeholders_are_checked():
     with pytest.raises(ConfigError, match=r"model.mrope_section=\[2, 2, 2\]"):
         ModelConfig(hidden_size=64, num_heads=4, mrope_section=[2, 2, 2]).validate()

@@ -7,12 +7,10 @@ batches are built here and handed to the trainer in place of its data (each rank
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 import pytest
 import torch
 
+from engine.data.sampler import Microbatch
 from tests.parity import assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_moe.yaml"
@@ -46,30 +44,12 @@ LAYOUTS = {
 QWEN3_LAYOUTS = ("tp2_sp", "cp2_ring", "pp2")  # DeepStack rows sharded under SP and CP, kept on the first stage
 
 
-@dataclasses.dataclass
-class NativeMicrobatch:
-    """What the trainer reads of a microbatch, with a native-resolution tower's media."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    num_sequences: int
-    num_loss_tokens: int
-    pixel_values: Optional[torch.Tensor] = None
-    image_grid_thw: Optional[torch.Tensor] = None
-    pixel_values_videos: Optional[torch.Tensor] = None
-    video_grid_thw: Optional[torch.Tensor] = None
-    second_per_grid_ts: Optional[torch.Tensor] = None
-
-
 # Image grids (t, h, w patches) per microbatch: 2x2 patches merge into one token, so 4x6 -> 6 tokens, 8x8 -> 16.
 GRIDS = [[(1, 4, 6), (1, 8, 8)], [(1, 8, 4), (1, 4, 4), (1, 4, 8)], [(1, 8, 8), (1, 4, 4)], [(1, 4, 4), (1, 6, 4)]]
 VIDEO_GRID = (2, 4, 4)  # 4 frames = two temporal patches, at M-RoPE times 0 and 3
 
 
-def native_microbatch(step: int, index: int) -> NativeMicrobatch:
+def native_microbatch(step: int, index: int) -> Microbatch:
     """Three documents: text and images of different sizes between text; a 4-frame video in text; text."""
     gen = torch.Generator().manual_seed(1000 * step + index)
     text = lambda n: torch.randint(1, 240, (n,), generator=gen).tolist()  # noqa: E731
@@ -88,7 +68,7 @@ def native_microbatch(step: int, index: int) -> NativeMicrobatch:
     labels[(labels == IMAGE) | (labels == VIDEO)] = -100
     positions = torch.cat([torch.arange(n) for n in lens.tolist()]).int()
     image_grid = torch.tensor(grids)
-    return NativeMicrobatch(
+    return Microbatch(
         input_ids=ids, labels=labels, positions=positions, cu_seqlens=cu, max_seqlen=int(lens.max()),
         num_sequences=1, num_loss_tokens=int((labels != -100).sum()),
         pixel_values=torch.randn(int(image_grid.prod(-1).sum()), PATCH, generator=gen), image_grid_thw=image_grid,

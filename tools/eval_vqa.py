@@ -10,6 +10,11 @@ counts when it equals the reference exactly. Accuracy is printed per ``question_
 to two image-blind references: chance (one over the number of distinct answers of that type)
 and the same model answering with blank (all-zero) images. ``eval.json`` goes beside the
 checkpoints.
+
+A native-resolution model (model.vision.arch qwen2_5_vl / qwen3_vl) reads samples with an image
+or a video (engine/data/multimodal_native.py), sized and sampled as the run's ``data`` section
+says. With videos a third reference is reported, ``single_frame_accuracy``: every frame of each
+clip replaced by its first, so the model sees no motion.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Question:
     image: str
     answer: str
     kind: str
+    media: tuple = ()  # a native-resolution model's MediaItems (engine/data/media.py)
 
 
 def resolve(path: Path) -> tuple[Path, Optional[Path]]:
@@ -69,13 +75,42 @@ def read_questions(jsonl: Path, tok, image_tokens: int) -> list[Question]:
     return out
 
 
+def read_native_questions(jsonl: Path, tok, opts, video_id: Optional[int]) -> list[Question]:
+    """``read_questions`` for a native-resolution model: one image or one video per sample."""
+    from engine.data.chat import encode_chat_media
+    from engine.data.multimodal import _Bad
+    from engine.data.multimodal_native import parse_native_line
+
+    out = []
+    for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            encoded, media, kind = parse_native_line(line.encode(), str(jsonl.parent), tok, 1 << 30, opts, video_id)
+        except _Bad as e:
+            raise SystemExit(f"eval_vqa: {jsonl}:{lineno}: {e.detail}") from None
+        messages = json.loads(line)["messages"]
+        if messages[-1]["role"] != "assistant" or len(media) != 1:
+            raise SystemExit(f"eval_vqa: {jsonl}:{lineno}: an eval sample needs one image or video and a last, "
+                             "assistant turn (the reference answer)")
+        counts = [m.tokens(opts.merge) for m in media]
+        images = [c for m, c in zip(media, counts) if m.kind == "image"]
+        videos = [c for m, c in zip(media, counts) if m.kind == "video"]
+        prompt = encode_chat_media(messages[:-1], tok, images, videos, video_id, add_generation_prompt=True)
+        out.append(Question(prompt.input_ids.tolist(), media[0].path, messages[-1]["content"].strip(),
+                            kind or "all", tuple(media)))
+    return out
+
+
 @torch.no_grad()
-def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: torch.Tensor, end_id: int,
-                   max_new_tokens: int = 8, vocab_size: Optional[int] = None) -> list[list[int]]:
+def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: Optional[torch.Tensor], end_id: int,
+                   max_new_tokens: int = 8, vocab_size: Optional[int] = None,
+                   media: Optional[dict] = None) -> list[list[int]]:
     """Greedy decoding of a packed batch, one document per prompt (no KV cache: answers are short).
 
     ``vocab_size``: pick among the tokenizer's ids only (the model's vocabulary may be padded);
-    never the image placeholder.
+    never an image or video placeholder. ``media``: a native-resolution model's batch fields
+    (patches and grids, multimodal_native.native_media_fields), instead of ``pixel_values``.
     """
     from engine.model.batch import PackedBatch
 
@@ -87,11 +122,13 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: torch.Tens
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lengths, 0)
         ids = torch.tensor([t for s in seqs for t in s])
-        logits = model(PackedBatch(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()),
-                                   pixel_values=pixel_values))
+        fields = media if media is not None else {"pixel_values": pixel_values}
+        logits = model(PackedBatch(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()), **fields))
         last = logits[cu[1:].long() - 1, :vocab_size]
-        if getattr(model, "image_token_id", None) is not None:  # a generated placeholder would need an image
-            last[:, model.image_token_id] = float("-inf")
+        cfg = getattr(model, "cfg", None)
+        for token in (getattr(model, "image_token_id", None), getattr(cfg, "video_token_id", None)):
+            if token is not None:  # a generated placeholder would need an image
+                last[:, token] = float("-inf")
         nxt = last.argmax(-1).tolist()
         for i, token in enumerate(nxt):
             seqs[i].append(token)  # finished prompts keep growing: it leaves the others unchanged
@@ -104,21 +141,40 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: torch.Tens
 
 
 def evaluate(model, questions: list[Question], tok, image_size: int, batch: int = 64,
-             blank_images: bool = False) -> dict[str, list[bool]]:
-    """{question type: [correct?]} over all questions."""
+             blank_images: bool = False, media_opts=None, single_frame: bool = False) -> dict[str, list[bool]]:
+    """{question type: [correct?]} over all questions.
+
+    ``media_opts`` (engine.data.media.MediaOptions): the questions are a native-resolution model's;
+    ``single_frame``: each video's frames all replaced by its first.
+    """
     from engine.data.images import make_image_loader
 
     load = make_image_loader(image_size, "pillow")
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(questions), batch):
         chunk = questions[start:start + batch]
-        # Blank images need no decoding: only their shape matters.
-        pixels = torch.zeros(len(chunk), 3, image_size, image_size) if blank_images else load([q.image for q in chunk])
+        pixels, media = None, None
+        if media_opts is not None:
+            media = _native_media([m for q in chunk for m in q.media], media_opts, blank_images, single_frame)
+        elif blank_images:  # blank images need no decoding: only their shape matters
+            pixels = torch.zeros(len(chunk), 3, image_size, image_size)
+        else:
+            pixels = load([q.image for q in chunk])
         answers = greedy_answers(model, [q.prompt for q in chunk], pixels, tok.end_of_turn_id,
-                                 vocab_size=tok.vocab_size)
+                                 vocab_size=tok.vocab_size, media=media)
         for q, ids in zip(chunk, answers):
             hits[q.kind].append(tok.decode(ids).strip() == q.answer)
     return hits
+
+
+def _native_media(items, opts, blank: bool, single_frame: bool) -> dict:
+    from engine.data.multimodal_native import native_media_fields
+
+    fields = native_media_fields(items, opts, only_first_frame=single_frame)
+    if blank:
+        for key in ("pixel_values", "pixel_values_videos"):
+            fields[key] = torch.zeros_like(fields[key]) if fields[key] is not None else None
+    return fields
 
 
 def chance(questions: list[Question]) -> dict[str, float]:
@@ -159,17 +215,31 @@ def main(argv=None) -> int:
     if tok.image_id != model.image_token_id:
         raise SystemExit(f"eval_vqa: tokenizer {tok_path} has <image> id {tok.image_id}, the checkpoint "
                          f"{model.image_token_id}: not the tokenizer it was trained with")
-    questions = read_questions(jsonl, tok, v.tokens_per_image)  # a kept class token adds one
+    opts = None
+    if v.native_resolution:
+        from engine.config import DataConfig
+        from engine.data.multimodal_native import media_options
+
+        opts = media_options(v, data or DataConfig())
+        questions = read_native_questions(jsonl, tok, opts, model.cfg.video_token_id)
+    else:
+        questions = read_questions(jsonl, tok, v.tokens_per_image)  # a kept class token adds one
     questions = questions[:args.limit] if args.limit else questions
-    result = summary(evaluate(model, questions, tok, v.image_size))
-    blank = summary(evaluate(model, questions, tok, v.image_size, blank_images=True))
+    result = summary(evaluate(model, questions, tok, v.image_size, media_opts=opts))
+    blank = summary(evaluate(model, questions, tok, v.image_size, blank_images=True, media_opts=opts))
+    videos = any(m.kind == "video" for q in questions for m in q.media)
+    single = summary(evaluate(model, questions, tok, v.image_size, media_opts=opts, single_frame=True)) if videos \
+        else None
     floor = chance(questions)
     print(f"held-out accuracy of {ckpt} on {jsonl} ({len(questions)} questions, greedy, exact match):")
     for kind in [k for k in result if k != "overall"] + ["overall"]:
         ref = f"chance {floor[kind]:.3f}, " if kind in floor else ""
-        print(f"  {kind:>10}: {result[kind]:.3f}   ({ref}blank images {blank[kind]:.3f})")
+        frame = f", first frame repeated {single[kind]:.3f}" if single else ""
+        print(f"  {kind:>10}: {result[kind]:.3f}   ({ref}blank images {blank[kind]:.3f}{frame})")
     record = {"checkpoint": str(ckpt), "eval_jsonl": str(jsonl), "questions": len(questions),
               "accuracy": result, "blank_image_accuracy": blank, "chance": floor}
+    if single:
+        record["single_frame_accuracy"] = single
     out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt) / "eval.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     if result["overall"] < args.min_accuracy:

@@ -10,6 +10,11 @@ one question (``--train-both``: train samples ask the other one as a second turn
 question text says nothing about the answer: a text-only model is stuck near 1/6 (colour)
 and 1/4 (shape). Eval images are drawn from their own random stream and any that repeats a
 train image exactly is redrawn, so eval images are held out. Same seed, same bytes.
+
+``--video`` writes the video task instead (``make_synthetic_video_vqa``): each sample is a directory
+of ``--frames`` frames in which one shape moves in a straight line, and asks "Which way does the
+shape move?" (left, right, up or down, uniformly). The first frame's distribution is the same
+for all four directions, so a single frame cannot answer (chance 0.25).
 """
 from __future__ import annotations
 
@@ -117,6 +122,70 @@ def make_synthetic_vqa(out: str | os.PathLike, n_train: int, n_eval: int, image_
     return paths
 
 
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_QUESTIONS = ("<video>Which way does the shape move?", "Which way does the shape move?\n<video>",
+                   "<video>In which direction is the shape moving?")
+
+
+def _video_split(out: Path, split: str, n: int, size: int, frames: int, fps: float, seed: int) -> list[dict]:
+    """``n`` clips of ``frames`` frames: one shape moving a constant step each frame in one of 4 directions.
+
+    The first frame says nothing about the direction: the start is drawn from the region that every
+    direction's path stays inside, the same for all four; only the motion tells them apart.
+    """
+    rng = np.random.default_rng([seed, 10 + _SPLIT_STREAM[split]])
+    directions, colours, shapes = list(DIRECTIONS), list(COLOURS), list(SHAPES)
+    records = []
+    for k in range(n):
+        direction = directions[int(rng.integers(4))]
+        colour, shape = colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))]
+        side = int(rng.integers(max(4, size // 5), max(5, size // 4) + 1))
+        travel = (size - side) // 2 - 1  # the whole clip's displacement: as large as the frame allows
+        lo, hi = travel, size - side - travel
+        x0, y0 = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        grey = int(rng.integers(200, 246))
+        rel = f"video/{split}_{k:06d}"
+        (out / rel).mkdir(parents=True, exist_ok=True)
+        dx, dy = DIRECTIONS[direction]
+        for f in range(frames):
+            shift = round(travel * f / max(1, frames - 1))
+            img = Image.new("RGB", (size, size), (grey, grey, grey))
+            _draw(ImageDraw.Draw(img), shape, x0 + dx * shift, y0 + dy * shift, side, COLOURS[colour])
+            img.save(out / rel / f"{f:04d}.png", format="PNG", compress_level=1)
+        question = VIDEO_QUESTIONS[int(rng.integers(len(VIDEO_QUESTIONS)))]
+        records.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": direction}],
+                        "video": rel, "fps": fps, "question_type": "direction", "colour": colour, "shape": shape})
+    return records
+
+
+def _draw(d: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fill) -> None:
+    x1, y1, cx, cy = x0 + side - 1, y0 + side - 1, x0 + (side - 1) / 2, y0 + (side - 1) / 2
+    if shape == "circle":
+        d.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        d.rectangle([x0, y0, x1, y1], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+
+
+def make_synthetic_video_vqa(out: str | os.PathLike, n_train: int, n_eval: int, image_size: int = 32,
+                             frames: int = 8, fps: float = 8.0, seed: int = 0) -> dict[str, Path]:
+    """Write the video task under ``out`` (``video/{split}_NNNNNN/FFFF.png`` frame directories); returns
+    {"train": path, "eval": path} of the JSONL files. Train and eval clips come from separate random streams."""
+    if image_size < 16 or frames < 2:
+        raise ValueError(f"image_size={image_size} must be >= 16 and frames={frames} >= 2 for motion to show")
+    out = Path(out)
+    paths = {}
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        records = _video_split(out, split, n, image_size, frames, fps, seed)
+        paths[split] = out / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return paths
+
+
 def text_only_baseline(records: Sequence[dict]) -> float:
     """Accuracy of the best image-blind guesser: the most common answer for each question text."""
     answers: dict[str, Counter] = defaultdict(Counter)
@@ -137,7 +206,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="shape side as a fraction of the image size")
     ap.add_argument("--train-both", action="store_true",
                     help="train samples ask both questions (two turns); eval samples always ask one")
+    ap.add_argument("--video", action="store_true",
+                    help="the video task instead: which way (left/right/up/down) does the shape move?")
+    ap.add_argument("--frames", type=int, default=8, help="--video: frames per clip")
+    ap.add_argument("--fps", type=float, default=8.0, help="--video: the clips' frame rate (each sample's \"fps\")")
     args = ap.parse_args(argv)
+    if args.video:
+        paths = make_synthetic_video_vqa(args.out, args.train, args.eval, args.image_size, args.frames, args.fps,
+                                         args.seed)
+        print(f"wrote {paths['train']} ({args.train}) and {paths['eval']} ({args.eval}) video samples; chance 0.25")
+        return
     paths = make_synthetic_vqa(args.out, args.train, args.eval, args.image_size, args.seed, tuple(args.side),
                                args.train_both)
     records = [json.loads(line) for line in paths["train"].read_text().splitlines()]

@@ -2,7 +2,7 @@
 
     python tools/train_tokenizer.py --input data/vqa --out data/vqa/tok.model --vocab-size 512
 
---input takes JSONL files or directories (every ``*.jsonl`` inside, sorted). The image tag,
+--input takes JSONL files or directories (every ``*.jsonl`` inside, sorted). The image and video tags,
 the chat role markers and end-of-turn become user-defined symbols (one id each, also when
 they appear in text); pad/unk/bos/eos are ids 0-3. Normalisation is the identity and no
 dummy prefix is added, so ``decode(encode(s)) == s`` for text made of trained characters.
@@ -66,7 +66,7 @@ def train_tokenizer(inputs: Sequence[str], out: str, vocab_size: int = 512, mode
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
-        user_defined_symbols=specials.markers(),
+        user_defined_symbols=specials.markers() + [specials.video],
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         pad_piece=specials.pad, unk_piece=specials.unk, bos_piece=specials.bos, eos_piece=specials.eos,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,

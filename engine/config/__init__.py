@@ -93,9 +93,9 @@ def check_vision(cfg: Config) -> None:
     for key in ("num_heads", "intermediate_size"):
         if getattr(v, key) % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide model.vision.{key}={getattr(v, key)}")
-    if v.native_resolution and cfg.data.train_jsonl is not None:  # its loader makes fixed-size images
-        raise ConfigError(f"model.vision.arch={v.arch} does not train on data.train_jsonl yet: the multimodal "
-                          "data pipeline makes fixed-size images (model.vision.image_size); use a ViT arch")
+    if v.native_resolution and cfg.data.max_frames % v.temporal_patch_size:
+        raise ConfigError(f"data.max_frames={cfg.data.max_frames} must be a multiple of "
+                          f"model.vision.temporal_patch_size={v.temporal_patch_size}")
 
 
 def check_lora(cfg: Config) -> None:

@@ -118,6 +118,15 @@ class DataConfig:
     image_backend: str = "auto"  # auto (DALI if installed, on CUDA and num_workers 0, else Pillow) | pillow | dali
     num_workers: int = 0  # DataLoader processes making whole step batches ahead; 0: in the training process
     prefetch: int = 2  # step batches made ahead per worker
+    # A native-resolution tower (model.vision.arch qwen2_5_vl | qwen3_vl; engine/data/media.py): each image or
+    # video frame is resized to multiples of patch*merge pixels a side, keeping its pixels in [min, max] (Qwen's).
+    min_pixels: int = 56 * 56
+    max_pixels: int = 14 * 14 * 4 * 16384
+    # Videos: the frames are a clip at video_source_fps (or the sample's "fps"); frame floor(k*source/video_fps)
+    # is kept (null: every frame), then at most max_frames evenly spaced (even: frames pair into temporal patches).
+    video_fps: Optional[float] = None
+    video_source_fps: float = 2.0
+    max_frames: int = 16
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -160,6 +169,7 @@ class DataConfig:
                               f"data.num_workers=0, not {self.num_workers}")
         if self.pack_window is not None and self.pack_window < 1:
             raise ConfigError(f"data.pack_window={self.pack_window} must be >= 1 (or null)")
+        self.validate_media()
         for key in ("train_jsonl", "eval_jsonl"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
@@ -168,6 +178,19 @@ class DataConfig:
                 raise ConfigError(f"data.{key} needs data.tokenizer (a sentencepiece .model or HF directory)")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: no such file or directory")
+
+
+    def validate_media(self) -> None:
+        if not 1 <= self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"data.min_pixels={self.min_pixels} and data.max_pixels={self.max_pixels} must satisfy "
+                              "1 <= min_pixels <= max_pixels")
+        for key in ("video_fps", "video_source_fps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"data.{key}={value} must be positive")
+        if self.max_frames < 2 or self.max_frames % 2:
+            raise ConfigError(f"data.max_frames={self.max_frames} must be an even number >= 2 (frames pair into "
+                              "temporal patches of 2)")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts",

@@ -15,6 +15,7 @@ last answer token predicts <|end|>; nothing predicts user text, images or marker
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from engine.data.packing import IGNORE_INDEX
 from engine.data.tokenizer import ROLES, Tokenizer
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 
 
 @dataclass
@@ -57,8 +59,9 @@ def check_messages(messages) -> str | None:
             return f'messages[{k}] must be an object with a string "content"'
         if m.get("role") not in ROLES:
             return f"messages[{k}] has role {m.get('role')!r}, not one of {', '.join(ROLES)}"
-        if m["role"] == "assistant" and IMAGE_TAG in m["content"]:
-            return f"messages[{k}] is an assistant turn holding an {IMAGE_TAG} tag"
+        for tag in (IMAGE_TAG, VIDEO_TAG):
+            if m["role"] == "assistant" and tag in m["content"]:
+                return f"messages[{k}] is an assistant turn holding an {tag} tag"
     return None
 
 
@@ -79,10 +82,39 @@ def encode_chat(messages: list[dict], tok: Tokenizer, image_tokens: int,
 
     add_generation_prompt: append an open assistant marker (for generation at eval time).
     """
+    return _template(messages, tok, lambda text: _encode_content(tok, text, image_tokens), add_generation_prompt)
+
+
+def count_video_tags(messages: list[dict]) -> int:
+    """Number of ``<video>`` tags over all message contents."""
+    return sum(m["content"].count(VIDEO_TAG) for m in messages)
+
+
+def encode_chat_media(messages: list[dict], tok: Tokenizer, image_tokens: list[int], video_tokens: list[int],
+                      video_id: int | None, add_generation_prompt: bool = False) -> EncodedChat:
+    """``encode_chat`` for a native-resolution tower: the k-th ``<image>`` tag becomes ``image_tokens[k]``
+    image placeholders, the k-th ``<video>`` tag ``video_tokens[k]`` ids ``video_id`` (tags counted in order
+    over the whole conversation; the counts must match the tags)."""
+    counts = {IMAGE_TAG: iter(image_tokens), VIDEO_TAG: iter(video_tokens)}
+    ids_of = {IMAGE_TAG: tok.image_id, VIDEO_TAG: video_id}
+
+    def content(text: str) -> list[int]:
+        ids: list[int] = []
+        for part in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", text):
+            if part in counts:
+                ids.extend([ids_of[part]] * next(counts[part]))
+            elif part:
+                ids.extend(tok.encode(part))
+        return ids
+
+    return _template(messages, tok, content, add_generation_prompt)
+
+
+def _template(messages: list[dict], tok: Tokenizer, encode_content, add_generation_prompt: bool) -> EncodedChat:
     ids: list[int] = [] if tok.bos_id is None else [tok.bos_id]
     target: list[bool] = [False] * len(ids)  # is token t an assistant target?
     for m in messages:
-        body = _encode_content(tok, m["content"], image_tokens) + [tok.end_of_turn_id]
+        body = encode_content(m["content"]) + [tok.end_of_turn_id]
         ids.append(tok.role_id(m["role"]))
         ids.extend(body)
         target.append(False)

@@ -75,6 +75,8 @@ class Microbatch:
     pixel_values:       multimodal only: float32 ``[num_images, 3, H, W]``, in the order of
                         their placeholder tokens in input_ids (engine/data/multimodal.py)
     image_token_counts: multimodal only: int64 ``[num_images]``, placeholder tokens per image
+    image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts: a native-resolution
+                        tower's (engine/data/multimodal_native.py); pixel_values are then flattened patches
     """
 
     input_ids: torch.Tensor
@@ -86,6 +88,10 @@ class Microbatch:
     num_loss_tokens: int
     pixel_values: Optional[torch.Tensor] = None
     image_token_counts: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    pixel_values_videos: Optional[torch.Tensor] = None
+    video_grid_thw: Optional[torch.Tensor] = None
+    second_per_grid_ts: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Microbatch":
         """A copy with every tensor on ``device``."""

@@ -4,7 +4,7 @@
     tok = Tokenizer.load("path/to/hf_model")   # a directory with tokenizer.json (or the tokenizer.json)
     tok = Tokenizer.load(path, chat=False)     # plain text: no chat markers needed, none added
     ids = tok.encode("<image>What colour?")    # list[int], no bos/eos added
-    tok.image_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.role_id("user"), tok.end_of_turn_id
+    tok.image_id, tok.video_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.role_id("user"), tok.end_of_turn_id
 
 The chat template (engine/data/chat.py) inserts role markers and image placeholders by id,
 never by matching text, so it does not depend on how a backend splits special strings.
@@ -33,6 +33,7 @@ class SpecialTokens:
     """The strings of the special tokens. Defaults match tools/train_tokenizer.py."""
 
     image: str = "<image>"
+    video: str = "<video>"  # optional: a native-resolution tower's video placeholder (tools/train_tokenizer.py adds it)
     system: str = "<|system|>"
     user: str = "<|user|>"
     assistant: str = "<|assistant|>"
@@ -149,6 +150,7 @@ class Tokenizer:
         self.eos_id: Optional[int] = _first(defaults["eos"], backend.piece_id(specials.eos))
         self.pad_id: int = _first(defaults["pad"], backend.piece_id(specials.pad), self.eos_id, 0)
         self.image_id: Optional[int] = backend.piece_id(specials.image)
+        self.video_id: Optional[int] = backend.piece_id(specials.video)
         self.end_of_turn_id: Optional[int] = backend.piece_id(specials.end_of_turn)
         self._role_ids = {r: backend.piece_id(getattr(specials, r)) for r in ROLES}
 

@@ -14,6 +14,7 @@ from engine.config import Config, ConfigError
 from engine.data.loader import StepBatches, StepLoader
 from engine.data.multimodal import MultimodalDataset
 from engine.data.multimodal_lazy import LazyMultimodalDataset
+from engine.data.multimodal_native import NativeMultimodalDataset
 from engine.model.batch import PackedBatch
 from engine.model.decoder import build_model
 from engine.model.lora import apply_lora, is_adapter
@@ -22,12 +23,19 @@ from engine.parallel.context_parallel import CPShard
 
 
 def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:
-    """The training split, read on demand through its cached line index (engine/data/multimodal_lazy.py)."""
+    """The training split: for a fixed-size tower read on demand through its cached line index
+    (engine/data/multimodal_lazy.py); for a native-resolution tower images of any size and videos
+    (engine/data/multimodal_native.py)."""
     v = cfg.model.vision
     if not v.enabled:
         raise ValueError("data.train_jsonl (multimodal data) needs model.vision.enabled=true")
-    dataset = LazyMultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size, patch_size=v.patch_size,
-                                            merge=v.merge, seed=cfg.train.seed, image_tokens=v.tokens_per_image)
+    if v.native_resolution:
+        dataset = NativeMultimodalDataset.from_config(cfg.data, "train", vision=v, seed=cfg.train.seed)
+        adopt_video_token(cfg, dataset.video_id)
+    else:
+        dataset = LazyMultimodalDataset.from_config(cfg.data, "train", image_size=v.image_size,
+                                                    patch_size=v.patch_size, merge=v.merge, seed=cfg.train.seed,
+                                                    image_tokens=v.tokens_per_image)
     if dataset.vocab_size > cfg.model.vocab_size:  # its ids would index past the embedding
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {dataset.vocab_size} ids, more than "
                           f"model.vocab_size={cfg.model.vocab_size}")
@@ -42,6 +50,16 @@ def step_loader(cfg: Config, dataset, sampler, groups) -> Optional[StepLoader]:
     steps = StepBatches(dataset, sampler, groups.dp_rank, cfg.dp_size(groups.world_size),
                         cfg.train.micro_batch_size)
     return StepLoader(steps, cfg.data.num_workers, cfg.data.prefetch)
+
+
+def adopt_video_token(cfg: Config, video_id) -> None:
+    """``model.video_token_id`` from the tokenizer's <video> piece (as the <image> id), saved with the run's config."""
+    m = cfg.model
+    if None not in (video_id, m.video_token_id) and video_id != m.video_token_id:
+        raise ConfigError(f"model.video_token_id={m.video_token_id} differs from data.tokenizer's <video> id "
+                          f"{video_id}; set one, or make them agree")
+    if m.video_token_id is None:
+        m.video_token_id = video_id
 
 
 def build_any_model(cfg: Config, dataset) -> nn.Module:
