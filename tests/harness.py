@@ -1,7 +1,9 @@
 """Run a function on N gloo ranks: spawn the workers once per test module, then reuse them.
 
-Spawning is the main cost on 2 cores (each worker imports torch), so a ``World`` keeps its
-processes alive and runs one task after another. Each task gets a fresh process group of the
+Starting ranks is the main cost on 2 cores (each would import torch and the engine), so the
+workers are forked from a forkserver that imported them once for the whole session (never from
+the test process, whose threads a fork would copy half-way), and a ``World`` keeps its processes
+alive and runs one task after another. Each task gets a fresh process group of the
 size it asks for (over a new FileStore), so one world of 4 runs 1-, 2- and 4-rank layouts in turn.
 
 A task fails, never hangs: a rank that raises sends its traceback back; a rank that dies or a
@@ -19,6 +21,7 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 PG_TIMEOUT_S = 90
+PRELOAD = ["torch", "torch.distributed", "engine.train.trainer"]
 
 
 class RankError(RuntimeError):
@@ -54,7 +57,8 @@ class World:
 
     def __init__(self, size: int):
         self.size = size
-        self.ctx = mp.get_context("spawn")
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(PRELOAD)
         self.procs: list = []
         self._tmp = tempfile.TemporaryDirectory(prefix="loom_world_")
         self._n = 0
