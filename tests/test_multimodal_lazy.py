@@ -100,9 +100,9 @@ def counted_builds(monkeypatch):
     calls = []
     real = jsonl_index.build_index
 
-    def spy(path, tok, image_tokens):
+    def spy(path, *args):
         calls.append(path)
-        return real(path, tok, image_tokens)
+        return real(path, *args)
 
     monkeypatch.setattr(jsonl_index, "build_index", spy)
     return calls

@@ -110,7 +110,7 @@ def test_a_bad_video_path_names_the_file_and_skips(root, tok):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: video video/nope is missing"):
         NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0)
     ds = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0, on_bad_sample="skip")
-    assert len(ds.samples) == 1 and ds.bad_sample_counts["missing_video"] == 1
+    assert ds.num_samples == 1 and ds.bad_sample_counts["missing_video"] == 1
     (root / "video" / "empty").mkdir(exist_ok=True)
     write(jsonl, [sample("<video>?", video="video/empty")])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: video video/empty is a directory without frame images"):
@@ -170,3 +170,28 @@ def test_a_gif_is_a_video(root):
     frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=125)
     item = probe_video(str(root / "clip.gif"), OPTS, 8.0)  # 5 frames at 8 fps sampled at 4: 0, 2, 4 + 4 again
     assert [k for _, k in item.frames] == [0, 2, 4, 4] and item.grid == (2, 4, 6)
+
+
+def test_the_index_is_cached_keyed_by_media_settings_and_samples_are_read_on_demand(root, tok, monkeypatch):
+    import dataclasses
+
+    from engine.data import jsonl_index
+
+    jsonl = write(root / "lazy.jsonl", [sample("<video>?", video="video/train_000001"),
+                                        sample("<image>?", image="wide.png"), sample("text only")])
+    builds = []
+    real = jsonl_index.build_index
+    monkeypatch.setattr(jsonl_index, "build_index", lambda path, *a: builds.append(path) or real(path, *a))
+    first = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0)
+    again = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0)
+    assert len(builds) == 1 and not hasattr(first, "samples")  # what stays: offsets and lengths
+    assert torch.equal(first.collate([first[0]]).pixel_values_videos, again.collate([again[0]]).pixel_values_videos)
+    other = dataclasses.replace(OPTS, max_frames=2)  # fewer frames: other token counts, a new index
+    fewer = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=other, seed=0)
+    assert len(builds) == 2 and fewer.lengths[0] == first.lengths[0] - 4
+    (root / "wide.png").rename(root / "gone.png")  # removed after indexing: named when its sample is read
+    try:
+        with pytest.raises(ValueError, match=r"lazy.jsonl:2: image wide.png is missing \(since its index"):
+            [again[s] for s in range(len(again))]
+    finally:
+        (root / "gone.png").rename(root / "wide.png")

@@ -27,14 +27,18 @@ import warnings
 import zipfile
 from array import array
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
 from engine.data.multimodal import BadSample, _Bad, encode_line, too_long
 from engine.data.tokenizer import Tokenizer
 
-INDEX_VERSION = 1
-STATUS = ("ok", "malformed", "placeholder_mismatch", "missing_image")
+INDEX_VERSION = 2
+# A native-resolution tower's index (engine/data/multimodal_native.py) probes every image and video
+# while indexing, so its lines can also be corrupt or miss a video.
+STATUS = ("ok", "malformed", "placeholder_mismatch", "missing_image", "corrupt_image", "missing_video",
+          "corrupt_video")
 OK, MISSING = 0, STATUS.index("missing_image")
 CACHE_SUFFIX = ".loomidx.npz"
 
@@ -46,7 +50,7 @@ class JsonlIndex:
     offsets:    int64 byte offset of the line
     lines:      int32 1-based line number
     lengths:    int32 tokens after the chat template (0 where the line cannot be encoded)
-    num_images: int32 images of the sample
+    num_images: int32 images of the sample (a native-resolution index: images and videos)
     status:     int8 index into STATUS
     details:    what is wrong, by row, for every row whose status is not ok
     """
@@ -59,18 +63,21 @@ class JsonlIndex:
     status: np.ndarray
     details: dict[int, str]
 
-    def classify(self, seq_len: int, image_tokens: int) -> tuple[np.ndarray, list[BadSample]]:
+    def classify(self, seq_len: int, image_tokens: Optional[int]) -> tuple[np.ndarray, list[BadSample]]:
         """(rows of the usable samples, bad samples in file order) for ``seq_len``.
 
         The reasons take the order of the eager checks: malformed or mismatched text, then too
-        long, then a missing image.
+        long, then a missing image. ``image_tokens``: per image, for the message (None: images
+        differ in size).
         """
         text_bad = (self.status != OK) & (self.status != MISSING)
         long = ~text_bad & (self.lengths > seq_len)
         bad = text_bad | long | (self.status == MISSING)
         out = []
         for row in np.flatnonzero(bad).tolist():
-            if long[row]:
+            if long[row] and image_tokens is None:
+                reason, detail = "too_long", f"sample is {self.lengths[row]} tokens, longer than data.seq_len={seq_len}"
+            elif long[row]:
                 problem = too_long(int(self.lengths[row]), int(self.num_images[row]), image_tokens, seq_len)
                 reason, detail = problem.reason, problem.detail
             else:
@@ -84,24 +91,32 @@ def cache_path(path: str) -> str:
     return path + CACHE_SUFFIX
 
 
-def index_key(path: str, tok: Tokenizer, image_tokens: int) -> dict:
+def index_key(path: str, tok: Tokenizer, image_tokens: int, media: Optional[dict] = None) -> dict:
     """What the cached index depends on; a change in any of it rebuilds the index."""
     st = os.stat(path)
-    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "tokenizer": tok.fingerprint(), "image_tokens": int(image_tokens)}
+    key = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "tokenizer": tok.fingerprint(), "image_tokens": int(image_tokens)}
+    if media is not None:  # as the cache stores it (JSON), so that equal settings compare equal
+        key["media"] = json.loads(json.dumps(media))
+    return key
 
 
-def load_or_build(path: str, tok: Tokenizer, image_tokens: int) -> JsonlIndex:
-    """The index of ``path``: from its cache when the key matches, else built (once) and cached."""
+def load_or_build(path: str, tok: Tokenizer, image_tokens: int, index_line: Optional[Callable] = None,
+                  media: Optional[dict] = None) -> JsonlIndex:
+    """The index of ``path``: from its cache when the key matches, else built (once) and cached.
+
+    ``index_line(raw, base_dir) -> (status, tokens, images, detail or None)`` indexes a line in
+    place of the fixed-size tower's check; ``media``: the settings it depends on (part of the key).
+    """
     path = os.fspath(path)
-    key = index_key(path, tok, image_tokens)  # before reading: a file changed mid-build fails the next check
+    key = index_key(path, tok, image_tokens, media)  # before reading: a file changed mid-build fails the next check
     index = _load(path, key)
     if index is not None:
         return index
     with _build_lock(cache_path(path)):
         index = _load(path, key)  # built by another process while this one waited
         if index is None:
-            index = build_index(path, tok, image_tokens)
+            index = build_index(path, tok, image_tokens, index_line)
             _save(index, key)
     return index
 
@@ -136,15 +151,18 @@ def _index_line(raw: bytes, base_dir: str, tok: Tokenizer, image_tokens: int, ex
     return OK, len(encoded.input_ids), len(images), None
 
 
-def build_index(path: str, tok: Tokenizer, image_tokens: int) -> JsonlIndex:
+def build_index(path: str, tok: Tokenizer, image_tokens: int, index_line: Optional[Callable] = None) -> JsonlIndex:
     """One pass over the file, a line at a time; compact arrays grow as it goes."""
     base_dir = os.path.dirname(os.path.abspath(path))
     offsets, lines, lengths, images = array("q"), array("i"), array("i"), array("i")
-    status, details, exists, offset = array("b"), {}, _Exists(), 0
+    status, details, offset = array("b"), {}, 0
+    if index_line is None:
+        exists = _Exists()
+        index_line = lambda raw, base: _index_line(raw, base, tok, image_tokens, exists)  # noqa: E731
     with open(path, "rb") as f:  # bytes: a line of bad UTF-8 is one bad sample, not a crash
         for line_no, raw in enumerate(f, start=1):
             if raw.strip():
-                code, n_tokens, n_images, detail = _index_line(raw, base_dir, tok, image_tokens, exists)
+                code, n_tokens, n_images, detail = index_line(raw, base_dir)
                 if detail is not None:
                     details[len(offsets)] = detail
                 offsets.append(offset)

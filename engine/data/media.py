@@ -128,20 +128,23 @@ def list_frames(path: str) -> list[tuple[str, int]]:
     return [(path, k) for k in range(n)]
 
 
-def _open_frame(path: str, index: int):
+def _open_frame(path: str, index: int, decode: bool = True):
     from PIL import Image
 
     img = Image.open(path)
     if index:
         img.seek(index)
-    img.load()
+    if decode:
+        img.load()
     return img
 
 
-def probe_image(path: str, opts: MediaOptions) -> MediaItem:
-    """The image's resized size and grid; raises OSError/ValueError (naming the file) when it cannot be decoded."""
+def probe_image(path: str, opts: MediaOptions, verify: bool = True) -> MediaItem:
+    """The image's resized size and grid; raises OSError/ValueError (naming the file) when it cannot be decoded.
+
+    ``verify=False`` reads the header only (a sample read again after its index checked it)."""
     try:
-        with _open_frame(path, 0) as img:
+        with _open_frame(path, 0, verify) as img:
             width, height = img.size
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} is missing") from None
@@ -151,16 +154,18 @@ def probe_image(path: str, opts: MediaOptions) -> MediaItem:
     return MediaItem("image", path, ((path, 0),), h, w, (1, h // opts.patch_size, w // opts.patch_size))
 
 
-def probe_video(path: str, opts: MediaOptions, source_fps: Optional[float] = None) -> MediaItem:
-    """The video's sampled frames, resized size and grid; every sampled frame is decoded once here."""
+def probe_video(path: str, opts: MediaOptions, source_fps: Optional[float] = None, verify: bool = True
+                ) -> MediaItem:
+    """The video's sampled frames, resized size and grid; every sampled frame is decoded once here
+    (``verify=False``: only the first frame's header is read)."""
     frames = list_frames(path)
     fps = source_fps if source_fps is not None else opts.video_source_fps
     keep, rate = sample_frame_indices(len(frames), fps, opts.video_fps, opts.max_frames, opts.temporal_patch)
     chosen = tuple(frames[k] for k in keep)
     size = None
-    for file, index in dict.fromkeys(chosen):
+    for file, index in list(dict.fromkeys(chosen))[:None if verify else 1]:
         try:
-            with _open_frame(file, index) as img:
+            with _open_frame(file, index, verify) as img:
                 size = size or img.size
         except Exception as e:
             raise ValueError(f"video {path}: frame {file} cannot be decoded ({type(e).__name__}: {e})") from None

@@ -9,8 +9,9 @@ A JSONL line is one sample, media paths relative to the file's directory::
 ``"image"`` / ``"video"`` name one item, ``"images"`` / ``"videos"`` a list; the k-th ``<image>``
 (``<video>``) tag takes the k-th image (video). ``"fps"``: the frames' rate (default
 ``data.video_source_fps``). Sizes, frame sampling and patches: engine/data/media.py. Each item's
-placeholder count is known at preparation time, so packing stays a pure function of the
-sample lengths (engine/data/multimodal_packing.py), and images and videos pack with text.
+placeholder count is known when the file is indexed (its sizes and frames are probed there), so
+packing stays a pure function of the sample lengths (engine/data/multimodal_packing.py), and
+images and videos pack with text.
 A microbatch carries transformers' inputs: ``pixel_values`` + ``image_grid_thw``,
 ``pixel_values_videos`` + ``video_grid_thw`` + ``second_per_grid_ts``; the model derives the
 M-RoPE positions from them (VisionLanguageModel.rope_positions).
@@ -20,14 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from engine.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
 from engine.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
-from engine.data.multimodal import BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad
+from engine.data.jsonl_index import OK, STATUS, cache_path, load_or_build
+from engine.data.multimodal import BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad, jsonl_paths
 from engine.data.sampler import Microbatch, collate
 from engine.data.tokenizer import Tokenizer
 
@@ -64,10 +68,10 @@ def _paths(record: dict, one: str, many: str) -> list[str]:
     return value
 
 
-def _probe(kind: str, rel: str, base_dir: str, opts: MediaOptions, fps) -> MediaItem:
+def _probe(kind: str, rel: str, base_dir: str, opts: MediaOptions, fps, verify: bool) -> MediaItem:
     path = os.path.join(base_dir, rel)
     try:
-        return probe_image(path, opts) if kind == "image" else probe_video(path, opts, fps)
+        return probe_image(path, opts, verify) if kind == "image" else probe_video(path, opts, fps, verify)
     except FileNotFoundError:
         raise _Bad(f"missing_{kind}", f"{kind} {rel} is missing") from None
     except (OSError, ValueError) as e:
@@ -75,8 +79,10 @@ def _probe(kind: str, rel: str, base_dir: str, opts: MediaOptions, fps) -> Media
 
 
 def parse_native_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, opts: MediaOptions,
-                      video_id: Optional[int]) -> tuple:
-    """(EncodedChat, media items, question_type) of one JSONL line; raises _Bad(reason, detail)."""
+                      video_id: Optional[int], verify: bool = True) -> tuple:
+    """(EncodedChat, media items, question_type) of one JSONL line; raises _Bad(reason, detail).
+
+    ``verify``: decode every image and sampled frame (else read the headers: the line was indexed)."""
     try:
         record = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -99,8 +105,8 @@ def parse_native_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, o
     if videos and video_id is None:
         raise _Bad("malformed", f"the sample has a video but the tokenizer has no {tok.specials.video} piece "
                                 "(train it with tools/train_tokenizer.py)")
-    media = [_probe("image", p, base_dir, opts, None) for p in images]
-    media += [_probe("video", p, base_dir, opts, fps) for p in videos]
+    media = [_probe("image", p, base_dir, opts, None, verify) for p in images]
+    media += [_probe("video", p, base_dir, opts, fps, verify) for p in videos]
     counts = [m.tokens(opts.merge) for m in media]
     encoded = encode_chat_media(messages, tok, counts[:len(images)], counts[len(images):], video_id)
     if len(encoded.input_ids) > seq_len:
@@ -109,51 +115,57 @@ def parse_native_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, o
     return encoded, media, record.get("question_type")
 
 
-def read_native_jsonl(path: str, tok: Tokenizer, seq_len: int, opts: MediaOptions, on_bad_sample: str = "error",
-                      video_id: Optional[int] = None) -> tuple[list[NativeChatSample], list[BadSample]]:
-    """``read_chat_jsonl`` for a native-resolution tower: every image and sampled frame is decoded once here."""
-    if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"JSONL file not found: {path}")
-    base_dir = os.path.dirname(os.path.abspath(path))
-    good, bad = [], []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                encoded, media, qtype = parse_native_line(raw, base_dir, tok, seq_len, opts, video_id)
-            except _Bad as e:
-                message = f"{path}:{line_no}: {e.detail}"
-                if on_bad_sample == "error":
-                    raise ValueError(message) from None
-                bad.append(BadSample(path, line_no, e.reason, message))
-                continue
-            paths = [m.path for m in media if m.kind == "image"]
-            good.append(NativeChatSample(encoded.input_ids, encoded.labels, paths, qtype, path, line_no, media))
-    return good, bad
+def _index_line(tok: Tokenizer, opts: MediaOptions, video_id: Optional[int]):
+    """The jsonl_index line check of a native-resolution tower: every image and sampled frame decoded once."""
+    def index_line(raw: bytes, base_dir: str) -> tuple:
+        try:
+            encoded, media, _ = parse_native_line(raw, base_dir, tok, sys.maxsize, opts, video_id)
+        except _Bad as e:
+            return STATUS.index(e.reason), 0, 0, e.detail
+        return OK, len(encoded.input_ids), len(media), None
+    return index_line
 
 
 class NativeMultimodalDataset(MultimodalDataset):
-    """MultimodalDataset for a native-resolution tower: variable-size images and videos per sample."""
+    """MultimodalDataset for a native-resolution tower: variable-size images and videos per sample.
 
-    def __init__(self, samples: list[NativeChatSample], seq_len: int, tokenizer: Tokenizer, opts: MediaOptions,
-                 seed: int, pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = ()):
-        self.samples, self.opts, self.video_id = samples, opts, tokenizer.video_id
-        self._setup([len(s.input_ids) for s in samples], seq_len, tokenizer, 0, None, seed, pack_window,
-                    bad_samples)
+    Like LazyMultimodalDataset, nothing of a sample stays in memory but where its line is and its
+    length: each JSONL file's index (engine/data/jsonl_index.py, cached beside it and keyed by the
+    media settings too) probes every image and video once, and ``dataset[s]`` reads the lines of
+    sequence ``s`` again, resolving their media from the headers. Pixels are decoded in ``collate``.
+
+    files: the JSONL paths; file_ids, offsets, lines, lengths: ``[num_samples]`` arrays per usable sample
+    """
+
+    def __init__(self, files: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray, lines: np.ndarray,
+                 lengths: np.ndarray, seq_len: int, tokenizer: Tokenizer, opts: MediaOptions, seed: int,
+                 pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = ()):
+        self.files, self.file_ids, self.offsets, self.lines, self.lengths = (
+            list(files), file_ids, offsets, lines, lengths)
+        self.tokenizer, self.opts, self.video_id = tokenizer, opts, tokenizer.video_id
+        self._setup(lengths, seq_len, tokenizer, 0, None, seed, pack_window, bad_samples)
 
     @classmethod
     def from_jsonl(cls, paths, tokenizer: Tokenizer, seq_len: int, *, opts: MediaOptions, seed: int,
                    on_bad_sample: str = "error", pack_window: Optional[int] = None) -> "NativeMultimodalDataset":
-        samples, bad = [], []
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            good_k, bad_k = read_native_jsonl(os.fspath(path), tokenizer, seq_len, opts, on_bad_sample,
-                                              tokenizer.video_id)
-            samples += good_k
+        """Index (or read the cached indexes of) one or more JSONL files; bad samples raise (``error``,
+        naming the file and line) or are counted (``skip``) here, before training."""
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
+        index_line, media = _index_line(tokenizer, opts, tokenizer.video_id), dataclasses.asdict(opts)
+        files, parts, bad = jsonl_paths(paths), [], []
+        for k, path in enumerate(files):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"JSONL file not found: {path}")
+            index = load_or_build(path, tokenizer, 0, index_line, media)
+            rows, bad_k = index.classify(seq_len, None)
+            if bad_k and on_bad_sample == "error":
+                raise ValueError(bad_k[0].message)
             bad += bad_k
-        return cls(samples, seq_len, tokenizer, opts, seed, pack_window, bad)
+            parts.append((np.full(len(rows), k, np.int32), index.offsets[rows], index.lines[rows],
+                          index.lengths[rows]))
+        columns = [np.concatenate(c) for c in zip(*parts)]
+        return cls(files, *columns, seq_len, tokenizer, opts, seed, pack_window, bad)
 
     @classmethod
     def from_config(cls, data_cfg, split: str, *, vision, seed: int) -> "NativeMultimodalDataset":
@@ -168,10 +180,30 @@ class NativeMultimodalDataset(MultimodalDataset):
     def bad_sample_counts(self) -> dict[str, int]:
         return {r: sum(b.reason == r for b in self.bad_samples) for r in NATIVE_BAD_SAMPLE_REASONS}
 
+    def sample(self, i: int) -> NativeChatSample:
+        """Sample ``i``, read from its line and encoded again."""
+        path, line = self.files[self.file_ids[i]], int(self.lines[i])
+        with open(path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            raw = f.readline()
+        base_dir = os.path.dirname(os.path.abspath(path))
+        try:
+            encoded, media, qtype = parse_native_line(raw, base_dir, self.tokenizer, sys.maxsize, self.opts,
+                                                      self.video_id, verify=False)
+        except _Bad as e:
+            raise ValueError(f"{path}:{line}: {e.detail} (since its index {cache_path(path)} was built)") from None
+        if len(encoded.input_ids) != self.lengths[i]:
+            raise ValueError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
+                             "restart to rebuild it")
+        paths = [m.path for m in media if m.kind == "image"]
+        return NativeChatSample(encoded.input_ids, encoded.labels, paths, qtype, path, line, media)
+
     def __getitem__(self, s: int) -> NativeSequence:
-        seq = super().__getitem__(s)
-        media = [m for i in seq.sample_ids for m in self.samples[int(i)].media]
-        return NativeSequence(**{f.name: getattr(seq, f.name) for f in dataclasses.fields(seq)}, media=media)
+        ids = self._sequence_ids(s)
+        docs = [self.sample(int(i)) for i in ids]
+        seq = self._assemble(ids, docs)
+        return NativeSequence(**{f.name: getattr(seq, f.name) for f in dataclasses.fields(seq)},
+                              media=[m for d in docs for m in d.media])
 
     def collate(self, sequences: Sequence[NativeSequence]) -> Microbatch:
         """Text fields as ``sampler.collate``, plus the images' and the videos' patches and grids (None when none)."""
@@ -196,4 +228,4 @@ def native_media_fields(items: Sequence[MediaItem], opts: MediaOptions, only_fir
 
 
 __all__ = ["NativeMultimodalDataset", "NativeChatSample", "media_options", "native_media_fields",
-           "read_native_jsonl", "NATIVE_BAD_SAMPLE_REASONS"]
+           "parse_native_line", "NATIVE_BAD_SAMPLE_REASONS"]
