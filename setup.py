@@ -4,13 +4,15 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # One statement of the minimum, in engine/version.py; engine and engine.compat check it at import.
-MIN_TORCH = re.search(r'^MIN_TORCH = "([\d.]+)"', (Path(__file__).parent / "engine" / "version.py").read_text(), re.M)[1]
+VERSION_PY = (Path(__file__).parent / "engine" / "version.py").read_text()
+MIN_TORCH = re.search(r'^MIN_TORCH = "([\d.]+)"', VERSION_PY, re.M)[1]
 
 setup(
     name="loom",
     version="0.1.0",
     description="Loom: a Megatron-style training engine for multimodal and MoE transformers",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*", "tools", "tools.*"]),
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launch", "launch.*", "tools",
+                                    "tools.*"]),
     python_requires=">=3.10",
     # The scripts pin torch==2.13.0 (tested), which keeps a CPU box off CUDA wheels.
     install_requires=[f"torch>={MIN_TORCH}", "numpy", "pyyaml", "sentencepiece", "safetensors", "pillow", "matplotlib",

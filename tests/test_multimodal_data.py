@@ -247,7 +247,8 @@ def test_pack_samples_windows_deterministic_and_efficiency():
     assert sorted(a.samples.tolist()) == list(range(300))
     assert a.efficiency == pytest.approx(lengths.sum() / (a.num_sequences * 64))
     whole = pack_samples(lengths, 64, seed=7)
-    assert [whole.sequence(s).tolist() for s in range(whole.num_sequences)] == first_fit_decreasing(lengths.tolist(), 64)
+    ffd = first_fit_decreasing(lengths.tolist(), 64)
+    assert [whole.sequence(s).tolist() for s in range(whole.num_sequences)] == ffd
     assert whole.efficiency >= a.efficiency - 0.02  # windows cost little
 
 
@@ -336,7 +337,8 @@ def _bad_case(case, root):
     if case == "too_long":
         return line(content="<image>" + "What colour? " * 30), "too_long", r"sample is \d+ tokens .* data.seq_len=64"
     if case == "placeholders":
-        return line(content="<image><image>Compare."), "placeholder_mismatch", "2 <image> tags in the messages but 1 images"
+        return (line(content="<image><image>Compare."), "placeholder_mismatch",
+                "2 <image> tags in the messages but 1 images")
     if case == "utf8":
         return b'{"messages": "\xff"}', "malformed", "not valid UTF-8"
     return '{"messages": [', "malformed", "not valid JSON"

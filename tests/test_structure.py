@@ -1,8 +1,9 @@
 """The import graph flows one way, and every console script resolves to a callable ``main``.
 
 Layers, top to bottom: launch and tools -> engine's API (engine/__init__, pretrained) -> train ->
-parallel -> model -> checkpoint -> data -> config (a package), faults, kernels, compat (private torch APIs), version. An import may only point down (or stay in its
-own package), and no set of modules imports itself in a cycle, lazy imports inside functions included.
+parallel -> model -> checkpoint -> data -> config (a package), faults, kernels, compat (private torch
+APIs), version. An import may only point down (or stay in its own package), and no set of modules
+imports itself in a cycle, lazy imports inside functions included.
 """
 import ast
 import importlib
@@ -13,8 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("engine", "kernels", "launch", "tools")
-RANK = {"version": -1, "compat": 0, "config": 0, "faults": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3, "parallel": 4, "train": 5,
-        "api": 6, "launch": 7, "tools": 7}
+RANK = {"version": -1, "compat": 0, "config": 0, "faults": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3,
+        "parallel": 4, "train": 5, "api": 6, "launch": 7, "tools": 7}
 
 
 def _modules() -> dict[str, str]:

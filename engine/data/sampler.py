@@ -126,7 +126,8 @@ def collate(samples: Sequence[Sample]) -> Microbatch:
 
 
 def rank_slice(global_indices: Sequence[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[int]:
-    """The contiguous slice ``global_indices[dp_rank*n:(dp_rank+1)*n]``, ``n = len // dp_size``, of DP rank ``dp_rank``."""
+    """The contiguous slice ``global_indices[dp_rank*n:(dp_rank+1)*n]``, ``n = len // dp_size``, of DP rank
+    ``dp_rank``."""
     g = len(global_indices)
     if dp_size < 1 or micro_batch_size < 1:
         raise ValueError(f"dp_size={dp_size} and micro_batch_size={micro_batch_size} must be >= 1")
@@ -153,5 +154,6 @@ def rank_microbatches(
     """
     mine = rank_slice(global_indices, dp_rank, dp_size, micro_batch_size)
     return [
-        collate([dataset[int(i)] for i in mine[k : k + micro_batch_size]]) for k in range(0, len(mine), micro_batch_size)
+        collate([dataset[int(i)] for i in mine[k : k + micro_batch_size]])
+        for k in range(0, len(mine), micro_batch_size)
     ]

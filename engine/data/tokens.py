@@ -52,7 +52,8 @@ def _offsets_problem(offsets: np.ndarray, num_tokens: int) -> str | None:
         return f"doc_offsets end at {int(offsets[-1])} but there are {num_tokens} tokens"
     if offsets.size > 1 and bool((np.diff(offsets) < 0).any()):
         bad = int(np.flatnonzero(np.diff(offsets) < 0)[0])
-        return f"doc_offsets must be non-decreasing, offsets[{bad}]={int(offsets[bad])} > offsets[{bad + 1}]={int(offsets[bad + 1])}"
+        return (f"doc_offsets must be non-decreasing, offsets[{bad}]={int(offsets[bad])} > "
+                f"offsets[{bad + 1}]={int(offsets[bad + 1])}")
     return None
 
 
