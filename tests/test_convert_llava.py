@@ -28,12 +28,18 @@ IMAGE_ID = 120
 ATOL = 1e-4
 
 
-def make_llava(path, image_token_id=IMAGE_ID, **top):
-    """A tiny random LLaVA 1.5 (CLIP tower, Llama text model) saved as transformers saves it."""
-    top = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top}
-    cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION),
-                                   text_config=transformers.LlamaConfig(**TEXT), image_token_index=image_token_id,
-                                   **top)
+def make_llava(path, image_token_id=IMAGE_ID, siglip=False, **top):
+    """A tiny random LLaVA 1.5 (CLIP tower, Llama text model) saved as transformers saves it; ``siglip``:
+    a SigLIP tower, read as LLaVA reads one (the last hidden state, every patch, no pooling head)."""
+    if siglip:
+        top = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full", **top}
+        vision = transformers.SiglipVisionConfig(**{k: v for k, v in VISION.items() if k != "projection_dim"},
+                                                 vision_use_head=False)
+    else:
+        top = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default", **top}
+        vision = transformers.CLIPVisionConfig(**VISION)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**TEXT),
+                                   image_token_index=image_token_id, **top)
     torch.manual_seed(0)
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
@@ -71,6 +77,23 @@ def test_import_logits_match_with_images(tmp_path, layer, select):
         out = vlm_logits(model, ids, pixels)
         assert out.shape == ref.shape
         assert max_diff(out, ref) <= ATOL, f"{source}: max |Loom - HF| = {max_diff(out, ref):.2e}"
+
+
+def test_siglip_tower_imports_with_logit_parity_and_exports_bitwise(tmp_path):
+    hf = make_llava(tmp_path / "hf", siglip=True)
+    import_hf(tmp_path / "hf", tmp_path / "loom")
+    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    v = model.cfg.vision
+    assert (v.arch, v.class_token, v.patch_bias, v.post_norm, v.feature_layer) == ("siglip", False, True, False, -1)
+    ids, pixels = image_batch((VISION["image_size"] // VISION["patch_size"]) ** 2)
+    ref = vlm_logits(hf, ids, pixels)
+    assert max_diff(vlm_logits(model, ids, pixels), ref) <= ATOL
+    export_hf(tmp_path / "loom", tmp_path / "out")
+    original, exported = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["vision_config"]
+    assert config["model_type"] == "siglip_vision_model" and config["vision_use_head"] is False
 
 
 def _hub_layout(tensors):  # llava-hf on the Hub (transformers 4) nests CLIP under vision_model
@@ -211,14 +234,16 @@ def test_missing_unexpected_and_misshapen_weights_are_named(tmp_path):
     ({"vision_feature_select_strategy": "cls_only"}, "vision_feature_select_strategy='cls_only'"),
     ({"vision_feature_layer": [-2, -1]}, r"vision_feature_layer=\[-2, -1\]"),
     ({"projector_hidden_act": "silu"}, "projector_hidden_act='silu'"),
-    ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision_config.model_type='siglip_vision_model'"),
+    ({"vision_config": {"model_type": "dinov2"}}, "vision_config.model_type='dinov2'"),
     ({"vision_config": {"hidden_act": "gelu"}}, "vision_config.hidden_act='gelu'"),
     ({"text_config": {"model_type": "gemma"}}, "text_config.model_type='gemma'"),
+    ({"siglip": True, "vision_config": {"vision_use_head": True}}, "vision_config.vision_use_head=True"),
+    ({"siglip": True, "vision_feature_select_strategy": "default"}, "vision_feature_select_strategy='default'"),
 ])
 def test_unsupported_llava_variants_are_named(tmp_path, edit, message):
-    make_llava(tmp_path)
+    make_llava(tmp_path, siglip=edit.get("siglip", False))
     config = json.loads((tmp_path / "config.json").read_text())
-    for key, value in edit.items():
+    for key, value in ((k, v) for k, v in edit.items() if k != "siglip"):
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match=message):

@@ -117,6 +117,43 @@ def test_imported_tower_matches_transformers(tmp_path, llm_dir, kind):
     assert marker["source"]["vision_from"] == str(tmp_path / "tower")
 
 
+def test_a_swapped_tower_exports_as_llava(tmp_path, llm_dir):
+    """The tower's VLM exports as LlavaForConditionalGeneration with the LLM's config as its text_config;
+    SigLIP once it is read as LLaVA reads a tower (before its final norm), and not before."""
+    import engine
+    from engine.model.hf.convert import export_hf, import_hf
+    from engine.model.hf.naming import ConversionError
+
+    gen, image = torch.Generator().manual_seed(2), TEXT["vocab_size"] - 1
+
+    def save_as_trained(loom, **vision):  # what a run that trained the VLM writes: its tokenizer's <image> id
+        marker = json.loads((loom / "checkpoint.json").read_text())
+        marker["config"]["model"]["image_token_id"] = image
+        marker["config"]["model"]["vision"].update(vision)
+        (loom / "checkpoint.json").write_text(json.dumps(marker))
+
+    for kind in ("clip", "siglip"):
+        make_tower(kind, tmp_path / kind)
+        loom = import_hf(llm_dir, tmp_path / f"loom_{kind}", vision_from=tmp_path / kind)
+        save_as_trained(loom)
+        if kind == "siglip":
+            with pytest.raises(ConversionError, match="model.vision.post_norm=True is not expressible"):
+                export_hf(loom, tmp_path / "refused")
+            save_as_trained(loom, post_norm=False)
+        model = engine.from_pretrained(loom, attn_backend="torch")
+        export_hf(loom, tmp_path / f"out_{kind}")
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / f"out_{kind}").eval()
+        assert hf.config.text_config.hidden_size == TEXT["hidden_size"]
+        n = model.tokens_per_image
+        ids = torch.randint(0, image, (1, 2 * n + 6), generator=gen)
+        ids[0, 2:2 + n] = ids[0, 4 + n:4 + 2 * n] = image
+        pixels = torch.randn(2, 3, 16, 16, generator=gen)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, pixel_values=pixels).logits
+            ours = model(ids, pixel_values=pixels)
+        assert float((ours - ref).abs().max()) <= 1e-4, kind
+
+
 def test_a_llava_gets_a_new_tower_and_projector(tmp_path):
     import engine
     from engine.model.hf.convert import import_hf

@@ -19,6 +19,7 @@ from engine.model.hf.qwen_vl import QWEN3_VL, QWEN_VL
 from engine.model.hf.naming import ConversionError, Family, check_hf_names, weight_map
 
 FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, LLAVA, QWEN_VL, QWEN3_VL)
+VLM_FAMILIES = (LLAVA, QWEN_VL, QWEN3_VL)
 SUPPORTED = tuple(arch for f in FAMILIES for arch in f.architectures)
 
 

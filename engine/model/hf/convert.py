@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.config import ConfigError, ModelConfig, build
-from engine.model.hf import family_for, family_for_model
+from engine.model.hf import VLM_FAMILIES, family_for, family_for_model
 from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, expected_tensors, weight_map
 from engine.model.hf.tower import tower_map, with_tower
 from engine.model.hf.peft import adapter_names_of, export_adapter, is_adapter, lora_config_of, merged, read_adapter
@@ -242,10 +242,15 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     if cfg.image_token_id is None:  # a VLM trained in Loom took its <image> id from its tokenizer
         cfg.image_token_id = marker.get("image_token_id")
     base = read_hf_config(ckpt_dir / "hf") if (ckpt_dir / "hf" / "config.json").is_file() else {}
-    family = family_for_model(cfg, arch) if arch or not base else family_for(base)
-    hf_cfg = family.config_to_hf(cfg, base)
     names = ckpt_dir / "hf" / NAMES_FILE
-    family = family.for_checkpoint(hf_cfg, json.loads(names.read_text()) if names.is_file() else None)
+    names = json.loads(names.read_text()) if names.is_file() else None
+    if cfg.vision.enabled and base and family_for(base) not in VLM_FAMILIES:
+        # a tower joined a text model (import --vision-from): the text model's config is the VLM's text_config,
+        # and the names are the VLM's own, not the text model's that were imported
+        base, names = {"text_config": base}, None
+    family = family_for_model(cfg, arch) if arch or not base.get("architectures") else family_for(base)
+    hf_cfg = family.config_to_hf(cfg, base)
+    family = family.for_checkpoint(hf_cfg, names)
     adapters = {k[len("model/"):]: v for k, v in io.saved_tensors(ckpt_dir).items()
                 if k.startswith("model/") and is_adapter(k)}
     lora = lora_config_of(marker)

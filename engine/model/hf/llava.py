@@ -1,5 +1,10 @@
 """LLaVA 1.5 (``LlavaForConditionalGeneration``): a CLIP ViT, a Linear-GELU-Linear projector, a text decoder.
 
+The tower may also be SigLIP's (``vision_config.model_type: siglip_vision_model``, as a tower swap
+makes it): no class token, no pre-norm, a biased patch embedding, every patch kept
+(``vision_feature_select_strategy: full``), read from a hidden state before ``post_layernorm``
+as LLaVA reads any tower (Loom's ``model.vision.post_norm: false``).
+
 Loom's VisionEncoder with CLIP's options is CLIP exactly: a class token, ``pre_layrnorm``,
 quick-GELU, biased q/k/v/out projections, a bias-free Conv2d patch embedding (Loom's Linear,
 reshaped on the way), and features read from hidden state ``vision_feature_layer`` (-2 in LLaVA
@@ -44,7 +49,9 @@ _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
                       image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
 _LLAVA_VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14)
+_SIGLIP_DEFAULTS = dict(_CLIP_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 _ACTS = {"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu"}  # HF hidden_act -> model.vision.mlp
+_TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
 
 def _vision_rules() -> list:
@@ -58,6 +65,7 @@ def _vision_rules() -> list:
     return [
         (r"vision\.class_embed", "{vision}embeddings.class_embedding"),
         (r"vision\.patch_embed\.weight", "{vision}embeddings.patch_embedding.weight", conv_shape),
+        (r"vision\.patch_embed\.bias", "{vision}embeddings.patch_embedding.bias"),
         (r"vision\.pos_embed", "{vision}embeddings.position_embedding.weight"),
         (r"vision\.pre_norm\.(weight|bias)", "{vision}pre_layrnorm.{0}"),
         (layer + r"attn\.(q_proj|k_proj|v_proj)\.(weight|bias)", enc + "self_attn.{1}.{2}"),
@@ -110,23 +118,19 @@ def specialise(hf: dict, hf_names: Optional[Collection[str]] = None) -> Family:
 
 def _vision_from_hf(hf: dict) -> VisionConfig:
     given = hf.get("vision_config")
-    v = {**_CLIP_DEFAULTS, **(_LLAVA_VISION_DEFAULTS if given is None else given)}
-    kind = v.get("model_type", "clip_vision_model")
-    if kind != "clip_vision_model":
+    kind = (given or {}).get("model_type", "clip_vision_model")
+    if kind not in _TOWERS:
         raise ConversionError(f"config.json: vision_config.model_type={kind!r} is not supported for {ARCH} "
-                              "(only a CLIP vision tower, clip_vision_model)")
+                              f"(only {', '.join(_TOWERS)})")
+    if kind == "siglip_vision_model":
+        return _siglip_from_hf({**_SIGLIP_DEFAULTS, **given}, hf)
+    v = {**_CLIP_DEFAULTS, **(_LLAVA_VISION_DEFAULTS if given is None else given)}
     if v["hidden_act"] not in _ACTS:
         raise ConversionError(f"config.json: vision_config.hidden_act={v['hidden_act']!r} is not supported "
                               f"(only {', '.join(_ACTS)})")
     if v["num_channels"] != 3:
         raise ConversionError(f"config.json: vision_config.num_channels={v['num_channels']} is not supported (only 3)")
-    layer = hf.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise ConversionError(f"config.json: vision_feature_layer={layer!r} is not supported (only one layer)")
-    select = hf.get("vision_feature_select_strategy", "default")
-    if select not in ("default", "full"):
-        raise ConversionError(f"config.json: vision_feature_select_strategy={select!r} is not supported "
-                              "(only default or full)")
+    layer, select = _feature_reading(hf)
     # CLIP exactly, unless its activation is not CLIP's: then Loom's ViT with CLIP's other options
     arch = "clip" if v["hidden_act"] == "quick_gelu" else "vit"
     return VisionConfig(
@@ -135,6 +139,34 @@ def _vision_from_hf(hf: dict) -> VisionConfig:
         num_heads=v["num_attention_heads"], norm="layernorm", mlp=_ACTS[v["hidden_act"]], merge=False,
         eps=float(v["layer_norm_eps"]), class_token=True, pre_norm=True, post_norm=False, patch_bias=False,
         o_bias=True, feature_layer=layer, feature_select=select)
+
+
+def _feature_reading(hf: dict) -> tuple[int, str]:
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConversionError(f"config.json: vision_feature_layer={layer!r} is not supported (only one layer)")
+    select = hf.get("vision_feature_select_strategy", "default")
+    if select not in ("default", "full"):
+        raise ConversionError(f"config.json: vision_feature_select_strategy={select!r} is not supported "
+                              "(only default or full)")
+    return layer, select
+
+
+def _siglip_from_hf(v: dict, hf: dict) -> VisionConfig:
+    """A SigLIP tower as LLaVA reads it: hidden state ``vision_feature_layer``, every patch."""
+    layer, select = _feature_reading(hf)
+    for key, value, want in (("vision_config.hidden_act", v["hidden_act"], "gelu_pytorch_tanh"),
+                             ("vision_config.num_channels", v["num_channels"], 3),
+                             ("vision_config.vision_use_head", v.get("vision_use_head", True), False),
+                             ("vision_feature_select_strategy", select, "full")):
+        if value != want:  # LLaVA never runs SigLIP's pooling head; "default" would drop a patch, not a class token
+            raise ConversionError(f"config.json: {key}={value!r} is not supported for a SigLIP tower in {ARCH} "
+                                  f"(only {want!r})")
+    return VisionConfig(
+        enabled=True, arch="siglip", image_size=v["image_size"], patch_size=v["patch_size"],
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"], eps=float(v["layer_norm_eps"]), post_norm=False, feature_layer=layer,
+        feature_select=select)
 
 
 def llava_from_hf(hf: dict) -> ModelConfig:
@@ -157,11 +189,16 @@ def llava_from_hf(hf: dict) -> ModelConfig:
 
 def llava_to_hf(cfg: ModelConfig, base: dict) -> dict:
     v = cfg.vision
-    refuse(cfg, ARCH, vision__enabled=not v.enabled, vision__arch=v.arch not in ("vit", "clip"),
-           vision__norm=v.norm != "layernorm",
-           vision__mlp=v.mlp not in _ACTS.values(), vision__merge=v.merge, vision__class_token=not v.class_token,
-           vision__pre_norm=not v.pre_norm, vision__post_norm=v.post_norm, vision__patch_bias=v.patch_bias,
-           vision__o_bias=not v.o_bias, image_token_id=cfg.image_token_id is None)
+    siglip = v.arch == "siglip"
+    refuse(cfg, ARCH, vision__enabled=not v.enabled, vision__arch=v.arch not in ("vit", "clip", "siglip"),
+           vision__norm=v.norm != "layernorm", vision__mlp=v.mlp not in _ACTS.values(), vision__merge=v.merge,
+           vision__class_token=v.class_token == siglip, vision__pre_norm=v.pre_norm == siglip,
+           vision__patch_bias=v.patch_bias != siglip, vision__o_bias=not v.o_bias,
+           image_token_id=cfg.image_token_id is None)
+    if v.post_norm:
+        raise ConversionError(f"model.vision.post_norm=True is not expressible as {ARCH}: it reads the tower's "
+                              "hidden state model.vision.feature_layer before the final norm; train with "
+                              "model.vision.post_norm=false")
     from engine.model.hf import family_for_model
 
     text_base = base.get("text_config") or {}
@@ -171,14 +208,17 @@ def llava_to_hf(cfg: ModelConfig, base: dict) -> dict:
     if "architectures" not in text_base:  # transformers 5 writes none in a sub-config
         text.pop("architectures")
     vision = {k: x for k, x in (base.get("vision_config") or {}).items() if k not in ("torch_dtype", "dtype")}
-    vision.update(model_type="clip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-                  patch_size=v.patch_size, num_channels=3, layer_norm_eps=v.eps,
-                  hidden_act={a: h for h, a in _ACTS.items()}[v.mlp])
+    if siglip:
+        vision.update(vision_use_head=False)
+    vision.update(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=v.hidden_size,
+                  intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                  num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size, num_channels=3,
+                  layer_norm_eps=v.eps, hidden_act={a: h for h, a in _ACTS.items()}[v.mlp])
     out = {k: x for k, x in base.items() if k not in ("torch_dtype", "text_config", "vision_config")}
     out.update(architectures=[ARCH], model_type="llava", text_config=text, vision_config=vision,
                image_token_index=cfg.image_token_id, vision_feature_layer=v.feature_layer,
-               vision_feature_select_strategy=v.feature_select, projector_hidden_act="gelu",
+               # without a class token both of Loom's values keep every patch; HF's "default" would drop one
+               vision_feature_select_strategy="full" if siglip else v.feature_select, projector_hidden_act="gelu",
                multimodal_projector_bias=True, image_seq_length=v.tokens_per_image,
                tie_word_embeddings=cfg.tie_embeddings)
     return out

@@ -37,8 +37,7 @@ _DEFAULTS = {  # transformers' defaults for keys a config.json may leave out
                    num_channels=3),
 }
 _ANCHOR = "embeddings.patch_embedding.weight"
-RULES = [r for r in _vision_rules() if r[0].startswith(r"vision\.")] + \
-    [(r"vision\.patch_embed\.bias", "{vision}embeddings.patch_embedding.bias")]
+RULES = [r for r in _vision_rules() if r[0].startswith(r"vision\.")]
 # Beside the tower's own names: the pooling head (SigLIP), and what a whole contrastive model holds.
 _LEFT_BEHIND = re.compile(r"head\..*")
 
