@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine.data.multimodal import BadSample, _Bad, encode_line, too_long
+from engine.data.multimodal import BadSample, _Bad, encode_line, jsonl_paths, too_long
 from engine.data.tokenizer import Tokenizer
 
 INDEX_VERSION = 2
@@ -119,6 +119,32 @@ def load_or_build(path: str, tok: Tokenizer, image_tokens: int, index_line: Opti
             index = build_index(path, tok, image_tokens, index_line)
             _save(index, key)
     return index
+
+
+def index_files(paths, tok: Tokenizer, seq_len: int, image_tokens: Optional[int], on_bad_sample: str,
+                index_line: Optional[Callable] = None, media: Optional[dict] = None) -> tuple:
+    """(files, ``[file_ids, offsets, lines, lengths]`` arrays over the usable samples of all files, bad
+    samples) from each file's index; a bad sample raises here with ``on_bad_sample="error"``, before
+    training. ``image_tokens``: per image (None: images of any size, ``index_line`` and ``media`` given)."""
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
+    files, parts, bad = jsonl_paths(paths), [], []
+    for k, path in enumerate(files):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"JSONL file not found: {path}")
+        index = load_or_build(path, tok, image_tokens or 0, index_line, media)
+        rows, bad_k = index.classify(seq_len, image_tokens)
+        if bad_k and on_bad_sample == "error":
+            raise ValueError(bad_k[0].message)
+        bad += bad_k
+        parts.append((np.full(len(rows), k, np.int32), index.offsets[rows], index.lines[rows], index.lengths[rows]))
+    return files, [np.concatenate(c) for c in zip(*parts)], bad
+
+
+def read_line(path: str, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(int(offset))
+        return f.readline()
 
 
 # ----------------------------------------------------------------------------- building

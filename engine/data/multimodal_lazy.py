@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from engine.data.images import ImageProcessor, image_problem, image_token_count, make_image_loader
-from engine.data.jsonl_index import cache_path, load_or_build
+from engine.data.jsonl_index import cache_path, index_files, read_line
 from engine.data.multimodal import (BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad,
-                                    encode_line, jsonl_paths)
+                                    encode_line)
 from engine.data.packing import IGNORE_INDEX
 from engine.data.tokenizer import Tokenizer
 
@@ -52,32 +52,17 @@ class LazyMultimodalDataset(MultimodalDataset):
                    image_backend: str = "pillow", image_tokens: Optional[int] = None) -> "LazyMultimodalDataset":
         """As ``MultimodalDataset.from_jsonl``, from the files' indexes; text-level bad samples raise
         (``error``) or are counted (``skip``) here, before training."""
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
         n_image = image_token_count(image_size, patch_size, merge) if image_tokens is None else int(image_tokens)
-        files, parts, bad = jsonl_paths(paths), [], []
-        for k, path in enumerate(files):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"JSONL file not found: {path}")
-            index = load_or_build(path, tokenizer, n_image)
-            rows, bad_k = index.classify(seq_len, n_image)
-            if bad_k and on_bad_sample == "error":
-                raise ValueError(bad_k[0].message)
-            bad += bad_k
-            parts.append((np.full(len(rows), k, np.int32), index.offsets[rows], index.lines[rows],
-                          index.lengths[rows]))
-        columns = [np.concatenate(c) for c in zip(*parts)]
+        files, columns, bad = index_files(paths, tokenizer, seq_len, n_image, on_bad_sample)
         return cls(files, *columns, seq_len, tokenizer, n_image, make_image_loader(image_size, image_backend),
                    seed, pack_window, bad, on_bad_sample)
 
     def sample(self, i: int) -> ChatSample:
         """Sample ``i``, read from its line and encoded again."""
         path, line = self.files[self.file_ids[i]], int(self.lines[i])
-        with open(path, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            raw = f.readline()
         try:
-            encoded, images, question_type = encode_line(raw, self.tokenizer, self.image_tokens)
+            encoded, images, question_type = encode_line(read_line(path, self.offsets[i]), self.tokenizer,
+                                                         self.image_tokens)
         except _Bad:
             encoded = None
         if encoded is None or len(encoded.input_ids) != self.lengths[i]:

@@ -30,8 +30,8 @@ import torch
 
 from engine.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
 from engine.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
-from engine.data.jsonl_index import OK, STATUS, cache_path, load_or_build
-from engine.data.multimodal import BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad, jsonl_paths
+from engine.data.jsonl_index import OK, STATUS, cache_path, index_files, read_line
+from engine.data.multimodal import BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad
 from engine.data.sampler import Microbatch, collate
 from engine.data.tokenizer import Tokenizer
 
@@ -150,21 +150,8 @@ class NativeMultimodalDataset(MultimodalDataset):
                    on_bad_sample: str = "error", pack_window: Optional[int] = None) -> "NativeMultimodalDataset":
         """Index (or read the cached indexes of) one or more JSONL files; bad samples raise (``error``,
         naming the file and line) or are counted (``skip``) here, before training."""
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample={on_bad_sample!r} must be error or skip")
-        index_line, media = _index_line(tokenizer, opts, tokenizer.video_id), dataclasses.asdict(opts)
-        files, parts, bad = jsonl_paths(paths), [], []
-        for k, path in enumerate(files):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"JSONL file not found: {path}")
-            index = load_or_build(path, tokenizer, 0, index_line, media)
-            rows, bad_k = index.classify(seq_len, None)
-            if bad_k and on_bad_sample == "error":
-                raise ValueError(bad_k[0].message)
-            bad += bad_k
-            parts.append((np.full(len(rows), k, np.int32), index.offsets[rows], index.lines[rows],
-                          index.lengths[rows]))
-        columns = [np.concatenate(c) for c in zip(*parts)]
+        files, columns, bad = index_files(paths, tokenizer, seq_len, None, on_bad_sample,
+                                          _index_line(tokenizer, opts, tokenizer.video_id), dataclasses.asdict(opts))
         return cls(files, *columns, seq_len, tokenizer, opts, seed, pack_window, bad)
 
     @classmethod
@@ -183,13 +170,10 @@ class NativeMultimodalDataset(MultimodalDataset):
     def sample(self, i: int) -> NativeChatSample:
         """Sample ``i``, read from its line and encoded again."""
         path, line = self.files[self.file_ids[i]], int(self.lines[i])
-        with open(path, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            raw = f.readline()
         base_dir = os.path.dirname(os.path.abspath(path))
         try:
-            encoded, media, qtype = parse_native_line(raw, base_dir, self.tokenizer, sys.maxsize, self.opts,
-                                                      self.video_id, verify=False)
+            encoded, media, qtype = parse_native_line(read_line(path, self.offsets[i]), base_dir, self.tokenizer,
+                                                      sys.maxsize, self.opts, self.video_id, verify=False)
         except _Bad as e:
             raise ValueError(f"{path}:{line}: {e.detail} (since its index {cache_path(path)} was built)") from None
         if len(encoded.input_ids) != self.lengths[i]:
