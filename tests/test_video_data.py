@@ -195,3 +195,22 @@ def test_the_index_is_cached_keyed_by_media_settings_and_samples_are_read_on_dem
             [again[s] for s in range(len(again))]
     finally:
         (root / "gone.png").rename(root / "wide.png")
+
+
+def test_a_frame_corrupted_after_indexing_is_named_or_skipped_as_padding(root, tok):
+    import shutil
+
+    clip = root / "video" / "spoiled"
+    shutil.copytree(root / "video" / "train_000001", clip, dirs_exist_ok=True)
+    jsonl = write(root / "spoiled.jsonl", [sample("<video>?", video="video/spoiled"),
+                                           sample("<image>?", image="wide.png")])
+    errors = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0)
+    skips = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0, on_bad_sample="skip")
+    frame = sorted(clip.iterdir())[2]  # a sampled frame (every second one), not the first: the header read passes
+    frame.write_bytes(frame.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"spoiled.jsonl:1: video video/spoiled cannot be decoded"):
+        [errors[s] for s in range(len(errors))]
+    mb = skips.collate([skips[s] for s in range(len(skips))])
+    assert skips.bad_sample_counts["corrupt_video"] == 1 and skips.bad_samples[-1].line == 1
+    assert mb.pixel_values_videos is None and mb.pixel_values is not None  # the image sample still trains
+    assert int((mb.input_ids == tok.video_id).sum()) == 0 and int((mb.labels != -100).sum()) > 0

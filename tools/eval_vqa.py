@@ -168,9 +168,9 @@ def evaluate(model, questions: list[Question], tok, image_size: int, batch: int 
 
 
 def _native_media(items, opts, blank: bool, single_frame: bool) -> dict:
-    from engine.data.multimodal_native import native_media_fields
+    from engine.data.multimodal_native import media_arrays, native_media_fields
 
-    fields = native_media_fields(items, opts, only_first_frame=single_frame)
+    fields = native_media_fields([media_arrays(items, opts, only_first_frame=single_frame)])
     if blank:
         for key in ("pixel_values", "pixel_values_videos"):
             fields[key] = torch.zeros_like(fields[key]) if fields[key] is not None else None

@@ -31,7 +31,8 @@ import torch
 from engine.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
 from engine.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
 from engine.data.jsonl_index import OK, STATUS, cache_path, index_files, read_line
-from engine.data.multimodal import BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad
+from engine.data.multimodal import BadSample, ChatSample, MultimodalSequence, _Bad
+from engine.data.multimodal_lazy import LazyMultimodalDataset
 from engine.data.sampler import Microbatch, collate
 from engine.data.tokenizer import Tokenizer
 
@@ -48,7 +49,7 @@ class NativeChatSample(ChatSample):
 
 @dataclass
 class NativeSequence(MultimodalSequence):
-    media: list = dataclasses.field(default_factory=list)  # MediaItems of the sequence, in sample order
+    media: list = dataclasses.field(default_factory=list)  # media_arrays of each sample, in sample order
 
 
 def media_options(vision, data) -> MediaOptions:
@@ -126,24 +127,24 @@ def _index_line(tok: Tokenizer, opts: MediaOptions, video_id: Optional[int]):
     return index_line
 
 
-class NativeMultimodalDataset(MultimodalDataset):
-    """MultimodalDataset for a native-resolution tower: variable-size images and videos per sample.
+class NativeMultimodalDataset(LazyMultimodalDataset):
+    """LazyMultimodalDataset for a native-resolution tower: images of any size and videos per sample.
 
-    Like LazyMultimodalDataset, nothing of a sample stays in memory but where its line is and its
-    length: each JSONL file's index (engine/data/jsonl_index.py, cached beside it and keyed by the
-    media settings too) probes every image and video once, and ``dataset[s]`` reads the lines of
-    sequence ``s`` again, resolving their media from the headers. Pixels are decoded in ``collate``.
-
-    files: the JSONL paths; file_ids, offsets, lines, lengths: ``[num_samples]`` arrays per usable sample
+    Nothing of a sample stays in memory but where its line is and its length: each JSONL file's
+    index (engine/data/jsonl_index.py, cached beside it and keyed by the media settings too) probes
+    every image and video once, and ``dataset[s]`` reads the lines of sequence ``s`` again, resolves
+    their media from the headers and decodes them. A medium that is gone or corrupt since the index
+    was built raises naming its file and line (``error``), or leaves its sample's slot as padding
+    and counts it (``skip``), as for the fixed-size tower.
     """
 
     def __init__(self, files: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray, lines: np.ndarray,
                  lengths: np.ndarray, seq_len: int, tokenizer: Tokenizer, opts: MediaOptions, seed: int,
-                 pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = ()):
-        self.files, self.file_ids, self.offsets, self.lines, self.lengths = (
-            list(files), file_ids, offsets, lines, lengths)
-        self.tokenizer, self.opts, self.video_id = tokenizer, opts, tokenizer.video_id
-        self._setup(lengths, seq_len, tokenizer, 0, None, seed, pack_window, bad_samples)
+                 pack_window: Optional[int] = None, bad_samples: Sequence[BadSample] = (),
+                 on_bad_sample: str = "error"):
+        super().__init__(files, file_ids, offsets, lines, lengths, seq_len, tokenizer, 0, None, seed, pack_window,
+                         bad_samples, on_bad_sample)
+        self.opts, self.video_id = opts, tokenizer.video_id
 
     @classmethod
     def from_jsonl(cls, paths, tokenizer: Tokenizer, seq_len: int, *, opts: MediaOptions, seed: int,
@@ -152,7 +153,7 @@ class NativeMultimodalDataset(MultimodalDataset):
         naming the file and line) or are counted (``skip``) here, before training."""
         files, columns, bad = index_files(paths, tokenizer, seq_len, None, on_bad_sample,
                                           _index_line(tokenizer, opts, tokenizer.video_id), dataclasses.asdict(opts))
-        return cls(files, *columns, seq_len, tokenizer, opts, seed, pack_window, bad)
+        return cls(files, *columns, seq_len, tokenizer, opts, seed, pack_window, bad, on_bad_sample)
 
     @classmethod
     def from_config(cls, data_cfg, split: str, *, vision, seed: int) -> "NativeMultimodalDataset":
@@ -168,15 +169,17 @@ class NativeMultimodalDataset(MultimodalDataset):
         return {r: sum(b.reason == r for b in self.bad_samples) for r in NATIVE_BAD_SAMPLE_REASONS}
 
     def sample(self, i: int) -> NativeChatSample:
-        """Sample ``i``, read from its line and encoded again."""
+        """Sample ``i``, read from its line and encoded again; raises _Bad for media gone or corrupt since."""
         path, line = self.files[self.file_ids[i]], int(self.lines[i])
         base_dir = os.path.dirname(os.path.abspath(path))
         try:
             encoded, media, qtype = parse_native_line(read_line(path, self.offsets[i]), base_dir, self.tokenizer,
                                                       sys.maxsize, self.opts, self.video_id, verify=False)
         except _Bad as e:
-            raise ValueError(f"{path}:{line}: {e.detail} (since its index {cache_path(path)} was built)") from None
-        if len(encoded.input_ids) != self.lengths[i]:
+            if e.reason not in ("malformed", "placeholder_mismatch"):  # a medium, not the text, changed
+                raise _Bad(e.reason, f"{e.detail} (since its index {cache_path(path)} was built)") from None
+            encoded = None
+        if encoded is None or len(encoded.input_ids) != self.lengths[i]:
             raise ValueError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
                              "restart to rebuild it")
         paths = [m.path for m in media if m.kind == "image"]
@@ -184,32 +187,58 @@ class NativeMultimodalDataset(MultimodalDataset):
 
     def __getitem__(self, s: int) -> NativeSequence:
         ids = self._sequence_ids(s)
-        docs = [self.sample(int(i)) for i in ids]
+        docs, media = [], []
+        for i in ids.tolist():
+            try:
+                doc = self.sample(i)
+                media.append(media_arrays(doc.media, self.opts, base=os.path.dirname(os.path.abspath(doc.file))))
+            except _Bad as e:
+                path, line, n = self.files[self.file_ids[i]], int(self.lines[i]), int(self.lengths[i])
+                doc = self._drop(ChatSample(np.zeros(n, np.int64), np.zeros(n, np.int64), [], None, path, line), e)
+                media.append(media_arrays([], self.opts))
+            docs.append(doc)
         seq = self._assemble(ids, docs)
-        return NativeSequence(**{f.name: getattr(seq, f.name) for f in dataclasses.fields(seq)},
-                              media=[m for d in docs for m in d.media])
+        return NativeSequence(**{f.name: getattr(seq, f.name) for f in dataclasses.fields(seq)}, media=media)
 
     def collate(self, sequences: Sequence[NativeSequence]) -> Microbatch:
         """Text fields as ``sampler.collate``, plus the images' and the videos' patches and grids (None when none)."""
-        items = [m for s in sequences for m in s.media]
-        return dataclasses.replace(collate(sequences), **native_media_fields(items, self.opts))
+        return dataclasses.replace(collate(sequences), **native_media_fields([m for s in sequences for m in s.media]))
 
 
-def native_media_fields(items: Sequence[MediaItem], opts: MediaOptions, only_first_frame: bool = False) -> dict:
-    """The batch fields of images and videos (each kind in order): ``pixel_values`` float32 ``[patches,
-    C*tp*p*p]``, ``image_grid_thw`` int64 ``[images, 3]``; ``pixel_values_videos``, ``video_grid_thw``,
-    ``second_per_grid_ts`` float32 ``[videos]``. A kind without items gets None."""
+MEDIA_FIELDS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def media_arrays(items: Sequence[MediaItem], opts: MediaOptions, only_first_frame: bool = False,
+                 base: Optional[str] = None) -> dict[str, np.ndarray]:
+    """The batch fields (MEDIA_FIELDS) of ``items``, decoded, as numpy; a kind without items has zero rows.
+
+    Raises _Bad naming the file (relative to ``base``) of a medium that cannot be decoded."""
     out = {}
     for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                ("video", "pixel_values_videos", "video_grid_thw")):
         mine = [m for m in items if m.kind == kind]
-        patches, grids = media_patches(mine, opts, only_first_frame)
-        out[pixels] = torch.from_numpy(patches) if mine else None
-        out[grid] = torch.from_numpy(grids) if mine else None
-    videos = [m.second_per_grid_t for m in items if m.kind == "video"]
-    out["second_per_grid_ts"] = torch.tensor(videos, dtype=torch.float32) if videos else None
+        parts = [media_patches([], opts)]  # zero rows of the right width when there are none
+        for m in mine:
+            try:
+                parts.append(media_patches([m], opts, only_first_frame))
+            except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+                rel = os.path.relpath(m.path, base) if base else m.path
+                raise _Bad(f"corrupt_{kind}", f"{kind} {rel} cannot be decoded ({type(e).__name__}: {e})") from None
+        out[pixels], out[grid] = (np.concatenate(x) for x in zip(*parts))
+    out["second_per_grid_ts"] = np.asarray([m.second_per_grid_t for m in items if m.kind == "video"], np.float32)
+    return out
+
+
+def native_media_fields(parts: Sequence[dict]) -> dict:
+    """``media_arrays`` of several documents joined in order, as tensors: ``pixel_values`` float32 ``[patches,
+    C*tp*p*p]``, ``image_grid_thw`` int64 ``[images, 3]``; ``pixel_values_videos``, ``video_grid_thw``,
+    ``second_per_grid_ts`` float32 ``[videos]``. A kind without items gets None."""
+    out = {}
+    for name in MEDIA_FIELDS:
+        joined = np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
+        out[name] = torch.from_numpy(joined) if len(joined) else None
     return out
 
 
 __all__ = ["NativeMultimodalDataset", "NativeChatSample", "media_options", "native_media_fields",
-           "parse_native_line", "NATIVE_BAD_SAMPLE_REASONS"]
+           "media_arrays", "parse_native_line", "NATIVE_BAD_SAMPLE_REASONS"]
