@@ -244,7 +244,8 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     base = read_hf_config(ckpt_dir / "hf") if (ckpt_dir / "hf" / "config.json").is_file() else {}
     names = ckpt_dir / "hf" / NAMES_FILE
     names = json.loads(names.read_text()) if names.is_file() else None
-    if cfg.vision.enabled and base and family_for(base) not in VLM_FAMILIES:
+    vlm_archs = {a for f in VLM_FAMILIES for a in f.architectures}
+    if cfg.vision.enabled and base and not vlm_archs & set(base.get("architectures") or ()):
         # a tower joined a text model (import --vision-from): the text model's config is the VLM's text_config,
         # and the names are the VLM's own, not the text model's that were imported
         base, names = {"text_config": base}, None
