@@ -214,3 +214,19 @@ def test_a_frame_corrupted_after_indexing_is_named_or_skipped_as_padding(root, t
     assert skips.bad_sample_counts["corrupt_video"] == 1 and skips.bad_samples[-1].line == 1
     assert mb.pixel_values_videos is None and mb.pixel_values is not None  # the image sample still trains
     assert int((mb.input_ids == tok.video_id).sum()) == 0 and int((mb.labels != -100).sum()) > 0
+
+
+def test_jsonl_images_and_videos_train_alike_under_context_parallelism(root, tok, world2):
+    """The data path end to end: images of two sizes and videos read from JSONL, CP2 against world size 1."""
+    from tests.parity import assert_parity, train_layout
+
+    jsonl = write(root / "mixed.jsonl", [sample("<video>?", video=f"video/train_00000{k}") for k in range(1, 5)]
+                  + [sample("<image>?", image="wide.png"), sample("<image>?", image="tall.png")])
+    data = [f"data.train_jsonl={jsonl}", "data.eval_jsonl=null", f"data.tokenizer={root / 'tok.model'}",
+            "data.min_pixels=256", "data.max_pixels=4096", "data.video_fps=4", "data.video_source_fps=8",
+            "model.attn_backend=torch", "train.global_batch_size=2", "train.micro_batch_size=1",
+            "train.save_interval=0", "train.resume=none", "optim.warmup_steps=0"]
+    config = "launch/configs/demo_video.yaml"
+    ref = world2.run(train_layout, config, data + [f"train.run_dir={root / 'run1'}"], 3, nranks=1)[0]
+    cp2 = world2.run(train_layout, config, data + [f"train.run_dir={root / 'run_cp2'}", "parallel.cp=2"], 3)[0]
+    assert_parity(ref, cp2)
