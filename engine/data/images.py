@@ -50,6 +50,24 @@ def image_problem(path: str) -> tuple[str, str] | None:
     return None
 
 
+def normalize_rgb(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]``, ``(x / 255 - mean) / std``. Elementwise, so
+    normalising a stack at once gives the same bits as one image at a time, for a few numpy calls
+    instead of a few per image.
+
+    One multiply-add per channel, written straight into the channel-first output: a loader
+    worker's CPU is taken from the training step's cores, and this is 10x fewer passes over memory
+    than the formula as written (within 1 ulp of it)."""
+    std = np.asarray(std, np.float64)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    shift = (-np.asarray(mean, np.float64) / std).astype(np.float32)
+    out = np.empty((rgb.shape[0], 3, *rgb.shape[1:3]), np.float32)
+    for c in range(3):
+        np.multiply(rgb[..., c], scale[c], out=out[:, c])
+        out[:, c] += shift[c]
+    return out
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """Pillow: decode -> RGB -> square resize (bicubic) -> [0, 1] -> (x - mean) / std."""
@@ -70,20 +88,8 @@ class ImageProcessor:
         return np.asarray(rgb)
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]``. Elementwise, so normalising a stack at once
-        gives the same bits as one image at a time, for a few numpy calls instead of a few per image.
-
-        ``(x / 255 - mean) / std`` as one multiply-add per channel, written straight into the
-        channel-first output: a loader worker's CPU is taken from the training step's cores, and this
-        is 10x fewer passes over memory than the formula as written (within 1 ulp of it)."""
-        std = np.asarray(self.std, np.float64)
-        scale = (1.0 / (255.0 * std)).astype(np.float32)
-        shift = (-np.asarray(self.mean, np.float64) / std).astype(np.float32)
-        out = np.empty((rgb.shape[0], 3, *rgb.shape[1:3]), np.float32)
-        for c in range(3):
-            np.multiply(rgb[..., c], scale[c], out=out[:, c])
-            out[:, c] += shift[c]
-        return out
+        """uint8 ``[n, H, W, 3]`` -> float32 ``[n, 3, H, W]`` (``normalize_rgb`` with this processor's stats)."""
+        return normalize_rgb(rgb, self.mean, self.std)
 
     def load(self, path: str) -> np.ndarray:
         """One image: float32 ``[3, image_size, image_size]``."""

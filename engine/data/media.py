@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from engine.data.images import CLIP_MEAN, CLIP_STD
+from engine.data.images import CLIP_MEAN, CLIP_STD, normalize_rgb
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -183,21 +183,19 @@ def load_pixels(item: MediaItem, opts: MediaOptions, only_first_frame: bool = Fa
     """
     from PIL import Image
 
-    mean, std = np.asarray(opts.mean, np.float32), np.asarray(opts.std, np.float32)
-    out, cache = [], {}
     frames = item.frames[:1] * len(item.frames) if only_first_frame else item.frames
-    for frame in frames:
-        if frame not in cache:
-            with _open_frame(*frame) as img:
-                rgb = img.convert("RGB")
-            if rgb.size != (item.width, item.height):
-                rgb = rgb.resize((item.width, item.height), Image.Resampling.BICUBIC)
-            x = (np.asarray(rgb, dtype=np.float32) / 255.0 - mean) / std
-            cache[frame] = x.transpose(2, 0, 1)
-        out.append(cache[frame])
     if item.kind == "image":
-        out = out * opts.temporal_patch
-    return np.stack(out)
+        frames = frames * opts.temporal_patch
+    distinct = {frame: i for i, frame in enumerate(dict.fromkeys(frames))}  # a repeated frame is decoded once
+    decoded = []
+    for frame in distinct:
+        with _open_frame(*frame) as img:
+            rgb = img.convert("RGB")
+        if rgb.size != (item.width, item.height):
+            rgb = rgb.resize((item.width, item.height), Image.Resampling.BICUBIC)
+        decoded.append(np.asarray(rgb))
+    pixels = normalize_rgb(np.stack(decoded), opts.mean, opts.std)
+    return pixels[[distinct[frame] for frame in frames]]
 
 
 def patchify(frames: np.ndarray, patch: int, temporal: int, merge: int) -> tuple[np.ndarray, tuple]:
