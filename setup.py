@@ -34,6 +34,9 @@ setup(
         "triton": ["triton"],
         # megatron-core: reference routing / balancing-loss functions as test oracles (its pure functions
         # run on CPU; never its dev extra, which pulls CUDA wheels). Pinned: the tests pin its semantics.
-        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow", "megatron-core==0.16.1", "peft"],
+        "test": ["pytest", "pytest-timeout", "transformers", "triton", "pillow", "megatron-core==0.16.1", "peft", "av"],
+        # PyAV: mp4 (and mkv, webm, avi, mov) videos for a native-resolution tower; frame directories and
+        # GIF/APNG/TIFF need nothing more.
+        "video": ["av"],
     },
 )

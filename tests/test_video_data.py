@@ -1,6 +1,7 @@
 """Native-resolution data: image sizes, video frame sampling, patches, placeholders, packing, bad videos."""
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -170,6 +171,69 @@ def test_a_gif_is_a_video(root):
     frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=125)
     item = probe_video(str(root / "clip.gif"), OPTS, 8.0)  # 5 frames at 8 fps sampled at 4: 0, 2, 4 + 4 again
     assert [k for _, k in item.frames] == [0, 2, 4, 4] and item.grid == (2, 4, 6)
+
+
+def write_container(path, frames, fps, codec, pix_fmt):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = pix_fmt
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def test_a_container_video_is_its_frames_at_its_own_rate(root, tok):
+    from engine.data.media import load_pixels, probe_video
+
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(9)]
+    # Lossless (FFV1 in Matroska, whose header holds no frame count: they are counted by decoding).
+    write_container(root / "clip.mkv", frames, 16, "ffv1", "bgr0")
+    (root / "clip_frames").mkdir(exist_ok=True)
+    for k, frame in enumerate(frames):
+        Image.fromarray(frame).save(root / "clip_frames" / f"{k:03d}.png")
+    item = probe_video(str(root / "clip.mkv"), OPTS)  # the file's own 16 fps (not 8), sampled at 4
+    same = probe_video(str(root / "clip_frames"), OPTS, 16.0)
+    assert [k for _, k in item.frames] == [0, 4, 8, 8] and item.grid == same.grid == (2, 4, 6)
+    assert item.second_per_grid_t == same.second_per_grid_t == pytest.approx(2 / (3 * 16 / 9))  # 3 of 9 frames
+    assert np.array_equal(load_pixels(item, OPTS), load_pixels(same, OPTS))
+    assert [k for _, k in probe_video(str(root / "clip.mkv"), OPTS, 32.0).frames] == [0, 8]  # "fps" wins
+    # Read on demand from JSONL, as a frame directory with the same rate is.
+    jsonl = write(root / "containers.jsonl", [sample("<video>?", video="clip.mkv"),
+                                              sample("<video>?", video="clip_frames", fps=16.0)])
+    ds = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0, pack_window=1)
+    assert ds.num_samples == 2
+    batches = [ds.collate([ds[s]]) for s in range(2)]
+    assert torch.equal(batches[0].pixel_values_videos, batches[1].pixel_values_videos)
+    assert torch.equal(batches[0].video_grid_thw, batches[1].video_grid_thw) and len(batches[0].video_grid_thw) == 1
+
+
+def test_an_mp4_is_decoded_in_frame_order(root):
+    from engine.data.media import load_pixels, probe_video
+
+    ramp = [np.full((32, 48, 3), 20 * k, np.uint8) for k in range(8)]
+    item = probe_video(str(write_container(root / "ramp.mp4", ramp, 8, "mpeg4", "yuv420p")), OPTS)
+    assert [k for _, k in item.frames] == [0, 2, 4, 6] and item.grid == (2, 4, 6)
+    brightness = load_pixels(item, OPTS).mean(axis=(1, 2, 3))  # lossy: the order, not the bits
+    assert np.all(np.diff(brightness) > 0.1)
+
+
+def test_a_bad_container_is_named_and_a_missing_decoder_stops_the_run(root, tok, monkeypatch):
+    from engine.data.media import probe_video
+
+    (root / "broken.mp4").write_bytes(b"not a video at all" * 10)
+    jsonl = write(root / "broken.jsonl", [sample("<video>?", video="broken.mp4"), sample("<video>?", video="gone.mp4"),
+                                          sample("<video>?", video="video/train_000001")])
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: video broken.mp4 cannot be read"):
+        NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0)
+    ds = NativeMultimodalDataset.from_jsonl(jsonl, tok, 64, opts=OPTS, seed=0, on_bad_sample="skip")
+    assert ds.bad_sample_counts["corrupt_video"] == 1 and ds.bad_sample_counts["missing_video"] == 1
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
+    with pytest.raises(ImportError, match=r"broken.mp4 is a container file: decoding it needs PyAV \(pip install av\)"):
+        probe_video(str(root / "broken.mp4"), OPTS)
 
 
 def test_the_index_is_cached_keyed_by_media_settings_and_samples_are_read_on_demand(root, tok, monkeypatch):

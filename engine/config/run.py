@@ -122,8 +122,9 @@ class DataConfig:
     # video frame is resized to multiples of patch*merge pixels a side, keeping its pixels in [min, max] (Qwen's).
     min_pixels: int = 56 * 56
     max_pixels: int = 14 * 14 * 4 * 16384
-    # Videos: the frames are a clip at video_source_fps (or the sample's "fps"); frame floor(k*source/video_fps)
-    # is kept (null: every frame), then at most max_frames evenly spaced (even: frames pair into temporal patches).
+    # Videos: the frames are a clip at the sample's "fps", else an mp4's (any container's) own rate, else
+    # video_source_fps; frame floor(k*source/video_fps) is kept (null: every frame), then at most max_frames
+    # evenly spaced (even: frames pair into temporal patches).
     video_fps: Optional[float] = None
     video_source_fps: float = 2.0
     max_frames: int = 16

@@ -2,17 +2,19 @@
 
 An image keeps its aspect ratio: it is resized to the nearest multiple of ``patch * merge`` on each
 side, scaled down when it holds more than ``max_pixels`` (up below ``min_pixels``), as Qwen's
-``smart_resize``. A video is a directory of frame images (sorted by name) or a multi-frame image
-file Pillow reads (GIF, APNG, TIFF); container formats (mp4...) would need a decoder Loom does not
-depend on. Frames are sampled, every frame resized to the size of the first, and the count made a
-multiple of ``temporal_patch`` by repeating the last frame.
+``smart_resize``. A video is a directory of frame images (sorted by name), a multi-frame image
+file Pillow reads (GIF, APNG, TIFF), or a container file (mp4, mkv, webm, avi, mov) decoded by PyAV
+when it is installed (``pip install av``; optional, imported only for such a file). Frames are
+sampled, every frame resized to the size of the first, and the count made a multiple of
+``temporal_patch`` by repeating the last frame.
 
 Frame sampling: the frames are a clip at ``source_fps`` frames a second (a sample's ``"fps"``,
-else ``data.video_source_fps``). ``fps`` (``data.video_fps``) keeps frame ``floor(k * source_fps /
-fps)`` for k = 0, 1, ... (null, or fps >= source_fps: every frame); when more than ``max_frames``
-remain, ``max_frames`` of them are kept evenly spaced, first and last included. The sampled rate
-(kept frames over the clip's seconds) sets ``second_per_grid_t = temporal_patch / rate``, the
-seconds one temporal patch spans (M-RoPE's temporal step).
+else a container's own frame rate, else ``data.video_source_fps``). ``fps`` (``data.video_fps``)
+keeps frame ``floor(k * source_fps / fps)`` for k = 0, 1, ... (null, or fps >= source_fps: every
+frame); when more than ``max_frames`` remain, ``max_frames`` of them are kept evenly spaced, first
+and last included. The sampled rate (kept frames over the clip's seconds) sets
+``second_per_grid_t = temporal_patch / rate``, the seconds one temporal patch spans (M-RoPE's
+temporal step).
 
 Flattening follows transformers' Qwen2-VL image processor: frames ``[T, C, H, W]`` become
 ``[T/tp * H/p * W/p, C * tp * p * p]`` patches in merge-block order, with grid ``(T/tp, H/p, W/p)``;
@@ -30,6 +32,7 @@ import numpy as np
 from engine.data.images import CLIP_MEAN, CLIP_STD, normalize_rgb
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CONTAINER_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov")
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,81 @@ def list_frames(path: str) -> list[tuple[str, int]]:
         return [(os.path.join(path, n), 0) for n in names]
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path} is missing")
+    if is_container(path):
+        return [(path, k) for k in range(container_info(path)[0])]
     try:
         with Image.open(path) as img:
             n = getattr(img, "n_frames", 1)
-    except Exception as e:  # not an image Pillow knows: mp4 and friends need a video decoder
+    except Exception as e:
         raise ValueError(f"video {path} cannot be read ({type(e).__name__}: {e}); give a directory of frame "
-                         "images or a GIF/APNG/TIFF") from None
+                         f"images, a GIF/APNG/TIFF or a container file ({', '.join(CONTAINER_SUFFIXES)})") from None
     return [(path, k) for k in range(n)]
+
+
+def is_container(path: str) -> bool:
+    return path.lower().endswith(CONTAINER_SUFFIXES)
+
+
+def _av(path: str):
+    """PyAV, imported for a container file only. Missing, it stops the run (an ImportError, never a
+    bad sample to skip): every container video would be dropped otherwise."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(f"video {path} is a container file: decoding it needs PyAV (pip install av); "
+                          "or give a directory of frame images or a GIF/APNG/TIFF") from None
+    return av
+
+
+def container_info(path: str) -> tuple[int, Optional[float], tuple[int, int]]:
+    """(frames, frames a second or None, (width, height)) of a container's first video stream, from
+    its header; where the header does not say (Matroska, WebM) the frames are counted from the
+    packets, which reads the file without decoding it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video {path} is missing")
+    av = _av(path)
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate) if stream.average_rate else None
+            size = (stream.codec_context.width, stream.codec_context.height)
+            n = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    except Exception as e:  # FFmpeg's errors, or IndexError: no video stream
+        raise ValueError(f"video {path} cannot be read ({type(e).__name__}: {e})") from None
+    if n < 1 or min(size) < 1:
+        raise ValueError(f"video {path} has no frames")
+    return n, rate, size
+
+
+def _decode_container(path: str, indices: set[int]) -> dict:
+    """Frame index -> PIL RGB image, for ``indices`` of a container, in one decoding pass."""
+    av, out, last = _av(path), {}, max(indices)
+    try:
+        with av.open(path) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k in indices:
+                    out[k] = frame.to_image()
+                if k >= last:
+                    break
+    except Exception as e:
+        raise ValueError(f"video {path} cannot be decoded ({type(e).__name__}: {e})") from None
+    if len(out) < len(indices):
+        raise ValueError(f"video {path}: frame {min(indices - out.keys())} cannot be decoded (the stream ends "
+                         "before it)")
+    return out
+
+
+def _frame_images(frames) -> dict:
+    """``(path, index)`` -> decoded PIL image, for each distinct frame; a container is decoded once."""
+    out, wanted = {}, {}
+    for path, index in frames:
+        if is_container(path):
+            wanted.setdefault(path, set()).add(index)
+        elif (path, index) not in out:
+            out[(path, index)] = _open_frame(path, index)
+    for path, indices in wanted.items():
+        out.update(((path, k), img) for k, img in _decode_container(path, indices).items())
+    return out
 
 
 def _open_frame(path: str, index: int, decode: bool = True):
@@ -157,18 +228,25 @@ def probe_image(path: str, opts: MediaOptions, verify: bool = True) -> MediaItem
 def probe_video(path: str, opts: MediaOptions, source_fps: Optional[float] = None, verify: bool = True
                 ) -> MediaItem:
     """The video's sampled frames, resized size and grid; every sampled frame is decoded once here
-    (``verify=False``: only the first frame's header is read)."""
-    frames = list_frames(path)
-    fps = source_fps if source_fps is not None else opts.video_source_fps
+    (``verify=False``: headers only, the first frame's or the container's)."""
+    if is_container(path):
+        n, rate, size = container_info(path)
+        frames = [(path, k) for k in range(n)]
+    else:
+        frames, rate, size = list_frames(path), None, None
+    fps = source_fps if source_fps is not None else rate or opts.video_source_fps
     keep, rate = sample_frame_indices(len(frames), fps, opts.video_fps, opts.max_frames, opts.temporal_patch)
     chosen = tuple(frames[k] for k in keep)
-    size = None
-    for file, index in list(dict.fromkeys(chosen))[:None if verify else 1]:
-        try:
-            with _open_frame(file, index, verify) as img:
-                size = size or img.size
-        except Exception as e:
-            raise ValueError(f"video {path}: frame {file} cannot be decoded ({type(e).__name__}: {e})") from None
+    if is_container(path):
+        if verify:
+            _decode_container(path, set(keep))
+    else:
+        for file, index in list(dict.fromkeys(chosen))[:None if verify else 1]:
+            try:
+                with _open_frame(file, index, verify) as img:
+                    size = size or img.size
+            except Exception as e:
+                raise ValueError(f"video {path}: frame {file} cannot be decoded ({type(e).__name__}: {e})") from None
     width, height = size
     h, w = smart_resize(height, width, opts.factor, opts.min_pixels, opts.max_pixels)
     p = opts.patch_size
@@ -188,8 +266,9 @@ def load_pixels(item: MediaItem, opts: MediaOptions, only_first_frame: bool = Fa
         frames = frames * opts.temporal_patch
     distinct = {frame: i for i, frame in enumerate(dict.fromkeys(frames))}  # a repeated frame is decoded once
     decoded = []
+    images = _frame_images(distinct)
     for frame in distinct:
-        with _open_frame(*frame) as img:
+        with images[frame] as img:
             rgb = img.convert("RGB")
         if rgb.size != (item.width, item.height):
             rgb = rgb.resize((item.width, item.height), Image.Resampling.BICUBIC)
