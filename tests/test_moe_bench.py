@@ -89,7 +89,12 @@ def test_forced_balanced_routing_is_uniform():
 BENCH_LAYOUTS = {"ep2_dp4": (MIXTRAL, ["parallel.ep=2"]),
                  # TP with SP, ring CP and EP folded over dp x cp: every collective kind
                  "tp2_cp2_ep2": ("launch/configs/tiny_moe.yaml", ["parallel.tp=2", "parallel.sp=true",
-                                                                  "parallel.cp=2", "parallel.ep=2"])}
+                                                                  "parallel.cp=2", "parallel.ep=2"]),
+                 # interleaved PP with a tied embedding: its gradient all-reduce over the two end stages,
+                 # and p2p per virtual stage
+                 "pp2_vpp2_tied_ep2": ("launch/configs/tiny_moe.yaml", [
+                     "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "model.num_layers=4",
+                     "model.tie_embeddings=true", "parallel.ep=2"])}
 
 
 @pytest.mark.slow
