@@ -164,8 +164,11 @@ def analyse(result: dict) -> dict:
                "cpu_per_wall": sum(busy_cpu) / sum(busy_wall), "costs": [_mean_costs(c) for c in cpu]}
         if best is None or sum(wall) < sum(best["wall"]):
             best = row
-    least = [{a: min(run[r][0][i][3] for run in result["runs"]) for i, (a, *_) in
-               enumerate(result["runs"][0][r][0])} for r in range(p)]
+    least = [{} for _ in range(p)]  # each compute's least CPU time over the runs
+    for traces in result["runs"]:
+        for r, (trace, _) in enumerate(traces):
+            for a, _, _, c in trace:
+                least[r][a] = min(c, least[r].get(a, c))
     best["steady"] = bubble_fraction(simulate(tables, cost=lambda r, a: least[r][repr(a)]))
     return best
 
