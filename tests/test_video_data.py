@@ -190,7 +190,7 @@ def test_a_container_video_is_its_frames_at_its_own_rate(root, tok):
 
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(9)]
-    # Lossless (FFV1 in Matroska, whose header holds no frame count: they are counted by decoding).
+    # Lossless (FFV1 in Matroska, whose header holds no frame count: they are counted from its packets).
     write_container(root / "clip.mkv", frames, 16, "ffv1", "bgr0")
     (root / "clip_frames").mkdir(exist_ok=True)
     for k, frame in enumerate(frames):

@@ -112,7 +112,8 @@ def sample_frame_indices(num_frames: int, source_fps: float, fps: Optional[float
 
 
 def list_frames(path: str) -> list[tuple[str, int]]:
-    """The frames of a video: ``(file, index in file)`` pairs; raises ValueError naming the path."""
+    """The frames of a frame directory or a multi-frame image: ``(file, index in file)`` pairs; raises
+    ValueError naming the path. A container's come from ``container_info``."""
     from PIL import Image
 
     if os.path.isdir(path):
@@ -122,8 +123,6 @@ def list_frames(path: str) -> list[tuple[str, int]]:
         return [(os.path.join(path, n), 0) for n in names]
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path} is missing")
-    if is_container(path):
-        return [(path, k) for k in range(container_info(path)[0])]
     try:
         with Image.open(path) as img:
             n = getattr(img, "n_frames", 1)
@@ -229,7 +228,8 @@ def probe_video(path: str, opts: MediaOptions, source_fps: Optional[float] = Non
                 ) -> MediaItem:
     """The video's sampled frames, resized size and grid; every sampled frame is decoded once here
     (``verify=False``: headers only, the first frame's or the container's)."""
-    if is_container(path):
+    container = is_container(path)
+    if container:
         n, rate, size = container_info(path)
         frames = [(path, k) for k in range(n)]
     else:
@@ -237,7 +237,7 @@ def probe_video(path: str, opts: MediaOptions, source_fps: Optional[float] = Non
     fps = source_fps if source_fps is not None else rate or opts.video_source_fps
     keep, rate = sample_frame_indices(len(frames), fps, opts.video_fps, opts.max_frames, opts.temporal_patch)
     chosen = tuple(frames[k] for k in keep)
-    if is_container(path):
+    if container:
         if verify:
             _decode_container(path, set(keep))
     else:
