@@ -1,11 +1,11 @@
-"""Loom: a Megatron-style training engine. ``engine.from_pretrained(path)`` loads a model at world size 1."""
+"""Loom: a Megatron-style training engine. ``loom.from_pretrained(path)`` loads a model at world size 1."""
 from __future__ import annotations
 
 from importlib import metadata
 
-from engine.version import MIN_TORCH, check_torch_version
+from loom.version import MIN_TORCH, check_torch_version
 
-try:  # metadata, not `import torch`: `import engine.config` (the launcher's fast config check) stays light
+try:  # metadata, not `import torch`: `import loom.config` (the launcher's fast config check) stays light
     check_torch_version(metadata.version("torch"))
 except metadata.PackageNotFoundError:  # a source build without metadata: the import itself will tell
     pass
@@ -14,9 +14,9 @@ except metadata.PackageNotFoundError:  # a source build without metadata: the im
 def from_pretrained(path, **kwargs):
     """A world-size-1 model from a Loom checkpoint or an HF directory; see engine/pretrained.py.
 
-    Imported lazily so that ``import engine.config`` (the launcher's fast config check) stays light.
+    Imported lazily so that ``import loom.config`` (the launcher's fast config check) stays light.
     """
-    from engine.pretrained import from_pretrained as load
+    from loom.pretrained import from_pretrained as load
 
     return load(path, **kwargs)
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.version import check_torch_version
+from loom.version import check_torch_version
 
 check_torch_version(torch.__version__)
 

@@ -1,6 +1,6 @@
-"""``engine.from_pretrained(path)``: a world-size-1 model from a Loom checkpoint or an HF directory.
+"""``loom.from_pretrained(path)``: a world-size-1 model from a Loom checkpoint or an HF directory.
 
-    model = engine.from_pretrained("runs/x/checkpoints/step_00001000")   # or an HF model directory
+    model = loom.from_pretrained("runs/x/checkpoints/step_00001000")   # or an HF model directory
     logits = model(input_ids)                                          # [batch, seq] -> [batch, seq, vocab]
 
 A Loom checkpoint of any layout loads here: its tensors are stored at global shapes. A VLM
@@ -19,12 +19,12 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from engine.config import LoRAConfig, ModelConfig
-from engine.model.decoder import build_model
-from engine.model.hf.peft import lora_config_of
-from engine.model.lora import apply_lora
-from engine.model.vlm import build_vlm
-from engine.checkpoint import storage as io
+from loom.config import LoRAConfig, ModelConfig
+from loom.model.decoder import build_model
+from loom.model.hf.peft import lora_config_of
+from loom.model.lora import apply_lora
+from loom.model.vlm import build_vlm
+from loom.checkpoint import storage as io
 
 
 def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, None] = None,
@@ -60,8 +60,8 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
 
 
 def _loom_checkpoint(path: Path):
-    from engine.model.hf.convert import checkpoint_model_config
-    from engine.checkpoint.names import named_tensors
+    from loom.model.hf.convert import checkpoint_model_config
+    from loom.checkpoint.names import named_tensors
 
     marker = io.read_marker(path)
     cfg: ModelConfig = checkpoint_model_config(marker, path)
@@ -74,7 +74,7 @@ def _loom_checkpoint(path: Path):
 
 
 def _hf_directory(path: Path):
-    from engine.model.hf.convert import hf_model_plan, load_hf_dir
+    from loom.model.hf.convert import hf_model_plan, load_hf_dir
 
     plan = hf_model_plan(path)
     return plan[1], lambda model: load_hf_dir(model, path, plan)

@@ -1,4 +1,4 @@
-"""The torch versions Loom supports. Torch-free, so ``import engine.config`` stays light."""
+"""The torch versions Loom supports. Torch-free, so ``import loom.config`` stays light."""
 from __future__ import annotations
 
 import re

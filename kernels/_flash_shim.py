@@ -27,7 +27,7 @@ def _import():
 def _check_positions(pos, cu, total, side):
     if pos is None:
         return
-    from kernels.reference import default_positions
+    from loom.kernels.reference import default_positions
     if not torch.equal(pos.to(torch.int32), default_positions(cu, total)):
         raise ValueError(f"backend='flash_attn' cannot mask by custom positions (pos_{side} is not 0, 1, 2, ... "
                          "per document); use backend='triton' or 'torch'")

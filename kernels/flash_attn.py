@@ -6,7 +6,7 @@ Document i of q attends document i of k; causal means pos_k <= pos_q. GQA: q hea
 h // (Hq // Hkv), K/V are never repeated. Rows that see no key: out 0, lse -inf, zero gradients.
 
 Grids run over the blocks of each document only: an int32 table maps program id -> (document,
-first token of the block), built on the device (kernels.block_table: no host sync, a grid bound
+first token of the block), built on the device (loom.kernels.block_table: no host sync, a grid bound
 from shapes, the programs past the last block exit at once) and shared by every launch over one
 batch through a ``BlockTables``.
   forward  grid (q blocks, Hq):  online softmax over the k blocks of the same document.
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_table import BlockTables
+from loom.kernels.block_table import BlockTables
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 # triton.language's own @jit helpers (tl.max, tl.sum, tl.zeros) were decorated when triton itself was
@@ -86,7 +86,7 @@ def _fwd_kernel(Q, K, V, O, LSE, POS_Q, POS_K, CU_Q, CU_K, TABLE,
     pid, h = tl.program_id(0), tl.program_id(1)
     hk = h // GROUP
     doc, q_lo = tl.load(TABLE + 2 * pid), tl.load(TABLE + 2 * pid + 1)
-    if doc < 0:  # past the last block: the grid is a bound (kernels.block_table)
+    if doc < 0:  # past the last block: the grid is a bound (loom.kernels.block_table)
         return
     q_doc, q_end = tl.load(CU_Q + doc), tl.load(CU_Q + doc + 1)
     k_doc, k_end = tl.load(CU_K + doc), tl.load(CU_K + doc + 1)
@@ -143,7 +143,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, POS_Q, POS_K, CU_Q, CU_K, TABLE,
     pid, h = tl.program_id(0), tl.program_id(1)
     hk = h // GROUP
     doc, q_lo = tl.load(TABLE + 2 * pid), tl.load(TABLE + 2 * pid + 1)
-    if doc < 0:  # past the last block: the grid is a bound (kernels.block_table)
+    if doc < 0:  # past the last block: the grid is a bound (loom.kernels.block_table)
         return
     q_doc, q_end = tl.load(CU_Q + doc), tl.load(CU_Q + doc + 1)
     k_doc, k_end = tl.load(CU_K + doc), tl.load(CU_K + doc + 1)
@@ -318,7 +318,7 @@ def _prepare(q, k, v, cu_q, cu_k, causal, softmax_scale, pos_q, pos_k):
     cu_q, cu_k = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
     has_pos = causal and (pos_q is not None or pos_k is not None)  # bidirectional ignores positions
     if has_pos:
-        from kernels.reference import default_positions
+        from loom.kernels.reference import default_positions
         pos_q = default_positions(cu_q, q.shape[0]) if pos_q is None else pos_q.to(torch.int32).contiguous()
         pos_k = default_positions(cu_k, k.shape[0]) if pos_k is None else pos_k.to(torch.int32).contiguous()
     else:

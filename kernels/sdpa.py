@@ -113,7 +113,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, pos_q, pos_k):
     lq = [cq[i + 1] - cq[i] for i in range(len(cq) - 1)]
     lk = [ck[i + 1] - ck[i] for i in range(len(ck) - 1)]
     if causal and (pos_q is not None or pos_k is not None):  # compare true positions on both sides
-        from kernels.reference import default_positions
+        from loom.kernels.reference import default_positions
         pos_q = default_positions(cu_seqlens_q, q.shape[0]) if pos_q is None else pos_q
         pos_k = default_positions(cu_seqlens_k, k.shape[0]) if pos_k is None else pos_k
     else:

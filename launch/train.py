@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 
-import engine.faults as faults
-from engine.config import ConfigError, load_config
+from loom import cli
+import loom.faults as faults
+from loom.config import load_config
 
 
 def parse_args(argv=None):
@@ -22,34 +23,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> int:
+    """Config, input and data errors (a bad key, checkpoint or sample) end in one line and exit 2 (loom.cli)."""
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        cfg = load_config(args.config, args.overrides + faults.config_overrides(rank))
-        from engine.train.init_from import resolve_pretrained  # model.pretrained: DIR's model section
+    rank = int(os.environ.get("RANK", "0"))
+    cfg = load_config(args.config, args.overrides + faults.config_overrides(rank))
+    from loom.train.init_from import resolve_pretrained  # model.pretrained: DIR's model section
 
-        resolve_pretrained(cfg)
-        cfg.validate(world_size)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    resolve_pretrained(cfg)
+    cfg.validate(world_size)
 
     import torch.distributed as dist
 
-    from engine.checkpoint.storage import CheckpointError
-    from engine.parallel.mesh import default_timeout, init_distributed
-    from engine.parallel.watch import CollectiveError
-    from engine.train.preflight import PreflightError
-    from engine.train.trainer import Trainer, build_groups
+    from loom.parallel.mesh import default_timeout, init_distributed
+    from loom.parallel.watch import CollectiveError
+    from loom.train.preflight import PreflightError
+    from loom.train.trainer import Trainer, build_groups
 
-    try:
-        # An absent device fails here, before any group exists.
-        init_distributed(default_timeout(cfg.train.collective_timeout_s), device=cfg.train.device)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    # An absent device fails here, before any group exists.
+    init_distributed(default_timeout(cfg.train.collective_timeout_s), device=cfg.train.device)
     try:
         groups = build_groups(cfg)
         trainer = Trainer(cfg, groups)
@@ -57,9 +51,6 @@ def main(argv=None) -> int:
         if groups.rank == 0 and history:
             print(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
                   f"over {len(history)} steps; metrics in {cfg.train.run_dir}/metrics.jsonl", flush=True)
-    except (ConfigError, CheckpointError) as e:  # bad data or checkpoint contents: the message names the file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (PreflightError, CollectiveError, FloatingPointError) as e:  # the message says what and where
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

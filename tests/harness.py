@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 PG_TIMEOUT_S = 90
-PRELOAD = ["torch", "torch.distributed", "engine.train.trainer"]
+PRELOAD = ["torch", "torch.distributed", "loom.train.trainer"]
 
 
 class RankError(RuntimeError):

@@ -29,9 +29,9 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
     """
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.parallel.inspect import full_grads, full_state_dict, replicas_out_of_sync
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.parallel.inspect import full_grads, full_state_dict, replicas_out_of_sync
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, config), [f"train.steps={steps}", *overrides])
     groups = build_groups(cfg)
@@ -66,7 +66,7 @@ def train_layout(config: str, overrides: list[str], steps: int = 5) -> dict | No
 def _with_masters(params: dict, trainer, tied: bool) -> dict:
     """bf16 parameters are their fp32 masters rounded: compare the masters, which hold every update
     (a few Adam steps move a norm weight of 1.0 by one or two bf16 ulps)."""
-    from engine.train.checkpoint import global_state
+    from loom.train.checkpoint import global_state
 
     if not trainer.optimizer.keeps_masters:
         return params

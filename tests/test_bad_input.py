@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine.checkpoint import storage as io
-from engine.checkpoint.storage import CheckpointError
-from engine.config import ConfigError, ModelConfig, load_config, token_index_path
-from engine.data import write_token_file
-from engine.data.jsonl_index import CACHE_SUFFIX
-from engine.model.hf import LLAMA
-from engine.model.hf.convert import import_hf
-from engine.model.hf.naming import ConversionError, weight_map
+import loom
+from loom.checkpoint import storage as io
+from loom.checkpoint.storage import CheckpointError
+from loom.config import ConfigError, ModelConfig, load_config, token_index_path
+from loom.data import write_token_file
+from loom.data.jsonl_index import CACHE_SUFFIX
+from loom.model.hf import LLAMA
+from loom.model.hf.convert import import_hf
+from loom.model.hf.naming import ConversionError, weight_map
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "launch" / "configs" / "tiny_dense.yaml")
@@ -57,9 +57,9 @@ class Assets:
     def checkpoint(self) -> Path:
         path = self.root / "ck"
         if not path.exists():
-            from engine.model.decoder import build_model
-            from engine.train import checkpoint
-            from engine.train.optim import build_optimizer
+            from loom.model.decoder import build_model
+            from loom.train import checkpoint
+            from loom.train.optim import build_optimizer
 
             cfg = load_config(TINY, ["model.num_layers=1"])
             torch.manual_seed(0)
@@ -147,7 +147,7 @@ def _layout(world: int, *overrides, base=TINY):
 
 
 def _dataset(*overrides, validate=False):
-    from engine.train.trainer import build_dataset
+    from loom.train.trainer import build_dataset
 
     cfg = load_config(TINY, list(overrides))
     return lambda: cfg.validate(1) if validate else build_dataset(cfg)
@@ -165,7 +165,7 @@ def _token_file(spoil, stage="load"):
 
 
 def _ids_past_vocab(path):
-    from engine.train.trainer import build_dataset
+    from loom.train.trainer import build_dataset
 
     assert len(build_dataset(load_config(TINY, [f"data.source={path}", "train.global_batch_size=1"])))
     write_token_file(path, [np.arange(256), [3, 256, 4]])  # every id < 256 loaded above: now one is not
@@ -243,14 +243,14 @@ def _checkpoint(spoil, load="resume", *overrides):
         path = tmp / "ck"
         shutil.copytree(assets.checkpoint(), path)
         spoil(path)
-        return _resume(path, overrides) if load == "resume" else lambda: engine.from_pretrained(path)
+        return _resume(path, overrides) if load == "resume" else lambda: loom.from_pretrained(path)
     return build
 
 
 def _resume(path: Path, overrides):
-    from engine.model.decoder import build_model
-    from engine.train import checkpoint
-    from engine.train.optim import build_optimizer
+    from loom.model.decoder import build_model
+    from loom.train import checkpoint
+    from loom.train.optim import build_optimizer
 
     cfg = load_config(TINY, ["model.num_layers=1", *overrides])
     model = build_model(cfg.model)
@@ -368,20 +368,20 @@ CASES = [
          "cut.png"),
     Case("data-image-not-an-image", _chat_data(_sample("IMAGE"), "notes.png", lambda png: b"shopping list\n"),
          ValueError, r"train\.jsonl:2: image notes\.png cannot be decoded \(UnidentifiedImageError", "notes.png"),
-    # Hugging Face directories (tools/convert_hf.py import, engine.from_pretrained)
+    # Hugging Face directories (tools/convert_hf.py import, loom.from_pretrained)
     Case("hf-index-names-a-missing-shard", _hf(lambda p: os.remove(p / SHARDS[1])), ConversionError,
          rf"model\.safetensors\.index\.json names shard {re.escape(SHARDS[1])}, which is missing", SHARDS[1]),
     Case("hf-truncated-safetensors", _hf(lambda p: _truncate(p / SHARDS[1], 2000)), ConversionError,
          rf"{re.escape(SHARDS[1])}: cannot read safetensors header \(.*incomplete metadata", SHARDS[1]),
     Case("hf-unsupported-architecture",
          _hf(lambda p: _edit_json(p / "config.json", lambda c: {**c, "architectures": ["GPT2LMHeadModel"]}),
-             load=engine.from_pretrained), ConversionError,
+             load=loom.from_pretrained), ConversionError,
          r"config\.json: unsupported architecture \['GPT2LMHeadModel'\]; supported: LlamaForCausalLM", "config.json"),
     Case("hf-fp8-weights", _hf(_fp8), ConversionError,
          rf"{re.escape(SHARDS[0])}: weight '.*' is stored as F8_E4M3; Loom imports F64, F32", SHARDS[0]),
     Case("hf-config-not-an-object", _hf(lambda p: (p / "config.json").write_text("[]")), ConversionError,
          r"config\.json: holds a JSON list, not an object of config keys", "config.json"),
-    # checkpoints (resume, engine.from_pretrained)
+    # checkpoints (resume, loom.from_pretrained)
     Case("ckpt-other-hidden-size", _checkpoint(_nothing, "resume", "model.hidden_size=32"), CheckpointError,
          r"checkpoint .*ck was saved with model\.hidden_size=64; this run has model\.hidden_size=32",
          "model.hidden_size"),

@@ -1,9 +1,9 @@
 """The pipeline benchmark's analysis on synthetic traces: what each idle figure measures."""
 import pytest
 
-from engine.parallel.pipeline_schedule import build_tables, compute_order
-from engine.parallel.pipeline_simulate import bubble_fraction, simulate
-from tools.bench_pipeline import analyse
+from loom.parallel.pipeline_schedule import build_tables, compute_order
+from loom.parallel.pipeline_simulate import bubble_fraction, simulate
+from loom.tools.bench_pipeline import analyse
 
 P, M = 2, 4
 COST = {"F": 1.0, "B": 2.0}

@@ -25,9 +25,9 @@ def _train(run_dir, overrides, until=None, crash_rank=None, config=CONFIG):
     """One rank: train (saving as configured) to ``until``; return what this rank saw."""
     import torch
 
-    from engine.config import load_config
-    from engine.train import checkpoint
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train import checkpoint
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, config), [*BASE, f"train.run_dir={run_dir}", *overrides])
     groups = build_groups(cfg)
@@ -242,7 +242,7 @@ def test_state_check_catches_swapped_tp_halves(world4, reference):
 
     import torch
 
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     saved, forged = _ckpt(reference["stopped_dir"], 5), reference["root"] / "swapped_halves"
     state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in io.saved_tensors(saved).items()}
@@ -269,7 +269,7 @@ def _resume_error(run_dir, overrides):
 
     Every rank raises before DCP's first collective, so catching it keeps the world alive.
     """
-    from engine.checkpoint.storage import CheckpointError
+    from loom.checkpoint.storage import CheckpointError
 
     try:
         _train(run_dir, overrides, until=0)
@@ -279,7 +279,7 @@ def _resume_error(run_dir, overrides):
 
 
 def test_truncated_shard_is_a_clear_error(world4, tmp_path):
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
     world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=2)
@@ -305,7 +305,7 @@ def test_resume_refuses_a_changed_data_stream(world4, tmp_path):
 @pytest.mark.slow  # a subprocess killed mid-save
 def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
     """Last in the module: the killed rank takes the world down, and nothing here needs it again."""
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
     save_every = ["train.save_interval=1", "train.keep_checkpoints=2"]
@@ -329,10 +329,10 @@ def test_world1_round_trip_restores_model_adam_and_rng(tmp_path):
     """In one process (no process group): every saved piece of state comes back after being disturbed."""
     import torch
 
-    from engine.config import load_config
-    from engine.model.decoder import build_model
-    from engine.train import checkpoint
-    from engine.train.optim import build_optimizer
+    from loom.config import load_config
+    from loom.model.decoder import build_model
+    from loom.train import checkpoint
+    from loom.train.optim import build_optimizer
 
     cfg = load_config(os.path.join(ROOT, CONFIG), ["model.tie_embeddings=true"])
     torch.manual_seed(0)
@@ -368,11 +368,11 @@ def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):
     """A VLM checkpoint comes back as a model taking ``(input_ids, pixel_values=[N, 3, H, W])``."""
     import torch
 
-    import engine
-    from engine.config import load_config
-    from engine.model.vlm import build_vlm
-    from engine.train import checkpoint
-    from engine.train.optim import build_optimizer
+    import loom
+    from loom.config import load_config
+    from loom.model.vlm import build_vlm
+    from loom.train import checkpoint
+    from loom.train.optim import build_optimizer
 
     cfg = load_config(os.path.join(ROOT, CONFIG), ["model.vision.enabled=true", "model.vision.image_size=16",
                                                    "model.vision.patch_size=8", "model.attn_backend=torch",
@@ -380,7 +380,7 @@ def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):
     torch.manual_seed(0)
     model = build_vlm(cfg.model, image_token_id=5).eval()
     checkpoint.save(tmp_path / "vlm", model, build_optimizer(model, cfg.optim), 0, cfg)
-    loaded = engine.from_pretrained(tmp_path / "vlm")
+    loaded = loom.from_pretrained(tmp_path / "vlm")
     ids = torch.randint(6, 256, (1, 14))
     ids[0, 2:6] = ids[0, 8:12] = 5  # two images of 4 tokens each
     pixels = torch.randn(2, 3, 16, 16)
@@ -393,7 +393,7 @@ def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):
 
 
 def test_config_rejects_a_missing_resume_path(tmp_path):
-    from engine.config import ConfigError, load_config
+    from loom.config import ConfigError, load_config
 
     cfg = load_config(os.path.join(ROOT, CONFIG), [f"train.resume={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="train.resume="):

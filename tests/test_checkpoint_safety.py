@@ -1,7 +1,7 @@
 """Loading a checkpoint runs no code from it, and a resume path that is no checkpoint fails clearly.
 
 A checkpoint is data from elsewhere (a download, a shared run directory). DCP stores its index,
-``.metadata``, as a pickle; every loader (resume, ``engine.from_pretrained``, HF export) must read
+``.metadata``, as a pickle; every loader (resume, ``loom.from_pretrained``, HF export) must read
 it without letting it name a callable.
 """
 import os
@@ -29,10 +29,10 @@ def tiny(tmp_path):
     """A complete world-size-1 checkpoint, its model, optimizer and config."""
     import torch
 
-    from engine.config import load_config
-    from engine.model.decoder import build_model
-    from engine.train import checkpoint
-    from engine.train.optim import build_optimizer
+    from loom.config import load_config
+    from loom.model.decoder import build_model
+    from loom.train import checkpoint
+    from loom.train.optim import build_optimizer
 
     cfg = load_config(os.path.join(ROOT, CONFIG), ["model.num_layers=1"])
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def _replace_metadata(path, tamper):
 
     import torch.distributed.checkpoint as dcp
 
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     with open(path / ".metadata", "rb") as f:
         metadata = pickle.load(f)  # our own file, written just now
@@ -61,15 +61,15 @@ def _replace_metadata(path, tamper):
 
 
 def _load_with(how, path, model, optimizer, cfg):
-    import engine
-    from engine.model.hf.convert import export_hf
-    from engine.train import checkpoint
-    from engine.checkpoint import storage as io
+    import loom
+    from loom.model.hf.convert import export_hf
+    from loom.train import checkpoint
+    from loom.checkpoint import storage as io
 
     if how == "resume":
         checkpoint.load(path, model, optimizer, cfg)
     elif how == "from_pretrained":
-        engine.from_pretrained(path)
+        loom.from_pretrained(path)
     elif how == "export_hf":
         export_hf(path, path.parent / "hf_out")
     else:
@@ -78,7 +78,7 @@ def _load_with(how, path, model, optimizer, cfg):
 
 @pytest.mark.parametrize("how", ["resume", "from_pretrained", "export_hf", "saved_tensors"])
 def test_metadata_pickle_cannot_run_code(tiny, tmp_path, how):
-    from engine.checkpoint.storage import CheckpointError
+    from loom.checkpoint.storage import CheckpointError
 
     path, model, optimizer, cfg = tiny
     ran = tmp_path / "ran"
@@ -96,7 +96,7 @@ def test_metadata_pickle_cannot_run_code(tiny, tmp_path, how):
 
 
 def test_metadata_cannot_point_outside_the_checkpoint(tiny, tmp_path):
-    from engine.checkpoint.storage import CheckpointError
+    from loom.checkpoint.storage import CheckpointError
 
     path, model, optimizer, cfg = tiny
 
@@ -114,7 +114,7 @@ def test_safe_metadata_reader_reads_what_dcp_wrote(tiny):
     """The restricted reader accepts every type DCP puts in a real index, bf16 tensors included."""
     import torch
 
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     path, model, _, _ = tiny
     state = {"model/w": torch.randn(4, 6, dtype=torch.bfloat16), "model/i": torch.arange(5)}
@@ -132,9 +132,9 @@ def test_safe_metadata_reader_reads_what_dcp_wrote(tiny):
 @pytest.mark.parametrize("contents", ["empty", "unfinished_save", "checkpoints_root"])
 def test_resume_dir_without_marker_is_a_config_error(tmp_path, capsys, contents):
     """Named before any process group or model exists, by the config check and by launch/train.py."""
-    from engine.config import ConfigError, load_config
-    from engine.checkpoint import storage as io
-    from launch.train import main
+    from loom.config import ConfigError, load_config
+    from loom.checkpoint import storage as io
+    from loom.launch.train import main
 
     resume = tmp_path / "resume"
     resume.mkdir()

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
+from loom.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch", "configs", "tiny_dense.yaml")
@@ -15,7 +15,7 @@ TINY = os.path.join(ROOT, "launch", "configs", "tiny_dense.yaml")
 def test_cuda_device_without_a_gpu_fails_before_any_group(monkeypatch, capsys):
     import torch.distributed as dist
 
-    from launch.train import main
+    from loom.launch.train import main
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["--config", TINY, "train.device=cuda", "train.steps=1"]) == 2
@@ -24,7 +24,7 @@ def test_cuda_device_without_a_gpu_fails_before_any_group(monkeypatch, capsys):
 
 
 def test_train_device_picks_the_device(monkeypatch):
-    from engine.parallel.mesh import default_device_and_backend
+    from loom.parallel.mesh import default_device_and_backend
 
     assert default_device_and_backend("cpu") == (torch.device("cpu"), "gloo")
     monkeypatch.setenv("LOOM_DEVICE", "cpu")
@@ -42,7 +42,7 @@ def test_flash_attn_with_fp32_is_refused_at_validation():
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(monkeypatch):
-    from engine.train import multimodal
+    from loom.train import multimodal
 
     class Dataset:
         vocab_size = 300
@@ -54,17 +54,17 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(monkeypatch):
 
 
 def test_declared_torch_minimum_is_the_checked_one():
-    import engine
+    import loom
 
     setup = open(os.path.join(ROOT, "setup.py")).read()
     assert '"engine" / "version.py"' in setup and 'f"torch>={MIN_TORCH}"' in setup
     for api, owner in (("backend_override", torch.distributed.device_mesh.init_device_mesh),
                        ("group_peer", torch.distributed.P2POp.__init__)):
         assert api in owner.__code__.co_varnames, f"{owner.__qualname__} lacks {api}"
-    engine.check_torch_version(torch.__version__)
-    engine.check_torch_version(f"{engine.MIN_TORCH}.0+cpu")
-    with pytest.raises(ImportError, match=rf"Loom needs torch>={engine.MIN_TORCH}.*found torch 2.5.1"):
-        engine.check_torch_version("2.5.1")
+    loom.check_torch_version(torch.__version__)
+    loom.check_torch_version(f"{loom.MIN_TORCH}.0+cpu")
+    with pytest.raises(ImportError, match=rf"Loom needs torch>={loom.MIN_TORCH}.*found torch 2.5.1"):
+        loom.check_torch_version("2.5.1")
 
 
 def test_quickstart_fails_when_the_model_does_not_learn():

@@ -27,11 +27,11 @@ def _fresh_dynamo(backend) -> None:
     import torch
     import torch._dynamo.utils
 
-    import engine.model.compile
+    import loom.model.compile
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    engine.model.compile.BACKEND = backend
+    loom.model.compile.BACKEND = backend
 
 
 def _train(config: str, overrides: list[str], backend="inductor") -> dict | None:
@@ -79,8 +79,8 @@ def _compiled_frames_per_step(steps: int) -> list[int]:
     """Frames dynamo has compiled after each step (the backend is dynamo's eager one: only guards count)."""
     import torch._dynamo.utils
 
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
 
     _fresh_dynamo("eager")
     cfg = load_config(os.path.join(ROOT, DENSE), [*BASE, *COMPILE, f"train.steps={steps}"])
@@ -154,8 +154,8 @@ VLM_SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "model.attn
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory):
-    from tools.make_synthetic_vqa import make_synthetic_vqa
-    from tools.train_tokenizer import train_tokenizer
+    from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+    from loom.tools.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("vqa")
     paths = make_synthetic_vqa(root, n_train=64, n_eval=4, image_size=32, seed=0)

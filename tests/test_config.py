@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from engine.config import Config, ConfigError, load_config
+from loom.config import Config, ConfigError, load_config
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch", "configs", "tiny_dense.yaml")
 
@@ -63,7 +63,7 @@ def test_launcher_fails_before_building_groups(monkeypatch, capsys, overrides, w
     """launch/train.py reports the key and exits 2 without initialising torch.distributed."""
     import torch.distributed as dist
 
-    from launch.train import main
+    from loom.launch.train import main
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     assert main(["--config", TINY, *overrides]) == 2

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
-from engine.parallel.cp_plan import ZigzagPlan, zigzag_chunk_sizes
+from loom.config import ConfigError, load_config
+from loom.parallel.cp_plan import ZigzagPlan, zigzag_chunk_sizes
 from tests.parity import ROOT, assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_dense.yaml"
@@ -65,7 +65,7 @@ def test_shard_then_unshard_is_identity():
 
 def test_labels_stay_aligned_across_chunk_borders():
     """A shard keeps each token's own next-token label, also where that next token lives on another rank."""
-    from engine.data import PackedDataset, collate, synthetic_corpus
+    from loom.data import PackedDataset, collate, synthetic_corpus
 
     corpus = synthetic_corpus(256, 4096, seed=0, min_doc_len=1, max_doc_len=40)
     data = PackedDataset(corpus, 64)
@@ -177,11 +177,11 @@ def _attention_case(mode, name, backend="torch"):
         os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (this worker: now)
     import torch.distributed as dist
 
-    import kernels
-    from engine.model.layers import PackedMeta
-    from engine.parallel.context_parallel import ContextParallelAttention, CPShard
-    from engine.parallel.cp_plan import CommStats
-    from engine.parallel.ring_attention import ring_attention
+    from loom import kernels
+    from loom.model.layers import PackedMeta
+    from loom.parallel.context_parallel import ContextParallelAttention, CPShard
+    from loom.parallel.cp_plan import CommStats
+    from loom.parallel.ring_attention import ring_attention
 
     lens, hq, hkv, causal = CASES[name]
     group, cp, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
@@ -212,7 +212,7 @@ def _attention_case(mode, name, backend="torch"):
 def _ring_comm_refuses_misuse():
     import torch.distributed as dist
 
-    from engine.parallel.ring_attention import RingComm
+    from loom.parallel.ring_attention import RingComm
 
     ring, errors = RingComm(dist.group.WORLD), []
     for action in (ring.wait, ring.commit):
@@ -320,11 +320,11 @@ def _per_token_losses(cp, mode, lens, ids_list):
     """Per-token losses ``[T]`` (full order) of a tiny CP model for each input in ``ids_list``."""
     import torch.nn.functional as F
 
-    from engine.data import Microbatch
-    from engine.model.decoder import build_model
-    from engine.parallel.context_parallel import shard_microbatch
-    from engine.parallel.mesh import ParallelDims, ParallelGroups
-    from engine.parallel.parallelize import parallelize
+    from loom.data import Microbatch
+    from loom.model.decoder import build_model
+    from loom.parallel.context_parallel import shard_microbatch
+    from loom.parallel.mesh import ParallelDims, ParallelGroups
+    from loom.parallel.parallelize import parallelize
 
     cfg = load_config(os.path.join(ROOT, CONFIG), [f"parallel.cp={cp}", f"parallel.cp_mode={mode}",
                                                    "model.attn_backend=torch"])

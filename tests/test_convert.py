@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import engine  # noqa: E402
-from engine.model.hf.convert import export_hf, import_hf  # noqa: E402
-from engine.model.hf.naming import ConversionError  # noqa: E402
-from tools.convert_hf import main as convert_cli  # noqa: E402
+import loom  # noqa: E402
+from loom.model.hf.convert import export_hf, import_hf  # noqa: E402
+from loom.model.hf.naming import ConversionError  # noqa: E402
+from loom.tools.convert_hf import main as convert_cli  # noqa: E402
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=64)
@@ -80,7 +80,7 @@ def test_import_logits_and_bitwise_export(arch, tmp_path):
     ids = torch.randint(0, BASE["vocab_size"], (2, 12))
     ref = logits(hf, ids)
     for source in ("loom", "hf"):  # a Loom checkpoint, and the HF directory directly
-        model = engine.from_pretrained(tmp_path / source, attn_backend="torch")
+        model = loom.from_pretrained(tmp_path / source, attn_backend="torch")
         out = logits(model, ids)
         assert out.shape == (2, 12, BASE["vocab_size"])
         assert max_diff(out, ref) <= ATOL, f"{arch} from {source}: max |Loom - HF| = {max_diff(out, ref):.2e}"
@@ -88,6 +88,29 @@ def test_import_logits_and_bitwise_export(arch, tmp_path):
     assert_exports_bitwise(tmp_path)
     side = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert side["family"] == arch, "tokenizer files travel with the checkpoint"
+
+
+def test_called_as_transformers_calls_a_model(tmp_path):
+    """``model(**tokenizer(...))``: input_ids as a keyword, attention_mask padding either side, token_type_ids."""
+    hf = make_hf("LlamaForCausalLM", tmp_path / "hf")
+    ours = loom.from_pretrained(tmp_path / "hf", attn_backend="torch")
+    ids = torch.randint(0, BASE["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    mask[2, :4] = 0  # left padding: the row's positions start at its first token, as generate gives them
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        out = ours(**inputs)
+    keep = mask.bool()
+    assert out.shape == ref.shape and max_diff(out[keep], ref[keep]) <= ATOL and not out[~keep].any()
+    assert torch.equal(ours(ids), ours(input_ids=ids))
+    with pytest.raises(TypeError, match="pass the tokens once"):
+        ours(ids, input_ids=ids)
+    with pytest.raises(TypeError, match=r"unexpected inputs \['past_key_values'\]"):
+        ours(input_ids=ids, past_key_values=object())
+    with pytest.raises(ValueError, match="token_type_ids marks a second segment"):
+        ours(input_ids=ids, token_type_ids=torch.ones_like(ids))
 
 
 def test_bf16_sharded_round_trip(tmp_path):
@@ -102,8 +125,8 @@ def test_bf16_sharded_round_trip(tmp_path):
     assert all(torch.equal(exported[k], v) and exported[k].dtype == torch.bfloat16 for k, v in original.items())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = torch.randint(0, BASE["vocab_size"], (1, 8))
-    loom = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
-    assert max_diff(logits(loom, ids), logits(reloaded, ids)) <= ATOL
+    ours = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    assert max_diff(logits(ours, ids), logits(reloaded, ids)) <= ATOL
 
 
 # ----------------------------------------------------------------------------- train under TP2, then export
@@ -111,10 +134,10 @@ def test_bf16_sharded_round_trip(tmp_path):
 
 def _train_tp2(loom_dir: str, run_dir: str) -> str:
     """Two ranks: resume from the imported weights, train 2 steps at TP2 (SP for MoE), save."""
-    from engine.config import load_config
-    from engine.model.hf.convert import checkpoint_model_config
-    from engine.checkpoint import storage as io
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.model.hf.convert import checkpoint_model_config
+    from loom.checkpoint import storage as io
+    from loom.train.trainer import Trainer, build_groups
 
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
@@ -139,9 +162,9 @@ def test_train_tp2_then_export_loads_in_transformers(world2, arch, tmp_path):
     export_hf(ckpt, tmp_path / "out")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(hf).__name__ == arch
-    loom = engine.from_pretrained(ckpt, attn_backend="torch")
+    ours = loom.from_pretrained(ckpt, attn_backend="torch")
     ids = torch.randint(0, BASE["vocab_size"], (2, 12))
-    assert max_diff(logits(loom, ids), logits(hf, ids)) <= ATOL
+    assert max_diff(logits(ours, ids), logits(hf, ids)) <= ATOL
     before, after = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no weight"
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["family"] == arch
@@ -181,9 +204,9 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     make_hf("LlamaForCausalLM", tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "loom")
     os.remove(tmp_path / "loom" / "checkpoint.json")
-    from engine.checkpoint.storage import CheckpointError
+    from loom.checkpoint.storage import CheckpointError
 
     with pytest.raises(CheckpointError, match="incomplete: checkpoint.json is missing"):
-        engine.from_pretrained(tmp_path / "loom")
+        loom.from_pretrained(tmp_path / "loom")
     with pytest.raises(CheckpointError, match="incomplete"):
         export_hf(tmp_path / "loom", tmp_path / "out")

@@ -13,11 +13,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import engine  # noqa: E402
-from engine.config import ModelConfig, VisionConfig  # noqa: E402
-from engine.model.hf.convert import export_hf, import_hf  # noqa: E402
-from engine.model.hf.llava import llava_to_hf  # noqa: E402
-from engine.model.hf.naming import ConversionError  # noqa: E402
+import loom  # noqa: E402
+from loom.config import ModelConfig, VisionConfig  # noqa: E402
+from loom.model.hf.convert import export_hf, import_hf  # noqa: E402
+from loom.model.hf.llava import llava_to_hf  # noqa: E402
+from loom.model.hf.naming import ConversionError  # noqa: E402
 from tests.test_convert import _rewrite_weights, max_diff, read_safetensors  # noqa: E402
 
 TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -72,7 +72,7 @@ def test_import_logits_match_with_images(tmp_path, layer, select):
     ids, pixels = image_batch(n)
     ref = vlm_logits(hf, ids, pixels)
     for source in ("loom", "hf"):
-        model = engine.from_pretrained(tmp_path / source, attn_backend="torch")
+        model = loom.from_pretrained(tmp_path / source, attn_backend="torch")
         assert model.tokens_per_image == n and model.image_token_id == IMAGE_ID
         out = vlm_logits(model, ids, pixels)
         assert out.shape == ref.shape
@@ -82,7 +82,7 @@ def test_import_logits_match_with_images(tmp_path, layer, select):
 def test_siglip_tower_imports_with_logit_parity_and_exports_bitwise(tmp_path):
     hf = make_llava(tmp_path / "hf", siglip=True)
     import_hf(tmp_path / "hf", tmp_path / "loom")
-    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    model = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
     v = model.cfg.vision
     assert (v.arch, v.class_token, v.patch_bias, v.post_norm, v.feature_layer) == ("siglip", False, True, False, -1)
     ids, pixels = image_batch((VISION["image_size"] // VISION["patch_size"]) ** 2)
@@ -133,9 +133,9 @@ def test_export_after_import_is_bitwise(tmp_path, layout):
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory):
-    from engine.data.tokenizer import Tokenizer
-    from tools.make_synthetic_vqa import make_synthetic_vqa
-    from tools.train_tokenizer import train_tokenizer
+    from loom.data.tokenizer import Tokenizer
+    from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+    from loom.tools.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("vqa")
     paths = make_synthetic_vqa(root, n_train=16, n_eval=2, image_size=VISION["image_size"], seed=0)
@@ -145,10 +145,10 @@ def vqa(tmp_path_factory):
 
 def _train_tp2(loom_dir: str, run_dir: str, train_jsonl: str, tokenizer: str) -> str:
     """Two ranks: resume from the imported weights, train 2 steps at TP2 + SP on image-text data, save."""
-    from engine.config import load_config
-    from engine.model.hf.convert import checkpoint_model_config
-    from engine.checkpoint import storage as io
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.model.hf.convert import checkpoint_model_config
+    from loom.checkpoint import storage as io
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(None, ["parallel.tp=2", "parallel.sp=true", "train.steps=2", "train.save_interval=2",
                              "train.global_batch_size=2", "data.seq_len=32", f"data.train_jsonl={train_jsonl}",
@@ -169,9 +169,9 @@ def test_train_tp2_then_export_loads_in_transformers(world2, vqa, tmp_path):
     ckpt = world2.run(_train_tp2, str(tmp_path / "loom"), str(tmp_path / "run"), train_jsonl, tokenizer)[0]
     export_hf(ckpt, tmp_path / "out")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-    loom = engine.from_pretrained(ckpt, attn_backend="torch")
-    ids, pixels = image_batch(loom.tokens_per_image, image_id)
-    assert max_diff(vlm_logits(loom, ids, pixels), vlm_logits(hf, ids, pixels)) <= ATOL
+    ours = loom.from_pretrained(ckpt, attn_backend="torch")
+    ids, pixels = image_batch(ours.tokens_per_image, image_id)
+    assert max_diff(vlm_logits(ours, ids, pixels), vlm_logits(hf, ids, pixels)) <= ATOL
     before, after = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
     assert sorted(before) == sorted(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -261,8 +261,8 @@ def test_export_refuses_a_vlm_llava_cannot_express():
 
 
 def test_clip_vision_config_tokens_and_image_token_id():
-    from engine.config import ConfigError
-    from engine.model.vlm import build_vlm
+    from loom.config import ConfigError
+    from loom.model.vlm import build_vlm
 
     v = VisionConfig(enabled=True, image_size=16, patch_size=8, class_token=True)
     assert v.tokens_per_image == 4

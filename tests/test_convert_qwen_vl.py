@@ -14,13 +14,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import engine  # noqa: E402
-from engine.config import ConfigError, ModelConfig, VisionConfig  # noqa: E402
-from engine.model.hf import load_hf_state_dict  # noqa: E402
-from engine.model.hf.convert import export_hf, import_hf  # noqa: E402
-from engine.model.hf.naming import ConversionError  # noqa: E402
-from engine.model.hf.qwen_vl import qwen_vl_from_hf  # noqa: E402
-from engine.model.vlm import build_vlm  # noqa: E402
+import loom  # noqa: E402
+from loom.config import ConfigError, ModelConfig, VisionConfig  # noqa: E402
+from loom.model.hf import load_hf_state_dict  # noqa: E402
+from loom.model.hf.convert import export_hf, import_hf  # noqa: E402
+from loom.model.hf.naming import ConversionError  # noqa: E402
+from loom.model.hf.qwen_vl import qwen_vl_from_hf  # noqa: E402
+from loom.model.vlm import build_vlm  # noqa: E402
 from tests.test_convert import _rewrite_weights, max_diff, read_safetensors  # noqa: E402
 
 TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -79,16 +79,20 @@ def media_batch(frame_text: bool = False):
                 video_grid_thw=video_grid)
 
 
-def hf_logits(model, batch):
+def processed(batch):
+    """``batch`` as the processor hands it to transformers: with mm_token_type_ids (1 image, 2 video)."""
     ids = batch["input_ids"]
-    types = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()  # what the processor hands transformers
+    return {**batch, "mm_token_type_ids": (ids == IMAGE).int() + 2 * (ids == VIDEO).int()}
+
+
+def hf_logits(model, batch):
     with torch.no_grad():
-        return model(**batch, mm_token_type_ids=types).logits
+        return model(**processed(batch)).logits
 
 
 def loom_logits(model, batch):
     with torch.no_grad():
-        return model(batch["input_ids"], **{k: v for k, v in batch.items() if k != "input_ids"})
+        return model(**processed(batch))  # called exactly as transformers' model is
 
 
 def test_import_logits_match_with_images_of_two_sizes_and_a_video(tiny, tmp_path):
@@ -98,11 +102,25 @@ def test_import_logits_match_with_images_of_two_sizes_and_a_video(tiny, tmp_path
     ref = hf_logits(hf, batch)
     keep = batch["attention_mask"].bool()
     for source in (tmp_path / "loom", path):
-        model = engine.from_pretrained(source, attn_backend="torch")
+        model = loom.from_pretrained(source, attn_backend="torch")
         out = loom_logits(model, batch)
         assert out.shape == ref.shape
         assert max_diff(out[keep], ref[keep]) <= ATOL, f"{source}: max |Loom - HF| = {max_diff(out[keep], ref[keep])}"
         assert not out[~keep].any()
+
+
+def test_mm_token_type_ids_must_mark_the_placeholders(tiny):
+    model = loom.from_pretrained(tiny[1], attn_backend="torch")
+    batch = processed(media_batch())
+    types = batch["mm_token_type_ids"].clone()
+    types[0, 3] = 2  # an image placeholder marked as a video token
+    wrong = "marks 25 token.s. as type 1, but input_ids hold 26 of its placeholder id"
+    with torch.no_grad(), pytest.raises(ValueError, match=wrong):
+        model(**{**batch, "mm_token_type_ids": types})
+    types = batch["mm_token_type_ids"].clone()
+    types[0, 0] = 3  # a kind this model has no placeholder for
+    with torch.no_grad(), pytest.raises(ValueError, match="marks 1 token.s. as type 3, but input_ids hold 0"):
+        model(**{**batch, "mm_token_type_ids": types})
 
 
 def test_tower_is_image_count_agnostic(tiny):
@@ -206,7 +224,7 @@ def test_a_random_native_resolution_vlm_trains_every_parameter(arch):
 @pytest.mark.slow
 def test_config_of_a_loom_built_qwen3_vl_builds_the_same_model_in_transformers():
     """Export of a model never imported: the HF config from Loom's alone gives transformers the same model."""
-    from engine.model.hf import family_for_model
+    from loom.model.hf import family_for_model
 
     cfg = ModelConfig(vocab_size=128, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True,
                       mrope_section=[2, 3, 3], mrope_interleaved=True, image_token_id=IMAGE, video_token_id=VIDEO,
@@ -260,7 +278,7 @@ def test_qwen3_vl_logits_match_and_export_is_bitwise(tiny3, tmp_path):
     import_hf(path, tmp_path / "loom")
     batch = media_batch(frame_text=True)
     ref, keep = hf_logits(hf, batch), batch["attention_mask"].bool()
-    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    model = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
     assert model.cfg.vision.arch == "qwen3_vl" and model.cfg.mrope_interleaved
     out = loom_logits(model, batch)
     assert max_diff(out[keep], ref[keep]) <= ATOL, f"max |Loom - HF| = {max_diff(out[keep], ref[keep])}"

@@ -14,15 +14,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import engine  # noqa: E402
-from engine.config import ModelConfig, MoEConfig  # noqa: E402
-from engine.model.decoder import build_model  # noqa: E402
-from engine.model.hf import MIXTRAL, QWEN3_MOE, family_for_model, load_hf_state_dict, model_config_from_hf  # noqa: E402
-from engine.model.hf.convert import import_hf  # noqa: E402
-from engine.model.hf.naming import ConversionError  # noqa: E402
-from engine.model.moe import route  # noqa: E402
+import loom  # noqa: E402
+from loom.config import ModelConfig, MoEConfig  # noqa: E402
+from loom.model.decoder import build_model  # noqa: E402
+from loom.model.hf import MIXTRAL, QWEN3_MOE, family_for_model, load_hf_state_dict, model_config_from_hf  # noqa: E402
+from loom.model.hf.convert import import_hf  # noqa: E402
+from loom.model.hf.naming import ConversionError  # noqa: E402
+from loom.model.moe import route  # noqa: E402
 from tests.test_convert import assert_exports_bitwise, logits, max_diff, read_safetensors  # noqa: E402
-from tools.convert_hf import main as convert_cli  # noqa: E402
+from loom.tools.convert_hf import main as convert_cli  # noqa: E402
 
 HEADS, SEQ, ATOL = 4, 16, 1e-4
 BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS, rms_norm_eps=1e-6,
@@ -99,7 +99,7 @@ def test_variant_imports_exact_and_exports_bitwise(arch, hf_kwargs, tmp_path):
     import_hf(tmp_path / "hf", tmp_path / "loom")
     ids = torch.randint(0, hf_kwargs["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(1))
     ref = logits(hf, ids)
-    out = logits(engine.from_pretrained(tmp_path / "loom", attn_backend="torch"), ids)
+    out = logits(loom.from_pretrained(tmp_path / "loom", attn_backend="torch"), ids)
     assert out.shape == ref.shape
     assert max_diff(out, ref) <= ATOL, f"max |Loom - HF| = {max_diff(out, ref):.2e}"
 
@@ -134,7 +134,7 @@ def test_left_out_keys_take_the_family_defaults(arch, hf_kwargs, tmp_path):
     ids = torch.randint(0, kept["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(reread, ids), logits(hf, ids)), "the stripped config.json changed the HF model"
     import_hf(tmp_path / "hf", tmp_path / "loom")
-    out = logits(engine.from_pretrained(tmp_path / "loom", attn_backend="torch"), ids)
+    out = logits(loom.from_pretrained(tmp_path / "loom", attn_backend="torch"), ids)
     assert max_diff(out, logits(hf, ids)) <= ATOL, f"max |Loom - HF| = {max_diff(out, logits(hf, ids)):.2e}"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (
+from loom.data import (
     IGNORE_INDEX,
     GlobalBatchSampler,
     PackedDataset,

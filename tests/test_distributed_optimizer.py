@@ -31,8 +31,8 @@ def _state_bytes(config, overrides):
     """This rank's optimizer state bytes and the model's trainable parameter count."""
     import os
 
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(os.path.join(ROOT, config), [*BASE, *overrides])

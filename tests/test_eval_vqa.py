@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.data.tokenizer import Tokenizer
-from engine.model.vlm import build_vlm
-from tools import eval_vqa
-from tools.make_synthetic_vqa import make_synthetic_vqa
-from tools.train_tokenizer import train_tokenizer
+from loom.config import load_config
+from loom.data.tokenizer import Tokenizer
+from loom.model.vlm import build_vlm
+from loom.tools import eval_vqa
+from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+from loom.tools.train_tokenizer import train_tokenizer
 
 IMAGE_SIZE, PATCH = 16, 8
 N_IMAGE = (IMAGE_SIZE // PATCH) ** 2

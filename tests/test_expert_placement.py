@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from engine.config import ConfigError
-from engine.parallel.expert_parallel import read_placement_plan
+from loom.config import ConfigError
+from loom.parallel.expert_parallel import read_placement_plan
 from tests.parity import LOSS_RTOL, RTOL, assert_close_tensors
-from tools.place_experts import balanced_placement, imbalance, main as place_experts
+from loom.tools.place_experts import balanced_placement, imbalance, main as place_experts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "launch/configs/models/tiny/mixtral_8x7b.yaml"  # 8 experts, top-2, every layer MoE
@@ -26,11 +26,11 @@ def skewed_run(overrides: list[str]):
     import torch
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.parallel.expert_parallel import moe_layers
-    from engine.parallel.inspect import full_state_dict
-    from engine.train.multimodal import text_model
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.parallel.expert_parallel import moe_layers
+    from loom.parallel.inspect import full_state_dict
+    from loom.train.multimodal import text_model
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, CONFIG), BASE + overrides)
     groups = build_groups(cfg)

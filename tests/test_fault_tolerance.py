@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-import engine.faults as faults
-from engine.config import load_config
-from engine.parallel.intercept import Call
-from engine.parallel.dry_run import digests, first_disagreement, streams_agree
-from engine.train.preflight import identity_disagreement
+import loom.faults as faults
+from loom.config import load_config
+from loom.parallel.intercept import Call
+from loom.parallel.dry_run import digests, first_disagreement, streams_agree
+from loom.train.preflight import identity_disagreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "launch/configs/tiny_dense.yaml"
@@ -124,8 +124,8 @@ def disagreeing_microbatches(fault_rank: int):
     """TP2 where one rank runs microbatches twice as large: its tensor-parallel collectives differ."""
     import torch.distributed as dist
 
-    from engine.train.preflight import PreflightError
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.preflight import PreflightError
+    from loom.train.trainer import Trainer, build_groups
 
     micro = 2 if dist.get_rank() == fault_rank else 1
     cfg = load_config(os.path.join(ROOT, CONFIG), ["train.device=cpu", "parallel.tp=2", "train.preflight=false",
@@ -194,7 +194,7 @@ def test_fault_spec_parses_and_fires_on_the_first_attempt_only(monkeypatch):
 
 def train_twice(preflight: bool, layout=("parallel.ep=2",)):
     """Two steps of a MoE model, by default under EP2 (all-to-all dispatch, per-step statistics, router bias)."""
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"),
                       ["train.device=cpu", *layout, "train.resume=none", "train.steps=2",

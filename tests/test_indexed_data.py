@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, DataConfig, load_config
-from engine.data import (BlendedDataset, IndexedReader, IndexedWriter, build_text_dataset, make_sampler,
+from loom.config import ConfigError, DataConfig, load_config
+from loom.data import (BlendedDataset, IndexedReader, IndexedWriter, build_text_dataset, make_sampler,
                          rank_microbatches, synthetic_corpus, write_indexed, write_token_file)
-from engine.data.blend import blend_pattern
+from loom.data.blend import blend_pattern
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "launch/configs/tiny_dense.yaml")
@@ -204,8 +204,8 @@ def tokenizers(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["hf", "hf_dir", "sp"])
 def test_preprocess_end_to_end(tmp_path, tokenizers, kind):
     mcore = megatron()
-    from engine.data.tokenizer import Tokenizer
-    from tools.preprocess_data import preprocess
+    from loom.data.tokenizer import Tokenizer
+    from loom.tools.preprocess_data import preprocess
 
     texts = _jsonl(tmp_path / "in.jsonl")
     tok = Tokenizer.load(tokenizers[kind], chat=False)
@@ -226,12 +226,12 @@ def test_preprocess_end_to_end(tmp_path, tokenizers, kind):
 
 
 def test_preprocess_cli_stops_at_a_bad_line_naming_it(tmp_path, tokenizers, capsys):
-    from tools.preprocess_data import main
+    from loom.tools.preprocess_data import main
 
     _jsonl(tmp_path / "in.jsonl")
     args = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
             "--tokenizer", tokenizers["hf"], "--no-progress"]
-    assert main([*args, "--on-bad-line", "error", "--workers", "2"]) == 1
+    assert main([*args, "--on-bad-line", "error", "--workers", "2"]) == 2
     assert f"{tmp_path / 'in.jsonl'}:6: invalid JSON" in capsys.readouterr().err
     assert leftovers(tmp_path, ["in.jsonl"]) == []
     assert main(args) == 0
@@ -241,7 +241,7 @@ def test_preprocess_cli_stops_at_a_bad_line_naming_it(tmp_path, tokenizers, caps
 
 
 def test_preprocess_failure_in_a_worker_leaves_nothing(tmp_path, tokenizers, monkeypatch):
-    import tools.preprocess_data as pp
+    import loom.tools.preprocess_data as pp
 
     _jsonl(tmp_path / "in.jsonl", n=300, bad=False)
     calls = {"n": 0}
@@ -261,7 +261,7 @@ def test_preprocess_failure_in_a_worker_leaves_nothing(tmp_path, tokenizers, mon
 
 
 def test_preprocess_keyboard_interrupt_leaves_nothing(tmp_path, tokenizers, monkeypatch):
-    import tools.preprocess_data as pp
+    import loom.tools.preprocess_data as pp
 
     _jsonl(tmp_path / "in.jsonl", n=300, bad=False)
     add = pp.IndexedWriter.add_documents
@@ -285,7 +285,7 @@ def test_preprocess_sigterm_leaves_nothing(tmp_path, tokenizers):
     waiting for more input when SIGTERM arrives."""
     fifo = tmp_path / "in.jsonl"
     os.mkfifo(fifo)
-    cmd = [sys.executable, "-m", "tools.preprocess_data", "--input", str(fifo), "--output-prefix",
+    cmd = [sys.executable, "-m", "loom.tools.preprocess_data", "--input", str(fifo), "--output-prefix",
            str(tmp_path / "out"), "--tokenizer", tokenizers["hf"], "--no-progress", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
                             text=True)
@@ -441,8 +441,8 @@ def test_blend_pattern_is_megatrons_rule(corpora):
 
 
 def test_checkpoint_refuses_another_blend(corpora, tmp_path):
-    from engine.checkpoint.storage import CheckpointError
-    from engine.train.checkpoint import check_compatible
+    from loom.checkpoint.storage import CheckpointError
+    from loom.train.checkpoint import check_compatible
 
     saved = load_config(TINY, [f"data.blend=[[0.7, {corpora[0]}], [0.3, {corpora[1]}]]"])
     marker = {"kind": "train", "config": json.loads(json.dumps(saved.to_dict()))}
@@ -459,7 +459,7 @@ def _train(run_dir, overrides, until=None):
     """One rank: train (saving as configured) to ``until``; return the losses and what it consumed."""
     import torch
 
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(TINY, ["train.dtype=fp32", "model.attn_backend=torch", "train.steps=6", "train.log_interval=100",
                              "train.log_samples=true", "train.preflight=false", f"train.run_dir={run_dir}", *overrides])
@@ -518,8 +518,8 @@ def test_blend_resume_under_another_layout(world2, blend_runs, nranks, layout):
 
 MEMORY_SCRIPT = r"""
 import json, sys
-from engine.config import DataConfig
-from engine.data import build_text_dataset, make_sampler, rank_microbatches
+from loom.config import DataConfig
+from loom.data import build_text_dataset, make_sampler, rank_microbatches
 
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))

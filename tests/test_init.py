@@ -4,8 +4,8 @@ import itertools
 import pytest
 import torch
 
-from engine.model.init import BLOCK_NUMEL, block_rows, fill_shard, normal
-from engine.parallel.index import flat_boxes
+from loom.model.init import BLOCK_NUMEL, block_rows, fill_shard, normal
+from loom.parallel.index import flat_boxes
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 10), (5,), (BLOCK_NUMEL // 16 + 3, 16)])
@@ -63,9 +63,9 @@ LAYOUTS = [("dense", ["parallel.tp=2", "parallel.pp=2", "model.tie_embeddings=tr
 def _initial(config, overrides):
     import os
 
-    from engine.config import load_config
-    from engine.parallel.inspect import full_state_dict
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.parallel.inspect import full_state_dict
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(os.path.join(ROOT, config), ["train.run_dir=runs/test_init", *overrides])

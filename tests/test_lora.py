@@ -41,9 +41,9 @@ def _train_and_save(overrides: list[str], steps: int, save: str | None) -> dict 
     the losses and what the optimizer holds."""
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.train.checkpoint import save as save_checkpoint
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.checkpoint import save as save_checkpoint
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(f"{ROOT}/{CONFIG}", ["train.steps=5", *BASE[:-len(LORA)], *overrides])
@@ -87,14 +87,14 @@ def test_lora_resumes_under_another_layout(world4, tmp_path):
     ("train.lora.dropout=1.0", "train.lora.dropout"),
 ])
 def test_lora_config_errors_name_the_field(override, key):
-    from engine.config import ConfigError, load_config
+    from loom.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIG, [override]).validate(1)
 
 
 def test_lora_target_missing_from_the_model():
-    from engine.config import ConfigError, load_config
+    from loom.config import ConfigError, load_config
 
     cfg = load_config("launch/configs/tiny_dense.yaml", ["train.lora.rank=4", "train.lora.target_modules=[experts]"])
     with pytest.raises(ConfigError, match="'experts' names no layer"):

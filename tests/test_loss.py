@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.train.loss import default_chunk_rows, linear_cross_entropy
+from loom.train.loss import default_chunk_rows, linear_cross_entropy
 
 
 def _reference_from_logits(logits, labels):

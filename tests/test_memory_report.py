@@ -12,7 +12,7 @@ from tests.parity import ROOT, params
 
 
 def test_megatron_bytes_per_param():
-    from engine.train.memory import megatron_bytes_per_param
+    from loom.train.memory import megatron_bytes_per_param
 
     total = lambda *args: sum(megatron_bytes_per_param(*args).values())  # noqa: E731
     assert total("fp32", False, 8) == 16 and total("bf16", False, 8) == 18
@@ -20,7 +20,7 @@ def test_megatron_bytes_per_param():
 
 
 def test_tensors_bytes_counts_a_buffer_once():
-    from engine.train.memory import tensors_bytes
+    from loom.train.memory import tensors_bytes
 
     flat = torch.zeros(100)
     assert tensors_bytes([flat[:10], flat[10:50].view(5, 8), flat]) == 400
@@ -29,7 +29,7 @@ def test_tensors_bytes_counts_a_buffer_once():
 
 
 def _cfg(*overrides):
-    from engine.config import load_config
+    from loom.config import load_config
 
     return load_config(os.path.join(ROOT, "launch/configs/tiny_dense.yaml"), list(overrides))
 
@@ -37,8 +37,8 @@ def _cfg(*overrides):
 def test_activation_formula_by_hand():
     """tiny_dense: h 64, F 128, 4 heads / 2 kv (g = 1/2), s 64, b 1, fp32 (x2), 2 layers:
     per layer 8 (norm, attention, MLP inputs) + 4 + 4g (Q, K, V, core output) + 6F/h = 8 + 6 + 12 = 26."""
-    from engine.parallel.mesh import ParallelDims
-    from engine.train.memory import activation_bytes
+    from loom.parallel.mesh import ParallelDims
+    from loom.train.memory import activation_bytes
 
     sbh = 64 * 1 * 64
     assert activation_bytes(_cfg(), ParallelDims(), [0, 1], 0) == 2 * 26 * sbh * 2
@@ -54,8 +54,8 @@ def test_activation_formula_by_hand():
 
 
 def test_moe_selective_recompute_drops_the_expert_products():
-    from engine.parallel.mesh import ParallelDims
-    from engine.train.memory import activation_units_per_layer
+    from loom.parallel.mesh import ParallelDims
+    from loom.train.memory import activation_units_per_layer
 
     cfg = _cfg("model.moe.num_experts=4", "model.moe.intermediate_size=64")
     none, selective, full = (activation_units_per_layer(cfg, ParallelDims(), True, m)
@@ -64,8 +64,8 @@ def test_moe_selective_recompute_drops_the_expert_products():
 
 
 def test_report_round_trips_to_json(tmp_path):
-    from engine.parallel.mesh import ParallelDims
-    from engine.train.memory import build_report
+    from loom.parallel.mesh import ParallelDims
+    from loom.train.memory import build_report
 
     report = build_report(cfg=_cfg(), dims=ParallelDims(), rank=0, pp_rank=0, params=[torch.zeros(10)],
                           grads=[torch.zeros(10)], optimizer_bytes=80, dense_params=10, expert_params=0,
@@ -106,8 +106,8 @@ def test_dry_run_agrees_with_megatron(run):
 
 
 def _real_report(overrides):
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"), overrides)
     groups = build_groups(cfg)

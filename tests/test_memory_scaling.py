@@ -22,7 +22,7 @@ CONFIG = "launch/configs/tiny_dense.yaml"
 def _full_weight_bytes(cfg) -> int:
     import torch
 
-    from engine.model.decoder import Transformer
+    from loom.model.decoder import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -40,9 +40,9 @@ def _train_under_budget(model: list[str], layout: list[str], setup_fraction: flo
     import gc
     import resource
 
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
-    from tools.bench_memory import model_overrides
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
+    from loom.tools.bench_memory import model_overrides
 
     tiny = load_config(os.path.join(ROOT, CONFIG), [*model_overrides(128, 2, 16, 8, 256, 512), *layout,
                                                     "train.run_dir=runs/test_budget"])
@@ -70,7 +70,7 @@ def _train_under_budget(model: list[str], layout: list[str], setup_fraction: flo
 # About 60M parameters (240 MB of fp32 weights): 16k vocabulary, 6 layers of width 768.
 
 def _big():
-    from tools.bench_memory import model_overrides
+    from loom.tools.bench_memory import model_overrides
 
     return model_overrides(768, 6, 16, 8, 2048, 16384)
 
@@ -94,7 +94,7 @@ LAYOUTS = {"tp2_pp2": ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2"], "d
 
 @pytest.fixture(scope="module")
 def world1_footprint():
-    from tools.bench_memory import measure, model_overrides
+    from loom.tools.bench_memory import measure, model_overrides
 
     model = model_overrides(768, 4, 16, 8, 2048, 16384)  # ~50M: the state dwarfs a rank's fixed costs
     return model, measure(1, model, [])[0]
@@ -103,7 +103,7 @@ def world1_footprint():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_memory_scales_with_the_layout(world1_footprint, layout):
     """Fresh processes per layout (the bench's own): earlier tests would leave their heap behind."""
-    from tools.bench_memory import measure, summarize
+    from loom.tools.bench_memory import measure, summarize
 
     model, ws1 = world1_footprint
     ranks = measure(4, model, LAYOUTS[layout])

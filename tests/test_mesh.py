@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.parallel.mesh import ParallelDims, group_layout
+from loom.parallel.mesh import ParallelDims, group_layout
 
 DIMS16 = ParallelDims(tp=2, cp=2, dp=2, pp=2)
 
@@ -31,7 +31,7 @@ def test_device_mesh_builds_the_pinned_groups_on_every_rank():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from engine.parallel.mesh import ParallelGroups
+    from loom.parallel.mesh import ParallelGroups
 
     for rank in range(16):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=16)
@@ -56,7 +56,7 @@ def test_groups_need_matching_world_size():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from engine.parallel.mesh import ParallelGroups
+    from loom.parallel.mesh import ParallelGroups
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
     try:

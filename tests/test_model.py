@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model.batch import PackedBatch, positions_from_cu_seqlens
-from engine.model.decoder import build_model
+from loom.config import ModelConfig
+from loom.model.batch import PackedBatch, positions_from_cu_seqlens
+from loom.model.decoder import build_model
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             attn_backend="torch")
@@ -76,7 +76,7 @@ HF_CASES = {
 @pytest.mark.parametrize("arch", sorted(HF_CASES))
 def test_logits_match_hf(arch):
     transformers = pytest.importorskip("transformers")
-    from engine.model.hf import load_hf_state_dict, model_config_from_hf
+    from loom.model.hf import load_hf_state_dict, model_config_from_hf
 
     hf_cfg = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

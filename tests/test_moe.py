@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import ConfigError, MoEConfig, load_config
-from engine.model.moe import (
+from loom.config import ConfigError, MoEConfig, load_config
+from loom.model.moe import (
     GroupedExperts,
     LocalDispatcher,
     MoE,
@@ -18,8 +18,8 @@ from engine.model.moe import (
     apply_capacity,
     route,
 )
-from engine.compat import grouped_mm_runs
-from engine.parallel.mesh import ParallelDims, expert_group_layout
+from loom.compat import grouped_mm_runs
+from loom.parallel.mesh import ParallelDims, expert_group_layout
 
 CONFIG = "launch/configs/tiny_moe.yaml"
 
@@ -148,7 +148,7 @@ def test_switch_aux_and_z_loss_value_and_gradient(router):
 
 
 def test_per_sequence_aux_loss_is_the_mean_over_sequences():
-    from engine.parallel.expert_parallel import ShardedBalanceScope
+    from loom.parallel.expert_parallel import ShardedBalanceScope
 
     cfg = MoEConfig(num_experts=4, top_k=2, aux_loss_coeff=1.0, aux_loss_type="seq")
     moe = _moe(cfg)
@@ -226,7 +226,7 @@ def _ep_dispatch(case: str):
     """Rank-side: the EP dispatcher over the world against the single-device reference."""
     import torch.distributed as dist
 
-    from engine.parallel.expert_parallel import ExpertParallelDispatcher
+    from loom.parallel.expert_parallel import ExpertParallelDispatcher
 
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(list(range(world)))
@@ -303,7 +303,7 @@ def test_device_mesh_builds_the_pinned_expert_groups():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from engine.parallel.mesh import ParallelGroups
+    from loom.parallel.mesh import ParallelGroups
 
     for rank in range(16):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=16)
@@ -339,7 +339,7 @@ def test_config_errors_name_the_key(overrides, world, message):
 def _train_metrics(overrides, run_dir):
     import torch.distributed as dist
 
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(os.path.join(ROOT, CONFIG), ["model.attn_backend=torch", "train.resume=none",

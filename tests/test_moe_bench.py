@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from engine.config import load_config
-from engine.model.batch import PackedBatch
-from engine.model.decoder import Transformer
-from engine.model.moe import route
-from engine.train.flops import attention_pairs, step_flops
-from engine.train.loss import lm_head_loss
+from loom.config import load_config
+from loom.model.batch import PackedBatch
+from loom.model.decoder import Transformer
+from loom.model.moe import route
+from loom.train.flops import attention_pairs, step_flops
+from loom.train.loss import lm_head_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIXTRAL = "launch/configs/models/tiny/mixtral_8x7b.yaml"

@@ -23,9 +23,9 @@ with warnings.catch_warnings():
         reason="megatron-core is an optional test extra (tests/run.sh installs it)",
     )
 
-from engine.config import MoEConfig
-from engine.model.moe import MoE, Router, route
-from engine.parallel.expert_parallel import ShardedBalanceScope
+from loom.config import MoEConfig
+from loom.model.moe import MoE, Router, route
+from loom.parallel.expert_parallel import ShardedBalanceScope
 
 T, E = 64, 8
 RTOL = 1e-6

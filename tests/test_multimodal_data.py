@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, DataConfig
-from engine.data import (
+from loom.config import ConfigError, DataConfig
+from loom.data import (
     BAD_SAMPLE_REASONS,
     GlobalBatchSampler,
     IGNORE_INDEX,
@@ -23,10 +23,10 @@ from engine.data import (
     make_image_loader,
     pack_samples,
 )
-from engine.data.chat import check_messages
-from tools.make_synthetic_vqa import COLOURS, SHAPES, make_synthetic_vqa, text_only_baseline
-from tools.train_tokenizer import main as train_tokenizer_main
-from tools.train_tokenizer import train_tokenizer
+from loom.data.chat import check_messages
+from loom.tools.make_synthetic_vqa import COLOURS, SHAPES, make_synthetic_vqa, text_only_baseline
+from loom.tools.train_tokenizer import main as train_tokenizer_main
+from loom.tools.train_tokenizer import train_tokenizer
 
 SEQ_LEN, IMAGE_SIZE, PATCH = 64, 32, 8
 N_IMAGE = (IMAGE_SIZE // PATCH) ** 2  # 16 placeholder tokens per image (no merging)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (BAD_SAMPLE_REASONS, GlobalBatchSampler, IGNORE_INDEX, LazyMultimodalDataset,
+from loom.data import (BAD_SAMPLE_REASONS, GlobalBatchSampler, IGNORE_INDEX, LazyMultimodalDataset,
                          MultimodalDataset, StepBatches, StepLoader, Tokenizer)
-from engine.data import jsonl_index
+from loom.data import jsonl_index
 from tests.test_multimodal_data import _bad_case
-from tools.make_synthetic_vqa import make_synthetic_vqa
-from tools.train_tokenizer import train_tokenizer
+from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+from loom.tools.train_tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN, IMAGE_SIZE, PATCH = 64, 16, 8  # 4 placeholder tokens per image
@@ -376,9 +376,9 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
 def trainer_probe(data: dict) -> None:
     """Run in a fresh process (DataLoader workers cannot start under the harness's daemonic ranks): three
     steps with batches made in process and by two workers, then an out-of-order request."""
-    from engine.config import load_config
-    from engine.parallel.mesh import init_distributed
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.parallel.mesh import init_distributed
+    from loom.train.trainer import Trainer, build_groups
 
     init_distributed()
     out = {}

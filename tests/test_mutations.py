@@ -37,7 +37,7 @@ def _replaced(owner, name: str, value):
 
 def _tp_partial_input_grad():
     """Entering the TP region no longer sums the input gradient over TP: each rank keeps its partial."""
-    from engine.parallel import comm
+    from loom.parallel import comm
 
     def backward(ctx, g):
         _fired["tp"] += 1
@@ -48,8 +48,8 @@ def _tp_partial_input_grad():
 
 def _cp_ring_skips_last_block():
     """The K/V block that arrives at the last ring step is passed on but never merged (forward)."""
-    from engine.parallel import comm
-    from engine.parallel import ring_attention as ring
+    from loom.parallel import comm
+    from loom.parallel import ring_attention as ring
 
     forward = ring._ring_forward
 
@@ -69,9 +69,9 @@ def _ep_swapped_shards():
     true rank (initial values follow each shard's spec, so the swap is made after initialisation)."""
     import torch
 
-    from engine.parallel import comm
-    from engine.parallel.sharding import spec_of
-    from engine.train import setup
+    from loom.parallel import comm
+    from loom.parallel.sharding import spec_of
+    from loom.train import setup
 
     initialize = setup.initialize
 
@@ -92,7 +92,7 @@ def _ep_swapped_shards():
 
 def _pp_drops_microbatch0_grad():
     """The last stage skips the backward of microbatch 0, so a zero gradient goes upstream."""
-    from engine.parallel.pipeline import PipelineExecutor
+    from loom.parallel.pipeline import PipelineExecutor
 
     backward = PipelineExecutor._backward
 
@@ -109,7 +109,7 @@ def _pp_drops_microbatch0_grad():
 @contextlib.contextmanager
 def _dp_skips_bucket0():
     """Bucket 0 gets a group of one, so it is never reduced over DP; the other buckets still are."""
-    from engine.parallel.data_parallel import GradBuffer
+    from loom.parallel.data_parallel import GradBuffer
 
     make, finish = GradBuffer._make_buckets, GradBuffer.finish
 

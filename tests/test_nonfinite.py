@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, load_config
-from engine.train.guard import NonFiniteGuard
+from loom.config import ConfigError, load_config
+from loom.train.guard import NonFiniteGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "launch/configs/tiny_dense.yaml"
@@ -20,7 +20,7 @@ def poisoned_run(overrides: list[str], bad_steps: list[int]):
     import torch
     import torch.distributed as dist
 
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, CONFIG), BASE + overrides)
     groups = build_groups(cfg)

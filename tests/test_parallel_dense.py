@@ -40,7 +40,7 @@ def test_dense_parity(world4, references, layout):
 
 def test_dp2_microbatches_is_two_per_rank():
     """The microbatch layout is what the name says: 4 sequences, dp=2, micro batch 1 -> 2 per rank."""
-    from engine.config import load_config
+    from loom.config import load_config
 
     cfg = load_config(CONFIG, LAYOUTS["dp2_2microbatches"][1])
     per_rank = cfg.train.global_batch_size // cfg.dp_size(2)
@@ -49,8 +49,8 @@ def test_dp2_microbatches_is_two_per_rank():
 
 def _bf16_dtypes():
     """bf16 parameters; fp32 gradient buckets, fp32 master weights and Adam states."""
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(os.path.join(ROOT, CONFIG), ["train.dtype=bf16", "train.run_dir=runs/test_bf16"])
@@ -73,7 +73,7 @@ def bf16_reference(world4):
 
 def _run_without_one_update(overrides: list[str]) -> dict | None:
     """``train_layout`` with one layer's optimizer update undone every step: a wrong or missing update."""
-    from engine.train.trainer import Trainer
+    from loom.train.trainer import Trainer
 
     step = Trainer.optimizer_step
 

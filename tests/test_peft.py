@@ -10,8 +10,8 @@ import torch
 peft = pytest.importorskip("peft")
 from tests.test_convert import ATOL, BASE, logits, make_hf, max_diff, read_safetensors  # noqa: E402
 
-import engine  # noqa: E402
-from tools.convert_hf import main as convert_cli  # noqa: E402
+import loom  # noqa: E402
+from loom.tools.convert_hf import main as convert_cli  # noqa: E402
 
 TARGETS = {"LlamaForCausalLM": "[q_proj,v_proj,o_proj,gate_proj,down_proj]",
            "Qwen2MoeForCausalLM": "[q_proj,k_proj,v_proj,o_proj,shared_expert]"}
@@ -21,10 +21,10 @@ def _train_lora(loom_dir: str, run_dir: str, targets: str) -> str:
     """Two ranks: the imported base, LoRA at TP2 (SP for MoE), 3 steps, saved."""
     import os
 
-    from engine.checkpoint import storage as io
-    from engine.config import load_config
-    from engine.model.hf.convert import checkpoint_model_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.checkpoint import storage as io
+    from loom.config import load_config
+    from loom.model.hf.convert import checkpoint_model_config
+    from loom.train.trainer import Trainer, build_groups
 
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
@@ -47,9 +47,9 @@ def test_loom_adapter_loads_in_peft_and_merges(world2, arch, tmp_path):
     hf = make_hf(arch, tmp_path / "hf")
     assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "loom")]) == 0
     ckpt = world2.run(_train_lora, str(tmp_path / "loom"), str(tmp_path / "run"), TARGETS[arch])[0]
-    loom = engine.from_pretrained(ckpt, attn_backend="torch")
+    ours = loom.from_pretrained(ckpt, attn_backend="torch")
     ids = torch.randint(0, BASE["vocab_size"], (2, 12))
-    ref = logits(loom, ids)
+    ref = logits(ours, ids)
     assert max_diff(ref, logits(hf, ids)) > 100 * ATOL, "the adapters changed nothing"
 
     assert convert_cli(["export", "--ckpt", ckpt, "--out", str(tmp_path / "peft"), "--adapter-only"]) == 0
@@ -85,11 +85,11 @@ def test_peft_adapter_imports_into_loom(arch, tmp_path):
     adapted.save_pretrained(tmp_path / "adapter")
     assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--adapter", str(tmp_path / "adapter"),
                         "--out", str(tmp_path / "loom")]) == 0
-    loom = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    ours = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
     ids = torch.randint(0, BASE["vocab_size"], (2, 12))
     with adapted.disable_adapter():
-        assert max_diff(logits(adapted, ids), logits(loom, ids)) > 100 * ATOL, "the adapter changes nothing"
-    err = max_diff(logits(loom, ids), logits(adapted, ids))
+        assert max_diff(logits(adapted, ids), logits(ours, ids)) > 100 * ATOL, "the adapter changes nothing"
+    err = max_diff(logits(ours, ids), logits(adapted, ids))
     print(f"{arch}: imported PEFT adapter, Loom vs PEFT logits max |diff| {err:.2e}")
     assert err <= ATOL
     # and back: the same adapter, bit for bit, under PEFT's names
@@ -101,7 +101,7 @@ def test_peft_adapter_imports_into_loom(arch, tmp_path):
     with adapted.disable_adapter():
         base = logits(adapted, ids)
     reloaded = peft.PeftModel.from_pretrained(make_hf(arch, tmp_path / "hf2"), tmp_path / "back").eval()
-    assert max_diff(logits(reloaded, ids), logits(loom, ids)) <= ATOL < max_diff(base, logits(loom, ids))
+    assert max_diff(logits(reloaded, ids), logits(ours, ids)) <= ATOL < max_diff(base, logits(ours, ids))
 
 
 def test_adapter_with_dora_is_refused(tmp_path):
@@ -114,8 +114,8 @@ def test_adapter_with_dora_is_refused(tmp_path):
 
 
 def _fine_tune(overrides: list[str]) -> list[float]:
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(None, ["train.steps=2", "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096",
                              "model.attn_backend=torch", "train.log_interval=100", *overrides])
@@ -130,8 +130,8 @@ def _fine_tune(overrides: list[str]) -> list[float]:
 def test_model_pretrained_from_an_hf_directory(world2, tmp_path):
     """model.pretrained=HF_DIR: no model section, the HF weights (converted on the fly) are the start; a Loom
     checkpoint of them gives the same losses; a conflicting model key is an error naming it."""
-    from engine.config import ConfigError, load_config
-    from engine.train.init_from import resolve_pretrained
+    from loom.config import ConfigError, load_config
+    from loom.train.init_from import resolve_pretrained
 
     make_hf("LlamaForCausalLM", tmp_path / "hf")
     lora = ["train.lora.rank=4", "train.resume=none"]

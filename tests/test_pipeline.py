@@ -56,8 +56,8 @@ def test_zb1_matches_1f1b_under_dp(world8, references):
 def _fit(run_dir, overrides):
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(os.path.join(ROOT, CONFIG), [*BASE, "train.steps=5", f"train.run_dir={run_dir}", *overrides])
@@ -85,8 +85,8 @@ def _aux_losses(schedule, vpp):
     import torch
     import torch.distributed as dist
 
-    from engine.parallel.pipeline import PipelineExecutor, StageOutput
-    from engine.parallel.pipeline_schedule import build_table
+    from loom.parallel.pipeline import PipelineExecutor, StageOutput
+    from loom.parallel.pipeline_schedule import build_table
 
     rank, pp, m = dist.get_rank(), dist.get_world_size(), 4
     torch.manual_seed(0)  # identical on every rank
@@ -148,8 +148,8 @@ def _bf16_boundary():
     import torch
     import torch.distributed as dist
 
-    from engine.parallel.pipeline import PipelineExecutor, StageOutput
-    from engine.parallel.pipeline_schedule import build_table
+    from loom.parallel.pipeline import PipelineExecutor, StageOutput
+    from loom.parallel.pipeline_schedule import build_table
 
     rank, m = dist.get_rank(), 2
     torch.manual_seed(0)

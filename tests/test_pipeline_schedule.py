@@ -4,15 +4,15 @@ import os
 import pytest
 import torch
 
-from engine.config import ConfigError, ModelConfig, load_config
-from engine.model.batch import PackedBatch
-from engine.model.decoder import build_model
-from engine.parallel.pipeline import join_chunks, split_stages, stage_layers
-from engine.parallel.pipeline_schedule import (
+from loom.config import ConfigError, ModelConfig, load_config
+from loom.model.batch import PackedBatch
+from loom.model.decoder import build_model
+from loom.parallel.pipeline import join_chunks, split_stages, stage_layers
+from loom.parallel.pipeline_schedule import (
     B, F, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, ScheduleError, build_table, build_tables, in_flight_bound,
     input_of, is_compute, theoretical_bubble,
 )
-from engine.parallel.pipeline_simulate import bubble_fraction, idle_time, simulate
+from loom.parallel.pipeline_simulate import bubble_fraction, idle_time, simulate
 
 GRID = [("gpipe", pp, 1, m) for pp in (2, 3, 4) for m in (1, 2, 4, 7)]
 GRID += [(s, pp, 1, m) for s in ("1f1b", "zb1") for pp in (2, 3, 4) for m in (pp, pp + 1, 2 * pp, 8)]

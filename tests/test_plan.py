@@ -3,10 +3,10 @@ import dataclasses
 
 import pytest
 
-from engine.config import load_config
-from tools.memory import dry_run, stage_leads
-from tools.plan import GIB, DryRuns, enumerate_layouts, format_table, layout_config, main, plan
-from tools.plan_costs import HardwareProfile, Layout, estimate
+from loom.config import load_config
+from loom.tools.memory import dry_run, stage_leads
+from loom.tools.plan import GIB, DryRuns, enumerate_layouts, format_table, layout_config, main, plan
+from loom.tools.plan_costs import HardwareProfile, Layout, estimate
 
 TINY = "launch/configs/models/tiny/mixtral_8x7b.yaml"
 TINY_OVERRIDES = ["train.global_batch_size=16"]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.model.quant import (NF4_LEVELS, NF4Linear, NF4Weight, dynamic_code, expert_grouped_mm, expert_linear,
+from loom.model.quant import (NF4_LEVELS, NF4Linear, NF4Weight, dynamic_code, expert_grouped_mm, expert_linear,
                                 quantized_bytes)
 from tests.parity import assert_parity, params, train_layout
 
@@ -104,7 +104,7 @@ def test_experts_dequantise_per_expert_and_through_the_grouped_gemm():
     (gx,) = torch.autograd.grad(looped, x, grad)
     (gref,) = torch.autograd.grad(ref, x, grad)
     assert torch.allclose(gx, gref, atol=1e-5)
-    from engine.compat import grouped_mm_runs
+    from loom.compat import grouped_mm_runs
     if grouped_mm_runs("cpu", torch.float32):
         grouped = expert_grouped_mm(x, q, offs, torch.float32)
         assert torch.allclose(grouped, ref, atol=1e-5)
@@ -114,9 +114,9 @@ def test_experts_dequantise_per_expert_and_through_the_grouped_gemm():
 
 def _base_bytes(config: str, overrides: list[str], device: str) -> tuple[int, int]:
     """(bf16 bytes of the base linear weights QLoRA quantises, bytes of their NF4 form, scales included)."""
-    from engine.config import load_config
-    from engine.model.lora import quantize_base
-    from engine.train.multimodal import build_any_model
+    from loom.config import load_config
+    from loom.model.lora import quantize_base
+    from loom.train.multimodal import build_any_model
 
     cfg = load_config(config, ["train.lora.rank=8", "train.lora.base_dtype=nf4", *overrides])
     with torch.device(device):
@@ -143,14 +143,14 @@ def test_nf4_base_takes_under_three_tenths_of_bf16(config, device, double_quant)
     ("train.lora.quant_block=63", "train.lora.quant_block"),
 ])
 def test_qlora_config_errors_name_the_field(override, key):
-    from engine.config import ConfigError, load_config
+    from loom.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("launch/configs/tiny_dense.yaml", ["train.lora.rank=4", override]).validate(1)
 
 
 def test_nf4_needs_lora():
-    from engine.config import ConfigError, load_config
+    from loom.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"train\.lora\.base_dtype=nf4 .* train\.lora\.rank > 0"):
         load_config("launch/configs/tiny_dense.yaml", ["train.lora.base_dtype=nf4"]).validate(1)
@@ -173,9 +173,9 @@ def _train(config: str, overrides: list[str], steps: int, save: str | None = Non
     """``steps`` steps (of a run of LEARN_STEPS); rank 0 returns the losses and the memory report's lines."""
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.train.checkpoint import save as save_checkpoint
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.checkpoint import save as save_checkpoint
+    from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
     cfg = load_config(f"{ROOT}/{config}", [f"train.steps={LEARN_STEPS}", *overrides])
@@ -232,15 +232,15 @@ def test_qlora_resumes_from_its_pretrained_base(world4, pretrained, tmp_path):
     whole = world4.run(_train, DENSE, run + ["train.resume=none"], 3, nranks=1)[0]["losses"]
     ckpt = str(tmp_path / "ckpt")
     world4.run(_train, DENSE, run + ["train.resume=none", "parallel.tp=2"], 2, ckpt, nranks=2)
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
     assert not any(k.endswith("q_proj.weight") for k in io.saved_tensors(ckpt))
     resumed = world4.run(_train, DENSE, run + [f"train.resume={ckpt}"], 3, nranks=1)[0]["losses"]
     assert len(resumed) == 1 and abs(resumed[0] - whole[2]) <= 1e-5 * abs(whole[2])
     # the adapters export to PEFT as LoRA's do; a merged export has no base to merge into
     from pathlib import Path
 
-    from engine.model.hf.convert import export_hf
-    from engine.model.hf.naming import ConversionError
+    from loom.model.hf.convert import export_hf
+    from loom.model.hf.naming import ConversionError
     assert (export_hf(Path(ckpt), tmp_path / "adapter", adapter_only=True) / "adapter_model.safetensors").is_file()
     with pytest.raises(ConversionError, match="base_dtype=nf4"):
         export_hf(Path(ckpt), tmp_path / "merged", merge_lora=True)

@@ -49,9 +49,9 @@ def test_full_recompute_under_ep2_tp2(world4):
 
 def _activation_bytes(overrides):
     """Bytes one microbatch keeps for backward, over two steps of one microbatch each."""
-    from engine.config import load_config
-    from engine.train.activations import ActivationTracker
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.activations import ActivationTracker
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, DENSE), [*BASE, "train.global_batch_size=1", "data.seq_len=256",
                                                   "model.hidden_size=128", "model.intermediate_size=512",

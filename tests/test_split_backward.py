@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model.batch import PackedBatch
-from engine.model.decoder import build_model
-from engine.model.recompute import apply_recompute
-from engine.parallel.pipeline import split_stages
-from engine.parallel.split_backward import SplitBackward
-from engine.train.loss import lm_head_loss
+from loom.config import ModelConfig
+from loom.model.batch import PackedBatch
+from loom.model.decoder import build_model
+from loom.model.recompute import apply_recompute
+from loom.parallel.pipeline import split_stages
+from loom.parallel.split_backward import SplitBackward
+from loom.train.loss import lm_head_loss
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
             attn_backend="torch")

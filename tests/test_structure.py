@@ -1,6 +1,6 @@
 """The import graph flows one way, and every console script resolves to a callable ``main``.
 
-Layers, top to bottom: launch and tools -> engine's API (engine/__init__, pretrained) -> train ->
+Layers, top to bottom: launch and tools -> loom's API (engine/__init__, pretrained) -> train ->
 parallel -> model -> checkpoint -> data -> config (a package), faults, kernels, compat (private torch
 APIs), version. An import may only point down (or stay in its own package), and no set of modules
 imports itself in a cycle, lazy imports inside functions included.
@@ -13,19 +13,20 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("engine", "kernels", "launch", "tools")
+# The folders and the import names they install as: one package, loom.
+PACKAGES = {"engine": "loom", "kernels": "loom.kernels", "launch": "loom.launch", "tools": "loom.tools"}
 RANK = {"version": -1, "compat": 0, "config": 0, "faults": 0, "kernels": 0, "data": 1, "checkpoint": 2, "model": 3,
-        "parallel": 4, "train": 5, "api": 6, "launch": 7, "tools": 7}
+        "parallel": 4, "train": 5, "api": 6, "cli": 6, "launch": 7, "tools": 7}
 
 
 def _modules() -> dict[str, str]:
     out = {}
-    for package in PACKAGES:
-        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+    for top, package in PACKAGES.items():
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
                 if name.endswith(".py"):
                     path = os.path.join(folder, name)
-                    module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    module = ".".join([package, *os.path.relpath(path, os.path.join(ROOT, top))[:-3].split(os.sep)])
                     out[module.removesuffix(".__init__")] = path
     return out
 
@@ -43,19 +44,17 @@ def _imports(module: str, path: str, known: set[str]) -> set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
+            names = [f"{base}.{a.name}" for a in node.names]  # each resolves up to a known module
         for name in names:
             while name and name not in known:
                 name = name.rpartition(".")[0]
-            if name and name != module and name.split(".")[0] in PACKAGES:
+            if name and name != module and name.split(".")[0] == "loom":
                 found.add(name)
     return found
 
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if parts[0] != "engine":
-        return parts[0]
     if len(parts) == 1 or parts[1] == "pretrained":
         return "api"
     return parts[1]
@@ -102,7 +101,7 @@ PRIVATE_TORCH = re.compile(r"\btorch(\.\w+)*\._[a-z]\w*|\._(Options|timeout|flat
 def test_private_torch_apis_only_in_the_shim():
     offenders = []
     for module, path in _modules().items():
-        if module == "engine.compat" or not module.startswith(("engine", "kernels")):
+        if module == "loom.compat" or module.startswith(("loom.launch", "loom.tools")):
             continue
         for number, line in enumerate(open(path), 1):
             code = line.split("#")[0]
@@ -126,13 +125,13 @@ def test_console_scripts_resolve():
 
 def test_no_script_edits_sys_path():
     offenders = [path for module, path in _modules().items()
-                 if module.split(".")[0] in ("launch", "tools") and "sys.path.insert" in open(path).read()]
+                 if _layer(module) in ("launch", "tools") and "sys.path.insert" in open(path).read()]
     assert not offenders, offenders
 
 
 def test_bench_dispatches_every_benchmark(capsys):
-    from tools import bench
+    from loom.tools import bench
 
     assert bench.main([]) == 2 and "loom-bench step" in capsys.readouterr().err
     for module in bench.BENCHES.values():
-        assert callable(importlib.import_module(f"tools.{module}").main)
+        assert callable(importlib.import_module(f"loom.tools.{module}").main)

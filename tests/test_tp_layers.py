@@ -14,8 +14,8 @@ def _setup():
 
 def _comm_pairs():
     """Each Function's forward and backward against the plain tensor algebra they stand for."""
-    from engine.parallel import comm
-    from engine.parallel.cp_plan import CommStats
+    from loom.parallel import comm
+    from loom.parallel.cp_plan import CommStats
 
     group, rank = _setup()
     full = torch.randn(8, 6)  # identical on both ranks (same seed)
@@ -74,9 +74,9 @@ def _fused_head_loss(sp):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from engine.parallel import comm
-    from engine.parallel.tensor_parallel import ColumnParallelLinear
-    from engine.train.loss import lm_head_loss
+    from loom.parallel import comm
+    from loom.parallel.tensor_parallel import ColumnParallelLinear
+    from loom.train.loss import lm_head_loss
 
     group, rank = _setup()
     head = nn.Linear(8, 16, bias=False)
@@ -98,8 +98,8 @@ def _mlp_and_embedding(sp):
     """Embedding -> column -> row, sharded vs dense: outputs and every gradient."""
     import torch.nn as nn
 
-    from engine.parallel import comm
-    from engine.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from loom.parallel import comm
+    from loom.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
     group, rank = _setup()
     emb, up, down = nn.Embedding(16, 8), nn.Linear(8, 12, bias=True), nn.Linear(12, 8, bias=True)

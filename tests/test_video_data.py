@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import ConfigError, load_config
-from engine.data import Tokenizer
-from engine.data.media import MediaOptions, patchify, sample_frame_indices, smart_resize
-from engine.data.multimodal_native import NativeMultimodalDataset
-from tools.make_synthetic_vqa import make_synthetic_video_vqa
-from tools.train_tokenizer import train_tokenizer
+from loom.config import ConfigError, load_config
+from loom.data import Tokenizer
+from loom.data.media import MediaOptions, patchify, sample_frame_indices, smart_resize
+from loom.data.multimodal_native import NativeMultimodalDataset
+from loom.tools.make_synthetic_vqa import make_synthetic_video_vqa
+from loom.tools.train_tokenizer import train_tokenizer
 
 OPTS = MediaOptions(patch_size=8, merge=2, temporal_patch=2, min_pixels=256, max_pixels=64 * 64,
                     video_fps=4.0, video_source_fps=8.0, max_frames=4)
@@ -150,7 +150,7 @@ class SaysMotion(torch.nn.Module):
 
 
 def test_eval_single_frame_control_repeats_the_first_frame(root, tok):
-    from tools import eval_vqa
+    from loom.tools import eval_vqa
 
     records = [{**sample("<video>Which way?", video="video/eval_000000"), "question_type": "direction"},
                {**sample("<video>Which way?", video="video/eval_000001"), "question_type": "direction"}]
@@ -165,7 +165,7 @@ def test_eval_single_frame_control_repeats_the_first_frame(root, tok):
 
 
 def test_a_gif_is_a_video(root):
-    from engine.data.media import probe_video
+    from loom.data.media import probe_video
 
     frames = [Image.new("RGB", (48, 32), (10 * k, 0, 0)) for k in range(5)]
     frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=125)
@@ -186,7 +186,7 @@ def write_container(path, frames, fps, codec, pix_fmt):
 
 
 def test_a_container_video_is_its_frames_at_its_own_rate(root, tok):
-    from engine.data.media import load_pixels, probe_video
+    from loom.data.media import load_pixels, probe_video
 
     rng = np.random.default_rng(3)
     frames = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(9)]
@@ -212,7 +212,7 @@ def test_a_container_video_is_its_frames_at_its_own_rate(root, tok):
 
 
 def test_an_mp4_is_decoded_in_frame_order(root):
-    from engine.data.media import load_pixels, probe_video
+    from loom.data.media import load_pixels, probe_video
 
     ramp = [np.full((32, 48, 3), 20 * k, np.uint8) for k in range(8)]
     item = probe_video(str(write_container(root / "ramp.mp4", ramp, 8, "mpeg4", "yuv420p")), OPTS)
@@ -222,7 +222,7 @@ def test_an_mp4_is_decoded_in_frame_order(root):
 
 
 def test_a_bad_container_is_named_and_a_missing_decoder_stops_the_run(root, tok, monkeypatch):
-    from engine.data.media import probe_video
+    from loom.data.media import probe_video
 
     (root / "broken.mp4").write_bytes(b"not a video at all" * 10)
     jsonl = write(root / "broken.jsonl", [sample("<video>?", video="broken.mp4"), sample("<video>?", video="gone.mp4"),
@@ -239,7 +239,7 @@ def test_a_bad_container_is_named_and_a_missing_decoder_stops_the_run(root, tok,
 def test_the_index_is_cached_keyed_by_media_settings_and_samples_are_read_on_demand(root, tok, monkeypatch):
     import dataclasses
 
-    from engine.data import jsonl_index
+    from loom.data import jsonl_index
 
     jsonl = write(root / "lazy.jsonl", [sample("<video>?", video="video/train_000001"),
                                         sample("<image>?", image="wide.png"), sample("text only")])

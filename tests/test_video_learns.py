@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from tools import eval_vqa
-from tools.make_synthetic_vqa import make_synthetic_video_vqa
-from tools.train_tokenizer import train_tokenizer
+from loom.tools import eval_vqa
+from loom.tools.make_synthetic_vqa import make_synthetic_video_vqa
+from loom.tools.train_tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from engine.config import ConfigError, VisionConfig, build, load_config
-from engine.config.model import VISION_ARCHS
+from loom.config import ConfigError, VisionConfig, build, load_config
+from loom.config.model import VISION_ARCHS
 
 DEMO = "launch/configs/demo_vlm_moe.yaml"
 # The options as they were before arch existed: a config without arch must build exactly this tower.
@@ -92,13 +92,13 @@ def llm_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "siglip_whole"])
 def test_imported_tower_matches_transformers(tmp_path, llm_dir, kind):
-    import engine
-    from tools.convert_hf import main as convert_cli
+    import loom
+    from loom.tools.convert_hf import main as convert_cli
 
     hf = make_tower(kind, tmp_path / "tower")
     assert convert_cli(["import", "--hf", str(llm_dir), "--vision-from", str(tmp_path / "tower"),
                         "--out", str(tmp_path / "loom")]) == 0
-    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    model = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
     v = model.cfg.vision
     assert v.arch == kind.split("_")[0] and (v.hidden_size, v.num_layers, v.image_size, v.patch_size) == (48, 3, 16, 4)
     # The projector adapts: the tower's width in, the LLM's out.
@@ -120,28 +120,28 @@ def test_imported_tower_matches_transformers(tmp_path, llm_dir, kind):
 def test_a_swapped_tower_exports_as_llava(tmp_path, llm_dir):
     """The tower's VLM exports as LlavaForConditionalGeneration with the LLM's config as its text_config;
     SigLIP once it is read as LLaVA reads a tower (before its final norm), and not before."""
-    import engine
-    from engine.model.hf.convert import export_hf, import_hf
-    from engine.model.hf.naming import ConversionError
+    import loom
+    from loom.model.hf.convert import export_hf, import_hf
+    from loom.model.hf.naming import ConversionError
 
     gen, image = torch.Generator().manual_seed(2), TEXT["vocab_size"] - 1
 
-    def save_as_trained(loom, **vision):  # what a run that trained the VLM writes: its tokenizer's <image> id
-        marker = json.loads((loom / "checkpoint.json").read_text())
+    def save_as_trained(ckpt, **vision):  # what a run that trained the VLM writes: its tokenizer's <image> id
+        marker = json.loads((ckpt / "checkpoint.json").read_text())
         marker["config"]["model"]["image_token_id"] = image
         marker["config"]["model"]["vision"].update(vision)
-        (loom / "checkpoint.json").write_text(json.dumps(marker))
+        (ckpt / "checkpoint.json").write_text(json.dumps(marker))
 
     for kind in ("clip", "siglip"):
         make_tower(kind, tmp_path / kind)
-        loom = import_hf(llm_dir, tmp_path / f"loom_{kind}", vision_from=tmp_path / kind)
-        save_as_trained(loom)
+        ckpt = import_hf(llm_dir, tmp_path / f"loom_{kind}", vision_from=tmp_path / kind)
+        save_as_trained(ckpt)
         if kind == "siglip":
             with pytest.raises(ConversionError, match="model.vision.post_norm=True is not expressible"):
-                export_hf(loom, tmp_path / "refused")
-            save_as_trained(loom, post_norm=False)
-        model = engine.from_pretrained(loom, attn_backend="torch")
-        export_hf(loom, tmp_path / f"out_{kind}")
+                export_hf(ckpt, tmp_path / "refused")
+            save_as_trained(ckpt, post_norm=False)
+        model = loom.from_pretrained(ckpt, attn_backend="torch")
+        export_hf(ckpt, tmp_path / f"out_{kind}")
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / f"out_{kind}").eval()
         assert hf.config.text_config.hidden_size == TEXT["hidden_size"]
         n = model.tokens_per_image
@@ -155,14 +155,14 @@ def test_a_swapped_tower_exports_as_llava(tmp_path, llm_dir):
 
 
 def test_a_llava_gets_a_new_tower_and_projector(tmp_path):
-    import engine
-    from engine.model.hf.convert import import_hf
+    import loom
+    from loom.model.hf.convert import import_hf
     from tests.test_convert_llava import make_llava
 
     llava = make_llava(tmp_path / "llava")
     make_tower("siglip", tmp_path / "tower")
     import_hf(tmp_path / "llava", tmp_path / "loom", vision_from=tmp_path / "tower")
-    model = engine.from_pretrained(tmp_path / "loom", attn_backend="torch")
+    model = loom.from_pretrained(tmp_path / "loom", attn_backend="torch")
     assert model.cfg.vision.arch == "siglip" and model.projector.fc1.in_features == 48
     assert model.image_token_id == llava.config.image_token_id
     text = llava.model.language_model
@@ -170,7 +170,7 @@ def test_a_llava_gets_a_new_tower_and_projector(tmp_path):
 
 
 def test_llava_import_names_its_clip_tower():
-    from engine.model.hf.llava import _vision_from_hf
+    from loom.model.hf.llava import _vision_from_hf
 
     vision = dict(TOWER, model_type="clip_vision_model")
     assert _vision_from_hf({"vision_config": vision}).arch == "clip"
@@ -179,8 +179,8 @@ def test_llava_import_names_its_clip_tower():
 
 
 def test_tower_errors_name_the_field_or_weight(tmp_path, llm_dir):
-    from engine.model.hf.convert import import_hf
-    from engine.model.hf.naming import ConversionError
+    from loom.model.hf.convert import import_hf
+    from loom.model.hf.naming import ConversionError
 
     make_tower("clip", tmp_path / "tower")
     config = json.loads((tmp_path / "tower" / "config.json").read_text())
@@ -201,7 +201,7 @@ def test_tower_errors_name_the_field_or_weight(tmp_path, llm_dir):
 @pytest.mark.slow
 def test_quickstart_task_learns_with_siglip(tmp_path):
     """The other tower of the pair: tests/test_demo_learns.py trains Loom's ViT on the same task, same settings."""
-    from tools import bench_backbones
+    from loom.tools import bench_backbones
 
     results = bench_backbones.run(["siglip"], tmp_path)
     print("\n" + bench_backbones.table(results))

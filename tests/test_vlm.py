@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
-from engine.model.batch import PackedBatch
-from engine.model.vision import VisionEncoder, merge_2x2, patchify
-from engine.model.vlm import build_vlm
-from engine.train.multimodal import freeze
-from engine.train.optim import build_optimizer
+from loom.config import ConfigError, load_config
+from loom.model.batch import PackedBatch
+from loom.model.vision import VisionEncoder, merge_2x2, patchify
+from loom.model.vlm import build_vlm
+from loom.train.multimodal import freeze
+from loom.train.optim import build_optimizer
 
 IMAGE_ID = 7
 VISION = ["model.vision.enabled=true", "model.vision.image_size=16", "model.vision.patch_size=4",
@@ -156,7 +156,7 @@ def test_vision_config_errors_name_the_keys():
 
 def test_positions_start_as_2d_sincos():
     """Each patch starts with its own position code, row and column apart (what shapes need early)."""
-    from engine.model.vision import sincos_2d
+    from loom.model.vision import sincos_2d
 
     grid, dim = 4, 16
     pos = sincos_2d(grid, dim)

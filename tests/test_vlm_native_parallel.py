@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data.sampler import Microbatch
+from loom.data.sampler import Microbatch
 from tests.parity import assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_moe.yaml"
@@ -78,7 +78,7 @@ def native_microbatch(step: int, index: int) -> Microbatch:
 
 def train_native(config: str, overrides: list[str]) -> dict | None:
     """``train_layout`` on the batches above: step s's microbatches, this rank taking its DP share."""
-    from engine.train.trainer import Trainer
+    from loom.train.trainer import Trainer
 
     def microbatches(self, step: int):
         dp = self.cfg.dp_size(self.groups.world_size)
@@ -137,8 +137,8 @@ def test_microbatch_mixes_image_sizes_and_a_video():
 
 
 def meta_vlm(overrides: list[str]):
-    from engine.config import load_config
-    from engine.model.vlm import build_vlm
+    from loom.config import load_config
+    from loom.model.vlm import build_vlm
     from tests.parity import ROOT
 
     cfg = load_config(f"{ROOT}/{CONFIG}", SINGLE + overrides)
@@ -148,9 +148,9 @@ def meta_vlm(overrides: list[str]):
 
 def test_cp_shards_mrope_positions_and_feature_rows_like_the_tokens():
     """Each CP rank's [3, T/cp] positions and feature rows are the full microbatch's at its zigzag tokens."""
-    from engine.model.batch import PackedBatch
-    from engine.parallel.context_parallel import shard_microbatch
-    from engine.train.multimodal import with_images
+    from loom.model.batch import PackedBatch
+    from loom.parallel.context_parallel import shard_microbatch
+    from loom.train.multimodal import with_images
 
     model = meta_vlm(QWEN2_5)[1]
     mb = native_microbatch(0, 1)
@@ -167,7 +167,7 @@ def test_cp_shards_mrope_positions_and_feature_rows_like_the_tokens():
 
 
 def test_deepstack_beyond_the_first_stage_is_refused():
-    from engine.parallel.parallelize import _check_deepstack_on_first_stage
+    from loom.parallel.parallelize import _check_deepstack_on_first_stage
 
     cfg, model = meta_vlm(QWEN3 + ["parallel.pp=2", "model.num_layers=2"])
     with pytest.raises(ValueError, match="deepstack_visual_indexes"):

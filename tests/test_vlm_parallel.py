@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import load_config
+from loom.config import load_config
 from tests.parity import ROOT, assert_parity, params, train_layout, world1_references
 
 CONFIG = "launch/configs/demo_vlm_moe.yaml"
@@ -40,8 +40,8 @@ MODEL_KEYS = ("model.", "train.freeze")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tools.make_synthetic_vqa import make_synthetic_vqa
-    from tools.train_tokenizer import train_tokenizer
+    from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+    from loom.tools.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("vqa")
     paths = make_synthetic_vqa(root, n_train=64, n_eval=4, image_size=32, seed=0)

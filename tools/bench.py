@@ -18,17 +18,20 @@ from __future__ import annotations
 import importlib
 import sys
 
+from loom import cli
+
 BENCHES = {"step": "bench_step", "moe": "bench_moe", "grouped-gemm": "bench_grouped_gemm",
            "attention": "bench_attention", "cp": "bench_context_parallel", "pipeline": "bench_pipeline",
            "memory": "bench_memory", "data": "bench_data"}
 
 
+@cli.entry
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHES:
         print(__doc__, file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    module = importlib.import_module(f"tools.{BENCHES[argv[0]]}")
+    module = importlib.import_module(f"loom.tools.{BENCHES[argv[0]]}")
     return module.main(argv[1:]) or 0
 
 

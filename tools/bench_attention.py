@@ -16,10 +16,11 @@ import time
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels.flash_attn is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when loom.kernels.flash_attn is first imported
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from loom import cli  # noqa: E402
+from loom import kernels  # noqa: E402
+from loom.kernels import reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -112,6 +113,7 @@ def cuda_bench(args) -> int:
     return 0
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqs", type=int, default=8)

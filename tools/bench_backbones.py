@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from tools import eval_vqa
-from tools.make_synthetic_vqa import make_synthetic_vqa
-from tools.train_tokenizer import train_tokenizer
+from loom import cli
+from loom.tools import eval_vqa
+from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+from loom.tools.train_tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,11 +77,16 @@ def table(results: list[dict]) -> str:
 
 
 def run(archs, out: Path, steps: int = 700, extra=()) -> list[dict]:
+    from loom.config import load_config
+
+    for arch in archs:  # a bad key fails here (ConfigError), not after the data is made and in a subprocess
+        load_config(str(ROOT / CONFIG), [*WORLD_SIZE_1, f"model.vision.arch={arch}", *extra]).validate(1)
     out = Path(out)
     data = make_data(out)
     return [train_and_eval(arch, data, out / f"run_{arch}", steps, extra) for arch in archs]
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="vit,clip,siglip", help="comma-separated model.vision.arch values")

@@ -25,7 +25,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from engine.parallel.cp_plan import ZigzagPlan
+from loom import cli
+from loom.parallel.cp_plan import ZigzagPlan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,12 +100,12 @@ def _measure(mode: str) -> tuple[dict, dict]:
     """On every rank: one forward + backward of the tiny model under CP; (measured, theory) bytes."""
     import torch.distributed as dist
 
-    from engine.config import load_config
-    from engine.data import PackedDataset, collate, synthetic_corpus
-    from engine.model.decoder import build_model
-    from engine.parallel.context_parallel import shard_microbatch
-    from engine.parallel.mesh import ParallelDims, ParallelGroups
-    from engine.parallel.parallelize import parallelize
+    from loom.config import load_config
+    from loom.data import PackedDataset, collate, synthetic_corpus
+    from loom.model.decoder import build_model
+    from loom.parallel.context_parallel import shard_microbatch
+    from loom.parallel.mesh import ParallelDims, ParallelGroups
+    from loom.parallel.parallelize import parallelize
 
     cp = dist.get_world_size()
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_dense.yaml"),
@@ -167,6 +168,7 @@ def comm_bytes() -> None:
             print(f"    {mode:>8} {cp:>3} {'total':>13} | {total:>9}")
 
 
+@cli.entry
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=16, help="windows per sequence length")

@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = "launch/configs/demo_vlm_moe.yaml"
+from loom import cli
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "launch/configs/demo_vlm_moe.yaml")
 WORLD1 = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "train.micro_batch_size=32"]
 
 
@@ -55,8 +57,8 @@ def parse_args(argv=None):
 
 
 def demo_data(args) -> dict:
-    from tools.make_synthetic_vqa import make_synthetic_vqa
-    from tools.train_tokenizer import train_tokenizer
+    from loom.tools.make_synthetic_vqa import make_synthetic_vqa
+    from loom.tools.train_tokenizer import train_tokenizer
 
     root = Path(args.data)
     if not (root / "eval.jsonl").is_file():
@@ -74,8 +76,8 @@ def spread(values) -> dict:
 
 
 def bench_loader(cfg, workers: int, steps: int, warmup: int) -> dict:
-    from engine.data import GlobalBatchSampler, StepBatches, StepLoader
-    from engine.train.multimodal import build_multimodal_dataset
+    from loom.data import GlobalBatchSampler, StepBatches, StepLoader
+    from loom.train.multimodal import build_multimodal_dataset
 
     cfg.data.num_workers = workers
     dataset = build_multimodal_dataset(cfg)
@@ -126,7 +128,7 @@ def timed_block(trainer, first: int, count: int, warmup: int, prepared=None) -> 
 def bench_steps(trainer, args) -> dict:
     """Modes ``loading_W`` (W in ``--step-workers`` workers), ``in_process`` (num_workers 0: each batch made
     when its step asks) and ``prepared``, block after block, the order reversed every other round."""
-    from engine.data import StepLoader
+    from loom.data import StepLoader
 
     count, first = args.warmup + args.steps, 0
     steps = trainer.batches.steps
@@ -178,14 +180,16 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from engine.config import load_config
-    from engine.parallel.mesh import init_distributed
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.parallel.mesh import init_distributed
+    from loom.train.trainer import Trainer, build_groups
 
+    load_config(CONFIG, [*WORLD1, *args.overrides])  # a bad key fails before any data is made
     data = demo_data(args)
     overrides = [*WORLD1, f"data.train_jsonl={data['train']}", f"data.eval_jsonl={data['eval']}",
                  f"data.tokenizer={data['tok']}", f"train.run_dir={args.out}/run", "train.save_interval=0",

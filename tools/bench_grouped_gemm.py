@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from engine.model.moe import GroupedExperts
+from loom import cli
+from loom.model.moe import GroupedExperts
 
 
 def time_path(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, dtype, iters: int) -> float:
@@ -34,6 +35,7 @@ def time_path(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, dt
     return (time.perf_counter() - start) / iters
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, default=8)

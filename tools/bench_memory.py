@@ -41,9 +41,12 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 from datetime import timedelta
 
-CONFIG = "launch/configs/tiny_dense.yaml"
+from loom import cli
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "launch/configs/tiny_dense.yaml")
 _MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 # TP with SP, as Megatron runs it: without SP the norms' and block inputs' activations stay whole on every TP rank.
 LAYOUTS = {"tp8": ["parallel.tp=8", "parallel.sp=true"],
@@ -81,8 +84,8 @@ def _release() -> None:
 
 
 def _train(overrides: list[str], run_dir: str):
-    from engine.config import load_config
-    from engine.train.trainer import Trainer, build_groups
+    from loom.config import load_config
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(CONFIG, [*overrides, f"train.run_dir={run_dir}"])
     groups = build_groups(cfg)
@@ -169,6 +172,7 @@ def measure(world: int, model: list[str], layout: list[str]) -> list[dict]:
     return sorted(out, key=lambda r: r["rank"])
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=8)
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.layouts.split(",")) - set(LAYOUTS))
+    if unknown:
+        raise SystemExit(f"bench_memory: --layouts {','.join(unknown)}: not one of {', '.join(sorted(LAYOUTS))}")
     model = model_overrides(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab)
     ws1 = measure(1, model, [])[0]
     table = {}

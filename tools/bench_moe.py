@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loom import cli
+
 ROUTINGS = ("real", "balanced")
 DIMS = ("tp", "cp", "dp", "pp", "dp_cp", "tp_cp", "mp", "ep", "etp", "edp", "ep_etp", "emp", "world")
 
@@ -79,7 +81,7 @@ def measure_matmul_tflops(device: torch.device, n: int = 1024, reps: int = 5) ->
 
 
 def peak_tflops(args, device) -> tuple[float, str]:
-    from engine.train.flops import device_peak_tflops
+    from loom.train.flops import device_peak_tflops
 
     if args.peak_tflops:
         return args.peak_tflops, "--peak-tflops"
@@ -91,8 +93,8 @@ def peak_tflops(args, device) -> tuple[float, str]:
 
 def global_doc_lengths(trainer, step: int) -> list[int]:
     """Every document length of step ``step``'s global batch (the layout does not change it)."""
-    from engine.data import rank_microbatches
-    from engine.train.multimodal import MultimodalDataset
+    from loom.data import rank_microbatches
+    from loom.train.multimodal import MultimodalDataset
 
     share = (trainer.sampler.indices(step), 0, 1, trainer.cfg.train.micro_batch_size)
     if isinstance(trainer.dataset, MultimodalDataset):
@@ -103,7 +105,7 @@ def global_doc_lengths(trainer, step: int) -> list[int]:
 
 
 def set_routing(model, balanced: bool) -> None:
-    from engine.model.moe import MoE
+    from loom.model.moe import MoE
 
     for module in model.modules():
         if isinstance(module, MoE):
@@ -115,8 +117,8 @@ def run_routing(trainer, counter, theory, routing: str, warmup: int, steps: int,
     """``warmup`` then ``steps`` timed steps under ``routing``; one record per timed step with this rank's
     bytes, counted and (``theory(loss_tokens)``: (kind, dim) -> bytes) expected. ``progress``: rank 0's
     live line (engine/train/metrics.py), or None."""
-    from engine.train.flops import step_flops
-    from tools.traffic import by_kind
+    from loom.train.flops import step_flops
+    from loom.tools.traffic import by_kind
 
     set_routing(trainer.model, routing == "balanced")
     records = []
@@ -189,7 +191,7 @@ def traffic(records_by_rank: list[list[dict]]) -> dict:
     """Per kind: counted bytes per rank and step (median, min, max over ranks and steps), the theory
     (median over ranks and steps) and, per step, the ratio of the world's count to the world's theory
     (the theory's data-dependent terms are means over ranks; tools/traffic.py)."""
-    from tools.traffic import KINDS
+    from loom.tools.traffic import KINDS
 
     out = {}
     steps = list(zip(*records_by_rank))  # per step: every rank's record
@@ -253,7 +255,7 @@ def markdown(result: dict) -> str:
 
 
 def draw(result: dict, run_dir: Path) -> None:
-    from tools.plots import heatmap, line_plot
+    from loom.tools.plots import heatmap, line_plot
 
     for mode, data in result["routing"].items():
         steps = [r["step"] for r in data["records"]]
@@ -274,14 +276,15 @@ def draw(result: dict, run_dir: Path) -> None:
                   title="token load per EP rank")
 
 
+@cli.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.config import load_config
-    from engine.parallel.expert_parallel import expert_placement
-    from engine.parallel.mesh import init_distributed
-    from engine.train.metrics import Progress
-    from engine.train.trainer import Trainer, build_groups
-    from tools.traffic import CollectiveCounter, expected_traffic
+    from loom.config import load_config
+    from loom.parallel.expert_parallel import expert_placement
+    from loom.parallel.mesh import init_distributed
+    from loom.train.metrics import Progress
+    from loom.train.trainer import Trainer, build_groups
+    from loom.tools.traffic import CollectiveCounter, expected_traffic
 
     overrides = ["train.run_dir=runs/bench_moe", "train.save_interval=0", "train.resume=none", *args.overrides]
     cfg = load_config(args.config, overrides)

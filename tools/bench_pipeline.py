@@ -1,6 +1,6 @@
 """Pipeline bubble with real Loom stages, measured under torchrun, against the schedules' theory.
 
-    python -m tools.bench_pipeline [--repeats 6] [--hidden 256] [--tokens 512] [--layers-per-rank 2]
+    python -m loom.tools.bench_pipeline [--repeats 6] [--hidden 256] [--tokens 512] [--layers-per-rank 2]
 
 For each pipeline size p, launches ``torchrun --nproc-per-node p`` (gloo, one thread per rank).
 Every rank builds its chunks of a dense Loom decoder (``split_stages``: ``layers-per-rank``
@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loom import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {2: [("1f1b", 1, 8), ("zb1", 1, 8)],
            4: [("1f1b", 1, 8), ("interleaved", 2, 8), ("zb1", 1, 8)]}
@@ -53,8 +55,8 @@ CONFIGS = {2: [("1f1b", 1, 8), ("zb1", 1, 8)],
 
 
 def _stage_forward(chunks, vpp):
-    from engine.parallel.pipeline import StageOutput
-    from engine.train.loss import lm_head_loss
+    from loom.parallel.pipeline import StageOutput
+    from loom.train.loss import lm_head_loss
 
     def forward(chunk, hidden, mb):
         batch, labels = mb
@@ -74,11 +76,11 @@ def _run_config(args, executor, schedule: str, v: int, m: int) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from engine.config import ModelConfig
-    from engine.model.batch import PackedBatch
-    from engine.model.decoder import build_model
-    from engine.parallel.pipeline import split_stages
-    from engine.parallel.pipeline_schedule import build_table
+    from loom.config import ModelConfig
+    from loom.model.batch import PackedBatch
+    from loom.model.decoder import build_model
+    from loom.parallel.pipeline import split_stages
+    from loom.parallel.pipeline_schedule import build_table
 
     rank, p = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -112,7 +114,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from engine.parallel.pipeline import PipelineExecutor
+    from loom.parallel.pipeline import PipelineExecutor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -131,10 +133,9 @@ def worker(args) -> None:
 def measure(args, p: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}",
-                   "-m", "tools.bench_pipeline", "--worker", "--out", out, *_model_args(args)]
+                   "-m", "loom.tools.bench_pipeline", "--worker", "--out", out, *_model_args(args)]
         subprocess.run(command, cwd=ROOT, env=env, check=True)
         return json.loads(Path(out).read_text())
 
@@ -146,8 +147,8 @@ def _model_args(args) -> list[str]:
 
 def analyse(result: dict) -> dict:
     """The best run (lowest wall idle) of a config: wall idle and the cpu replay per rank."""
-    from engine.parallel.pipeline_schedule import build_tables
-    from engine.parallel.pipeline_simulate import bubble_fraction, simulate
+    from loom.parallel.pipeline_schedule import build_tables
+    from loom.parallel.pipeline_simulate import bubble_fraction, simulate
 
     p, v, m, schedule = result["p"], result["v"], result["m"], result["schedule"]
     best = None
@@ -183,6 +184,7 @@ def _mean_costs(cpu: dict) -> dict:
     return out
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=6, help="timed runs per config (the best is kept)")
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
 
-    from engine.parallel.pipeline_schedule import in_flight_bound, theoretical_bubble
+    from loom.parallel.pipeline_schedule import in_flight_bound, theoretical_bubble
 
     started, load = time.time(), os.getloadavg()[0]
     rows = [(result, analyse(result)) for p in map(int, args.sizes.split(",")) for result in measure(args, p)]

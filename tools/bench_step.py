@@ -34,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from loom import cli
+
 VARIANTS = ("hf", "loom plain", "loom fused", "loom compile", "kernel floor")
 
 
@@ -56,7 +58,7 @@ def parse_args(argv=None):
 
 
 def loom_config(args, compile_: bool):
-    from engine.config import Config
+    from loom.config import Config
 
     cfg = Config()
     m = cfg.model
@@ -72,7 +74,7 @@ def loom_config(args, compile_: bool):
 
 
 def build_loom(args, compile_: bool):
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = loom_config(args, compile_)
     return Trainer(cfg, build_groups(cfg))
@@ -80,7 +82,7 @@ def build_loom(args, compile_: bool):
 
 def logits_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss as HF computes it: ``[T, V]`` logits, upcast, then cross-entropy (summed, as Loom's)."""
-    from engine.train.multimodal import text_model
+    from loom.train.multimodal import text_model
 
     logits = text_model(model).lm_head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
@@ -89,7 +91,7 @@ def logits_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def build_hf(trainer, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.model.hf import loom_to_hf_name
+    from loom.model.hf import loom_to_hf_name
 
     m = trainer.cfg.model
     config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -107,7 +109,7 @@ def build_hf(trainer, device):
 
 
 def make_batch(args, device):
-    from engine.data import Microbatch
+    from loom.data import Microbatch
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
@@ -240,11 +242,12 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from engine.parallel.mesh import init_distributed
+    from loom.parallel.mesh import init_distributed
 
     init_distributed()
     steps, diffs, device = step_functions(args, args.variants)

@@ -17,8 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from tools.plot_metrics import by_step, metrics_path
-from tools.plots import line_plots
+from loom import cli
+from loom.tools.plot_metrics import by_step, metrics_path
+from loom.tools.plots import line_plots
 
 
 def load_run(path) -> tuple[Path, list[dict]]:
@@ -60,6 +61,7 @@ def fmt(v, spec: str = ".6g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path, help="run directory or metrics.jsonl (the reference)")

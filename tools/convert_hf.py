@@ -8,7 +8,7 @@
 
 Both directions stream: one tensor (export: one output shard) is in memory at a time, so a
 checkpoint converts on a machine with less memory than the model. Import writes a weights-only
-checkpoint that ``train.resume=LOOM_DIR`` or ``engine.from_pretrained(LOOM_DIR)`` loads; export
+checkpoint that ``train.resume=LOOM_DIR`` or ``loom.from_pretrained(LOOM_DIR)`` loads; export
 writes safetensors shards, config.json and the tokenizer files carried since the import.
 Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, LLaVA 1.5, Qwen2.5-VL, Qwen3-VL.
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from loom import cli
 
 
 
@@ -50,22 +52,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@cli.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.model.hf.convert import export_hf, import_hf
-    from engine.model.hf.naming import ConversionError
-    from engine.checkpoint.storage import CheckpointError
+    from loom.model.hf.convert import export_hf, import_hf
 
-    try:
-        if args.command == "import":
-            out = import_hf(args.hf, args.out, adapter=args.adapter, vision_from=args.vision_from)
-        else:
-            out = export_hf(args.ckpt, args.out, dtype=args.dtype, arch=args.arch,
-                            max_shard_bytes=int(args.max_shard_gb * 2**30), merge_lora=args.merge_lora,
-                            adapter_only=args.adapter_only)
-    except (ConversionError, CheckpointError) as e:
-        print(f"convert_hf: {e}", file=sys.stderr)
-        return 2
+    if args.command == "import":  # a bad directory raises ConversionError / CheckpointError: loom.cli reports it
+        out = import_hf(args.hf, args.out, adapter=args.adapter, vision_from=args.vision_from)
+    else:
+        out = export_hf(args.ckpt, args.out, dtype=args.dtype, arch=args.arch,
+                        max_shard_bytes=int(args.max_shard_gb * 2**30), merge_lora=args.merge_lora,
+                        adapter_only=args.adapter_only)
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from loom import cli
+
 
 @dataclass
 class Question:
@@ -40,7 +42,7 @@ class Question:
 
 def resolve(path: Path) -> tuple[Path, Optional[Path]]:
     """(checkpoint, run config.yaml or None) for a run directory or a checkpoint directory."""
-    from engine.checkpoint import storage as io
+    from loom.checkpoint import storage as io
 
     if io.is_complete(path):
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
@@ -56,7 +58,7 @@ def resolve(path: Path) -> tuple[Path, Optional[Path]]:
 
 def read_questions(jsonl: Path, tok, image_tokens: int) -> list[Question]:
     """One question per line: the prompt ids end with the open assistant marker."""
-    from engine.data.chat import check_messages, encode_chat
+    from loom.data.chat import check_messages, encode_chat
 
     out = []
     for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
@@ -77,9 +79,9 @@ def read_questions(jsonl: Path, tok, image_tokens: int) -> list[Question]:
 
 def read_native_questions(jsonl: Path, tok, opts, video_id: Optional[int]) -> list[Question]:
     """``read_questions`` for a native-resolution model: one image or one video per sample."""
-    from engine.data.chat import encode_chat_media
-    from engine.data.multimodal import _Bad
-    from engine.data.multimodal_native import parse_native_line
+    from loom.data.chat import encode_chat_media
+    from loom.data.multimodal import _Bad
+    from loom.data.multimodal_native import parse_native_line
 
     out = []
     for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
@@ -112,7 +114,7 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: Optional[t
     never an image or video placeholder. ``media``: a native-resolution model's batch fields
     (patches and grids, multimodal_native.native_media_fields), instead of ``pixel_values``.
     """
-    from engine.model.batch import PackedBatch
+    from loom.model.batch import PackedBatch
 
     seqs = [list(p) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
@@ -144,10 +146,10 @@ def evaluate(model, questions: list[Question], tok, image_size: int, batch: int 
              blank_images: bool = False, media_opts=None, single_frame: bool = False) -> dict[str, list[bool]]:
     """{question type: [correct?]} over all questions.
 
-    ``media_opts`` (engine.data.media.MediaOptions): the questions are a native-resolution model's;
+    ``media_opts`` (loom.data.media.MediaOptions): the questions are a native-resolution model's;
     ``single_frame``: each video's frames all replaced by its first.
     """
-    from engine.data.images import make_image_loader
+    from loom.data.images import make_image_loader
 
     load = make_image_loader(image_size, "pillow")
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -168,7 +170,7 @@ def evaluate(model, questions: list[Question], tok, image_size: int, batch: int 
 
 
 def _native_media(items, opts, blank: bool, single_frame: bool) -> dict:
-    from engine.data.multimodal_native import media_arrays, native_media_fields
+    from loom.data.multimodal_native import media_arrays, native_media_fields
 
     fields = native_media_fields([media_arrays(items, opts, only_first_frame=single_frame)])
     if blank:
@@ -190,6 +192,7 @@ def summary(hits: dict[str, list[bool]]) -> dict[str, float]:
     return out
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="a train.run_dir or a checkpoint directory")
@@ -199,9 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-accuracy", type=float, default=0.0, help="exit 1 when overall accuracy is lower")
     args = p.parse_args(argv)
 
-    import engine
-    from engine.config import load_config
-    from engine.data.tokenizer import Tokenizer
+    import loom
+    from loom.config import load_config
+    from loom.data.tokenizer import Tokenizer
 
     ckpt, run_config = resolve(args.path)
     data = load_config(str(run_config)).data if run_config is not None else None
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     tok_path = args.tokenizer or (data.tokenizer if data else None)
     if jsonl is None or tok_path is None:
         raise SystemExit("eval_vqa: pass --jsonl and --tokenizer (no run config.yaml names them)")
-    model = engine.from_pretrained(ckpt)
+    model = loom.from_pretrained(ckpt)
     v = model.cfg.vision
     tok = Tokenizer.load(tok_path)
     if tok.image_id != model.image_token_id:
@@ -217,8 +220,8 @@ def main(argv=None) -> int:
                          f"{model.image_token_id}: not the tokenizer it was trained with")
     opts = None
     if v.native_resolution:
-        from engine.config import DataConfig
-        from engine.data.multimodal_native import media_options
+        from loom.config import DataConfig
+        from loom.data.multimodal_native import media_options
 
         opts = media_options(v, data or DataConfig())
         questions = read_native_questions(jsonl, tok, opts, model.cfg.video_token_id)

@@ -1,15 +1,15 @@
 """Registers, spills and shared memory of every Triton attention kernel the dispatch can pick, per GPU target.
 
-    python -m tools.kernel_report                 # summary table (markdown): sm_80, sm_86, sm_90
-    python -m tools.kernel_report --full          # one row per variant
-    python -m tools.kernel_report --check         # exit 1 on a failed compile, a kernel over a target's
+    python -m loom.tools.kernel_report                 # summary table (markdown): sm_80, sm_86, sm_90
+    python -m loom.tools.kernel_report --full          # one row per variant
+    python -m loom.tools.kernel_report --check         # exit 1 on a failed compile, a kernel over a target's
                                                   # shared memory, or a spill the rules forbid
-    python -m tools.kernel_report --quick         # a few variants (a smoke check)
+    python -m loom.tools.kernel_report --quick         # a few variants (a smoke check)
 
 No GPU is needed: Triton compiles ahead of time for an explicit target (its NVIDIA backend ships
 ptxas). A variant is a kernel (fwd, dq, dkdv) x dtype x head dim x mask (causal, causal with
 positions, bidirectional) x GQA (group 1 or 4). Each is compiled the way a launch compiles it:
-kernels.flash_attn's own argument packer and ``_meta`` give the arguments and constexprs, realistic
+loom.kernels.flash_attn's own argument packer and ``_meta`` give the arguments and constexprs, realistic
 CPU tensors stand in for the device ones (aligned storage, real strides), and the JIT's binder
 (``create_function_from_signature``, what ``JITFunction.create_binder`` builds) with
 ``JITFunction._pack_args`` derive the signature, the specialisations (integers equal to 1 become
@@ -41,6 +41,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime default; set, it silences a warning
 
 import torch  # noqa: E402
+
+from loom import cli
 
 KIB = 1024
 # Shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
@@ -77,7 +79,7 @@ def variants(quick: bool = False) -> list[Variant]:
 
 def launch(v: Variant):
     """(jit function, positional arguments, keyword constexprs/options) of this variant's launch on CUDA."""
-    from kernels import flash_attn as F
+    from loom.kernels import flash_attn as F
 
     causal, has_pos = MASKS[v.mask]
     dt, hkv = DTYPES[v.dtype], HEADS // v.group
@@ -108,7 +110,7 @@ def bind(v: Variant, arch: int):
 
     fn, args, meta = launch(v)
     if not isinstance(fn, triton.runtime.jit.JITFunction):
-        raise RuntimeError("kernels.flash_attn was imported with TRITON_INTERPRET set: run this tool in a fresh "
+        raise RuntimeError("loom.kernels.flash_attn was imported with TRITON_INTERPRET set: run this tool in a fresh "
                            "process")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -199,7 +201,7 @@ def _cell(rs: list[dict], limit: int) -> str:
 def table(results: dict, full: bool = False) -> str:
     """Markdown: regs / spill bytes per thread / shared KB per target; the summary takes the max over
     masks and GQA groups."""
-    from kernels import flash_attn as F
+    from loom.kernels import flash_attn as F
 
     targets = sorted({t for _, t in results})
     head = "| dtype | D | kernel |" + (" mask | group |" if full else "") + " blocks M,N warps stages [maxnreg] |"
@@ -221,6 +223,7 @@ def table(results: dict, full: bool = False) -> str:
     return "\n".join(lines)
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="one row per variant")

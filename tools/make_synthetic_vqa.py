@@ -29,6 +29,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from loom import cli
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -195,6 +197,7 @@ def text_only_baseline(records: Sequence[dict]) -> float:
     return best / max(1, len(records))
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)

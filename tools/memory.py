@@ -21,6 +21,8 @@ import json
 import sys
 import time
 
+from loom import cli
+
 
 def dry_run(config: str, world: int, rank: int, overrides: list[str]):
     """The MemoryReport of ``rank`` in a ``world``-rank job of ``config``. Initialises (and then
@@ -28,12 +30,12 @@ def dry_run(config: str, world: int, rank: int, overrides: list[str]):
     import torch
     import torch.distributed as dist
 
-    from engine.compat import fake_process_group_store
-    from engine.config import load_config
-    from engine.model.lora import quantize_base
-    from engine.parallel.mesh import ParallelDims, ParallelGroups
-    from engine.train.memory import report_rank
-    from engine.train.setup import build_rank
+    from loom.compat import fake_process_group_store
+    from loom.config import load_config
+    from loom.model.lora import quantize_base
+    from loom.parallel.mesh import ParallelDims, ParallelGroups
+    from loom.train.memory import report_rank
+    from loom.train.setup import build_rank
 
     cfg = load_config(config, overrides)
     cfg.validate(world)
@@ -52,7 +54,7 @@ def dry_run(config: str, world: int, rank: int, overrides: list[str]):
 
 
 def stage_leads(config: str, world: int, overrides: list[str]) -> list[int]:
-    from engine.config import load_config
+    from loom.config import load_config
 
     cfg = load_config(config, overrides)
     per_stage = world // cfg.parallel.pp
@@ -63,6 +65,7 @@ def _total(report) -> int:
     return report.params_bytes + report.grads_bytes + report.optimizer_bytes + report.activations_bytes
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)

@@ -23,8 +23,9 @@ import json
 import sys
 from pathlib import Path
 
-from engine.parallel.expert_parallel import contiguous_placement
-from tools.plot_metrics import by_step, metrics_path, read_metrics
+from loom import cli
+from loom.parallel.expert_parallel import contiguous_placement
+from loom.tools.plot_metrics import by_step, metrics_path, read_metrics
 
 
 def rank_loads(load: list[float], placement: list[list[int]]) -> list[float]:
@@ -101,6 +102,7 @@ def plan(records: list[dict], ep: int, last: int | None = None) -> dict:
             "recorded_load": loads}
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (or its metrics.jsonl)")
@@ -109,9 +111,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="plan file (default: RUN/expert_placement.json)")
     args = parser.parse_args(argv)
     path = metrics_path(args.run)
+    if not path.is_file():
+        raise SystemExit(f"place_experts: {path} not found (give a run directory or its metrics.jsonl)")
     ep = args.ep
     if ep is None:
-        from engine.config import load_config
+        from loom.config import load_config
 
         config = path.parent / "config.yaml"
         if not config.is_file():

@@ -1,10 +1,10 @@
 """Layout planner: every valid (tp, pp, vpp, cp, ep, etp, dp, recompute) of a model on N GPUs, its memory per
 rank from the real dry run, an estimated step time, ranked.
 
-    python -m tools.plan --model CONFIG --gpus N --gpu-mem-gb M [--gpu-tflops X --intra-node-gbps B1
+    python -m loom.tools.plan --model CONFIG --gpus N --gpu-mem-gb M [--gpu-tflops X --intra-node-gbps B1
         --inter-node-gbps B2 --gpus-per-node G --efficiency E --ep-imbalance X] [--top K] [--json OUT] [a.b=v ...]
-    python -m tools.plan calibrate [--ranks 4] [--out runs/plan_calibration.json]     (tools/plan_calibrate.py)
-    python -m tools.plan compare-published [--json OUT]                               (tools/plan_published.py)
+    python -m loom.tools.plan calibrate [--ranks 4] [--out runs/plan_calibration.json]     (tools/plan_calibrate.py)
+    python -m loom.tools.plan compare-published [--json OUT]                               (tools/plan_published.py)
 
 Validity: a layout is tried by setting ``parallel.*`` and ``train.recompute`` on the loaded config and calling
 ``Config.validate(N)``; whatever raises ConfigError is skipped (the config is the single source of truth).
@@ -12,7 +12,7 @@ Searched: tp <= gpus per node dividing N (sp on when tp > 1), pp dividing N (pp_
 split), vpp in {1, 2} (interleaved when 2), cp in {1, 2} (ring), ep dividing the experts, etp in {1, tp},
 recompute none | selective | full. The global batch, micro batch and sequence length stay the config's.
 
-Memory: tools.memory.dry_run builds one rank per distinct pipeline-stage shape (first, last, middle stages)
+Memory: loom.tools.memory.dry_run builds one rank per distinct pipeline-stage shape (first, last, middle stages)
 on the meta device under the fake process group: its parameter, gradient and optimizer bytes are the real
 shards; activations are engine/train/memory.py's formula (MoE included) for the stage's in-flight
 microbatches. The lowest pipeline rank of a shape holds the most in flight, so it stands for its shape; the
@@ -62,8 +62,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from tools.plan_costs import HardwareProfile, Layout, StepEstimate, estimate, layout_config, param_counts
-from tools.traffic import rank_layers
+from loom import cli
+from loom.tools.plan_costs import HardwareProfile, Layout, StepEstimate, estimate, layout_config, param_counts
+from loom.tools.traffic import rank_layers
 
 RECOMPUTE = ("none", "selective", "full")
 GIB = 2.0**30
@@ -90,7 +91,7 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
 
 def enumerate_layouts(base, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
     """The layouts that ``Config.validate(gpus)`` accepts."""
-    from engine.config import ConfigError
+    from loom.config import ConfigError
 
     valid = []
     for lay in candidates(base, gpus, gpus_per_node):
@@ -106,13 +107,13 @@ def enumerate_layouts(base, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
 
 
 def _dims(lay: Layout):
-    from engine.parallel.mesh import ParallelDims
+    from loom.parallel.mesh import ParallelDims
 
     return ParallelDims(tp=lay.tp, cp=lay.cp, dp=lay.dp, pp=lay.pp, ep=lay.ep, etp=lay.etp)
 
 
 def activations(cfg, lay: Layout, pp_rank: int) -> int:
-    from engine.train.memory import activation_bytes
+    from loom.train.memory import activation_bytes
 
     return activation_bytes(cfg, _dims(lay), rank_layers(cfg, pp_rank)[0], pp_rank)
 
@@ -131,7 +132,7 @@ def stage_representatives(cfg, lay: Layout) -> list[int]:
 def memory_lower_bound(cfg, lay: Layout) -> float:
     """Bytes no rank of ``lay`` can go below: an even share of the parameters at Megatron's bytes per
     parameter, plus the largest stage's activation formula."""
-    from engine.train.memory import megatron_bytes_per_param
+    from loom.train.memory import megatron_bytes_per_param
 
     dense, expert = param_counts(cfg.model)
     distributed = cfg.distributed_optimizer(lay.tp * lay.pp * lay.cp * lay.dp)
@@ -144,7 +145,7 @@ def memory_lower_bound(cfg, lay: Layout) -> float:
 
 
 class DryRuns:
-    """tools.memory.dry_run per (layout without recompute, pipeline rank), cached; failures are remembered."""
+    """loom.tools.memory.dry_run per (layout without recompute, pipeline rank), cached; failures are remembered."""
 
     def __init__(self, config: str, gpus: int, overrides: list[str]):
         self.config, self.gpus, self.overrides = config, gpus, list(overrides)
@@ -160,7 +161,7 @@ class DryRuns:
     def _run(self, lay: Layout, pp_rank: int):
         import torch.distributed as dist
 
-        from tools.memory import dry_run
+        from loom.tools.memory import dry_run
 
         if dist.is_initialized():  # a dry run that died half-way left its fake group behind
             dist.destroy_process_group()
@@ -210,7 +211,7 @@ class Evaluated:
 def plan(config: str, gpus: int, gpu_mem_gb: float, profile: HardwareProfile, overrides: list[str],
          top: int = 10, log=print) -> list[Evaluated]:
     """Every valid layout, estimated; the fastest ``top`` that fit are dry-run and marked ``fits``."""
-    from engine.config import load_config
+    from loom.config import load_config
 
     base = load_config(config, overrides)
     budget = gpu_mem_gb * GIB * (1 - profile.memory_headroom)
@@ -270,14 +271,15 @@ def profile_from_args(args) -> HardwareProfile:
                            gpus_per_node=args.gpus_per_node, ep_imbalance=args.ep_imbalance)
 
 
+@cli.entry
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["calibrate"]:
-        from tools.plan_calibrate import main as calibrate
+        from loom.tools.plan_calibrate import main as calibrate
 
         return calibrate(argv[1:])
     if argv[:1] == ["compare-published"]:
-        from tools.plan_published import main as published
+        from loom.tools.plan_published import main as published
 
         return published(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,6 @@
 """Calibrate the planner's cost model on this machine's CPU ranks, then check its predictions against real steps.
 
-    python -m tools.plan calibrate [--ranks 4] [--steps 6] [--out runs/plan_calibration.json]
+    python -m loom.tools.plan calibrate [--ranks 4] [--steps 6] [--out runs/plan_calibration.json]
 
 1. Profile: ``--ranks`` processes (gloo, one thread each, as torchrun runs them) measure together: a
    512^3 fp32 matmul's rate per rank while every rank runs one (the peak), a small all_reduce after a small
@@ -10,7 +10,7 @@
    forward + backward on one microbatch at two token counts, whose intercept is the per-layer overhead and
    whose slope the model's compute rate (efficiency = that rate over the matmul peak).
 2. Predict each layout of the tiny Mixtral twin (GQA 4/2 so that tp 2 is valid, fp32, torch attention) with
-   tools.plan_costs.estimate and that profile, then run it under torchrun for ``--steps`` steps and take the
+   loom.tools.plan_costs.estimate and that profile, then run it under torchrun for ``--steps`` steps and take the
    median ``step_time_s`` without the first 2. Report Spearman's rank correlation (goal >= 0.8) and the
    median absolute relative error (goal <= 25%) and write all of it as JSON.
 """
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.plan_costs import HardwareProfile, Layout, estimate
+from loom import cli
+from loom.tools.plan_costs import HardwareProfile, Layout, estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "launch/configs/models/tiny/mixtral_8x7b.yaml"
@@ -52,7 +53,7 @@ def _model_times(cfg, tokens: list[int]) -> list[float]:
     """Forward + backward seconds of the whole model on one document of each token count."""
     import torch
 
-    from engine.model.decoder import build_model
+    from loom.model.decoder import build_model
 
     model = build_model(cfg.model)
 
@@ -90,7 +91,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from engine.config import load_config
+    from loom.config import load_config
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -127,8 +128,8 @@ def measure_profile(ranks: int) -> tuple[HardwareProfile, dict]:
 
     import torch.multiprocessing as mp
 
-    from engine.config import load_config
-    from engine.train.flops import tokens_flops
+    from loom.config import load_config
+    from loom.train.flops import tokens_flops
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,8 +166,8 @@ def layout_of(spec, world: int) -> Layout:
 
 
 def predict(lay: Layout, profile: HardwareProfile) -> float:
-    from engine.config import load_config
-    from tools.plan_costs import layout_config
+    from loom.config import load_config
+    from loom.tools.plan_costs import layout_config
 
     world = lay.tp * lay.pp * lay.cp * lay.dp
     cfg = layout_config(load_config(str(ROOT / CONFIG), OVERRIDES), lay)
@@ -179,7 +180,7 @@ def measure_step(lay: Layout, ranks: int, steps: int, run_dir: str) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            "launch/train.py", "--config", CONFIG, *OVERRIDES, *lay.overrides(), f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.resume=none", "train.save_interval=0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"{lay.name} failed:\n{proc.stderr[-3000:]}")
@@ -201,6 +202,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)

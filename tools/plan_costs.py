@@ -9,7 +9,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-from engine.train.flops import tokens_flops
+from loom.train.flops import tokens_flops
 
 
 
@@ -90,7 +90,7 @@ class StepEstimate:
 
 def layout_config(base, lay: Layout):
     """A copy of ``base`` with ``lay`` set (not validated)."""
-    from engine.config import ConfigError
+    from loom.config import ConfigError
 
     cfg = copy.deepcopy(base)
     p = cfg.parallel
@@ -148,7 +148,7 @@ def communication_s(cfg, lay: "Layout", profile: HardwareProfile, per_slice: boo
     cost: tools/traffic.py's exact bytes and calls per dimension, each call ``latency + wire bytes /
     bandwidth``. All-to-all bytes grow with ``ep_imbalance``; ``dp_overlap`` of the gradient reduce-scatter
     hides behind backward."""
-    from tools.traffic import expected_ledger
+    from loom.tools.traffic import expected_ledger
 
     dense, expert = param_counts(cfg.model)
     numel = {"dense": dense / (lay.tp * lay.pp), "expert": expert / (lay.ep * lay.etp * lay.pp)}

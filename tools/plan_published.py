@@ -1,6 +1,6 @@
 """The planner's TFLOP/s per GPU for layouts with published Megatron throughput, against the published figure.
 
-    python -m tools.plan compare-published [--json OUT]
+    python -m loom.tools.plan compare-published [--json OUT]
 
 The published runs' exact batches and layouts are not all public; the assumptions are in ``RUNS`` and
 printed beside each figure. fp8 runs are modelled with the profile's peak doubled (1979 TFLOP/s, H100's
@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from tools.plan_costs import HardwareProfile, Layout, estimate
+from loom import cli
+from loom.tools.plan_costs import HardwareProfile, Layout, estimate
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, or the installed loom (its launch/configs)
 FP8_TFLOPS = 1979.0
 RUNS = [
     {"name": "Mixtral-8x7B", "config": "launch/configs/models/mixtral_8x7b.yaml", "gpus": 64, "published": 468.0,
@@ -38,14 +41,14 @@ RUNS = [
 def evaluate(run: dict, profile: HardwareProfile) -> dict:
     import dataclasses
 
-    from engine.config import load_config
-    from tools.plan_costs import layout_config
+    from loom.config import load_config
+    from loom.tools.plan_costs import layout_config
 
     lay = run["layout"]
     if run["dtype"] == "fp8":
         profile = dataclasses.replace(profile, gpu_tflops=FP8_TFLOPS)
-    cfg = layout_config(load_config(run["config"], run["overrides"]), lay)
-    cfg.parallel.pp_layout = load_config(run["config"], run["overrides"]).parallel.pp_layout
+    cfg = layout_config(load_config(str(ROOT / run["config"]), run["overrides"]), lay)
+    cfg.parallel.pp_layout = load_config(str(ROOT / run["config"]), run["overrides"]).parallel.pp_layout
     cfg.validate(run["gpus"])
     est = estimate(cfg, lay, profile)
     tf = est.tflops_per_gpu(run["gpus"])
@@ -55,6 +58,7 @@ def evaluate(run: dict, profile: HardwareProfile) -> dict:
             "assumed": run["assumed"]}
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the comparison here")

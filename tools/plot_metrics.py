@@ -16,7 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-from tools.plots import heatmap, line_plot
+from loom import cli
+from loom.tools.plots import heatmap, line_plot
 
 
 def metrics_path(path: Path) -> Path:
@@ -154,6 +155,7 @@ def experts_main(args, records: list[dict]) -> int:
     return 0
 
 
+@cli.entry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metrics", type=Path, help="run directory or its metrics.jsonl")

@@ -1,6 +1,6 @@
 """Small matplotlib helpers shared by the run tools: one call draws one PNG.
 
-    from tools.plots import line_plot, heatmap
+    from loom.tools.plots import line_plot, heatmap
     line_plot("loss.png", {"run a": (steps, losses)}, "step", "loss", "training loss")
     heatmap("load.png", rows_by_expert, "step", "expert", "expert load", "share", x=steps)
 

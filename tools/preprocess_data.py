@@ -31,8 +31,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from engine.data.indexed import IndexedWriter, best_dtype
-from engine.data.tokenizer import Tokenizer
+from loom import cli
+from loom.data.indexed import IndexedWriter, best_dtype
+from loom.data.tokenizer import Tokenizer
 
 CHUNK_LINES = 1024
 CHUNK_BYTES = 4 << 20
@@ -206,6 +207,7 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@cli.entry
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", required=True, help="a JSONL file, one document per line")
@@ -223,8 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stats = preprocess(args.input, args.output_prefix, args.tokenizer, args.json_key, args.workers,
                            args.on_bad_line, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        print(f"preprocess_data: error: {e}", file=sys.stderr)
-        return 1
+        return cli.report(e, "preprocess_data")
     except KeyboardInterrupt:
         print(f"preprocess_data: interrupted; nothing written to {args.output_prefix}.bin/.idx", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from engine.parallel.intercept import Interceptor
+from loom.parallel.intercept import Interceptor
 
 KIND = {"all_reduce": "all-reduce", "all_gather_into_tensor": "all-gather", "all_gather_single": "all-gather",
         "all_gather": "all-gather", "broadcast": "all-gather", "reduce_scatter_tensor": "reduce-scatter",
@@ -113,7 +113,7 @@ def _dtype_bytes(name: str) -> int:
 
 def rank_layers(cfg, pp_rank: int) -> tuple[list[int], list[tuple[bool, bool]]]:
     """The global layers on ``pp_rank`` and, per chunk, (first virtual stage, last virtual stage)."""
-    from engine.config import stage_layout
+    from loom.config import stage_layout
 
     p, n = cfg.parallel, cfg.model.num_layers
     if p.pp == 1:

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from engine.data.tokenizer import SpecialTokens
+from loom import cli
+from loom.data.tokenizer import SpecialTokens
 
 
 def jsonl_files(inputs: Sequence[str]) -> list[str]:
@@ -87,6 +88,7 @@ def _write_vocab(model_path: str) -> None:
     Path(model_path[: -len(".model")] + ".vocab").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+@cli.entry
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", nargs="+", required=True, help="JSONL files or directories of them")

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-import engine.faults as faults
+import loom.faults as faults
 
 MARKER = "checkpoint.json"
 FORMAT = "loom-checkpoint"

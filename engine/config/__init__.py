@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-from engine.config.errors import ConfigError
-from engine.config.model import ModelConfig, MoEConfig, VisionConfig
-from engine.config.run import (LORA_TARGETS, DataConfig, LoRAConfig, OptimConfig, ParallelConfig, TrainConfig,
+from loom.config.errors import ConfigError
+from loom.config.model import ModelConfig, MoEConfig, VisionConfig
+from loom.config.run import (LORA_TARGETS, DataConfig, LoRAConfig, OptimConfig, ParallelConfig, TrainConfig,
                                check_token_source, indexed_paths, resolve_etp, token_index_path)
 
 @dataclass

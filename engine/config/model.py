@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-from engine.config.errors import ConfigError
+from loom.config.errors import ConfigError
 
 @dataclass
 class MoEConfig:

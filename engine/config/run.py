@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from engine.config.errors import ConfigError
+from loom.config.errors import ConfigError
 
 def resolve_etp(tp: int, etp: Optional[int]) -> int:
     """Tensor parallelism inside each expert: ``parallel.etp``, or tp when unset (Megatron's default)."""
@@ -66,7 +66,7 @@ class ParallelConfig:
 
 
 def token_index_path(path) -> str:
-    """``X.npy`` -> ``X.idx.npy``: where a token file's document offsets live (engine.data.tokens)."""
+    """``X.npy`` -> ``X.idx.npy``: where a token file's document offsets live (loom.data.tokens)."""
     path = str(path)
     if not path.endswith(".npy"):
         raise ValueError(f"token file name must end with .npy, got {path!r}")
@@ -74,7 +74,7 @@ def token_index_path(path) -> str:
 
 
 def indexed_paths(prefix) -> tuple[str, str]:
-    """``PREFIX`` -> (``PREFIX.bin``, ``PREFIX.idx``): a Megatron indexed dataset (engine.data.indexed)."""
+    """``PREFIX`` -> (``PREFIX.bin``, ``PREFIX.idx``): a Megatron indexed dataset (loom.data.indexed)."""
     prefix = str(prefix)
     return prefix + ".bin", prefix + ".idx"
 
@@ -87,7 +87,7 @@ def check_token_source(path: str, where: str) -> None:
         index = token_index_path(path)
         if not Path(index).is_file():
             raise ConfigError(f"{where}={path!r}: its document index {index} is missing "
-                              "(write both with engine.data.write_token_file)")
+                              "(write both with loom.data.write_token_file)")
         return
     bin_path, idx_path = indexed_paths(path)
     missing = [p for p in (bin_path, idx_path) if not Path(p).is_file()]
@@ -314,7 +314,7 @@ class TrainConfig:
             raise ConfigError(f"train.freeze={self.freeze} leaves nothing to train")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
-        marker = Path(self.resume) / "checkpoint.json"  # engine.checkpoint.storage.MARKER, which imports torch
+        marker = Path(self.resume) / "checkpoint.json"  # loom.checkpoint.storage.MARKER, which imports torch
         if self.resume not in ("auto", "none") and not marker.is_file():
             raise ConfigError(f"train.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
                               "(name one step_NNNNNNNN directory whose save finished, or use auto)")

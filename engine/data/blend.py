@@ -26,11 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.config import ConfigError, DataConfig
-from engine.data.indexed import IndexedReader
-from engine.data.packing import PackedDataset, Sample
-from engine.data.sampler import GlobalBatchSampler
-from engine.data.tokens import TokenCorpus, check_vocab, load_token_file, synthetic_corpus
+from loom.config import ConfigError, DataConfig
+from loom.data.indexed import IndexedReader
+from loom.data.packing import PackedDataset, Sample
+from loom.data.sampler import GlobalBatchSampler
+from loom.data.tokens import TokenCorpus, check_vocab, load_token_file, synthetic_corpus
 
 PERIOD = 1 << 16
 

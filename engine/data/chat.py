@@ -6,7 +6,7 @@ A conversation becomes
 
 (bos only where the tokenizer has one). Each ``<image>`` tag in a message is replaced by
 exactly N copies of the image placeholder id, N from the vision encoder
-(engine.data.images.image_token_count). Markers and placeholders are inserted by id.
+(loom.data.images.image_token_count). Markers and placeholders are inserted by id.
 
 Labels are shifted inside the sample, Megatron/HF style: the label of token t is token t+1
 when t+1 is an assistant content token or the end-of-turn token closing an assistant turn,
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.data.packing import IGNORE_INDEX
-from engine.data.tokenizer import ROLES, Tokenizer
+from loom.data.packing import IGNORE_INDEX
+from loom.data.tokenizer import ROLES, Tokenizer
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"

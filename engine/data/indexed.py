@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from engine.config import indexed_paths
-from engine.data.tokens import TokenCorpus
+from loom.config import indexed_paths
+from loom.data.tokens import TokenCorpus
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

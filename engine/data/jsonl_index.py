@@ -31,8 +31,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine.data.multimodal import BadSample, _Bad, encode_line, jsonl_paths, too_long
-from engine.data.tokenizer import Tokenizer
+from loom.data.multimodal import BadSample, BadSampleError, _Bad, encode_line, jsonl_paths, too_long
+from loom.data.tokenizer import Tokenizer
 
 INDEX_VERSION = 2
 # A native-resolution tower's index (engine/data/multimodal_native.py) probes every image and video
@@ -135,7 +135,7 @@ def index_files(paths, tok: Tokenizer, seq_len: int, image_tokens: Optional[int]
         index = load_or_build(path, tok, image_tokens or 0, index_line, media)
         rows, bad_k = index.classify(seq_len, image_tokens)
         if bad_k and on_bad_sample == "error":
-            raise ValueError(bad_k[0].message)
+            raise BadSampleError(bad_k[0].message)
         bad += bad_k
         parts.append((np.full(len(rows), k, np.int32), index.offsets[rows], index.lines[rows], index.lengths[rows]))
     return files, [np.concatenate(c) for c in zip(*parts)], bad

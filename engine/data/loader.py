@@ -16,17 +16,21 @@ from typing import Optional
 
 import torch.utils.data
 
-from engine.data.sampler import GlobalBatchSampler, Microbatch
+from loom.data.multimodal import BadSampleError
+from loom.data.sampler import GlobalBatchSampler, Microbatch
 
 
 @dataclass
 class StepBatch:
     """One DataLoader item: step ``step``'s microbatches of one DP rank, and the bad samples found
-    while making them (a worker's own copy of the dataset cannot report them otherwise)."""
+    while making them (a worker's own copy of the dataset cannot report them otherwise). ``error``: the
+    message of a bad sample under ``on_bad_sample=error``, carried as data: the DataLoader would re-raise
+    it with the worker's traceback pasted into the message."""
 
     step: int
     microbatches: list[Microbatch]
     bad_samples: list = field(default_factory=list)
+    error: Optional[str] = None
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -39,7 +43,10 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> StepBatch:
         found = getattr(self.dataset, "bad_samples", [])
         before = len(found)
-        mbs = self.dataset.microbatches(self.sampler.indices(step), *self.share)
+        try:
+            mbs = self.dataset.microbatches(self.sampler.indices(step), *self.share)
+        except BadSampleError as e:
+            return StepBatch(int(step), [], list(found[before:]), error=str(e))
         return StepBatch(int(step), mbs, list(found[before:]))
 
 
@@ -76,6 +83,8 @@ class StepLoader:
                 raise RuntimeError(f"the data loader returned step {item.step} when step {step} was due")
             if item.bad_samples:
                 self.steps.dataset.record_bad(item.bad_samples)
+            if item.error is not None:
+                raise BadSampleError(item.error)
             self._last = item
         return self._last.microbatches
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from engine.data.images import CLIP_MEAN, CLIP_STD, normalize_rgb
+from loom.data.images import CLIP_MEAN, CLIP_STD, normalize_rgb
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CONTAINER_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov")

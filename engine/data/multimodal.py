@@ -28,12 +28,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from engine.data.chat import check_messages, count_image_tags, encode_chat
-from engine.data.images import image_problem, image_token_count, make_image_loader
-from engine.data.multimodal_packing import PackingPlan, pack_samples
-from engine.data.packing import IGNORE_INDEX, Sample
-from engine.data.sampler import Microbatch, collate, rank_slice
-from engine.data.tokenizer import Tokenizer
+from loom.data.chat import check_messages, count_image_tags, encode_chat
+from loom.data.images import image_problem, image_token_count, make_image_loader
+from loom.data.multimodal_packing import PackingPlan, pack_samples
+from loom.data.packing import IGNORE_INDEX, Sample
+from loom.data.sampler import Microbatch, collate, rank_slice
+from loom.data.tokenizer import Tokenizer
 
 BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image")
 
@@ -60,6 +60,12 @@ class BadSample:
     line: int
     reason: str  # one of BAD_SAMPLE_REASONS
     message: str  # "file:line: what is wrong"
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used, under ``data.on_bad_sample=error``: the message starts ``file:line:``.
+
+    A ValueError, as before it had a type of its own; entry points report it in one line (loom.cli)."""
 
 
 class _Bad(Exception):
@@ -159,7 +165,7 @@ def read_chat_jsonl(path: str, tok: Tokenizer, seq_len: int, image_tokens: int,
             except _Bad as e:
                 message = f"{path}:{line_no}: {e.detail}"
                 if on_bad_sample == "error":
-                    raise ValueError(message) from None
+                    raise BadSampleError(message) from None
                 bad.append(BadSample(path, line_no, e.reason, message))
                 continue
             good.append(ChatSample(encoded.input_ids, encoded.labels, images, question_type, path, line_no))
@@ -204,7 +210,7 @@ class MultimodalDataset:
         """Read, check and pack one or more JSONL files (samples concatenated in file order).
 
         image_size/patch_size/merge come from the vision encoder config and fix N, the
-        placeholder tokens per image (engine.data.images.image_token_count), unless the encoder
+        placeholder tokens per image (loom.data.images.image_token_count), unless the encoder
         says otherwise (``image_tokens``: VisionConfig.tokens_per_image, e.g. with a kept class token).
         """
         n_image = image_token_count(image_size, patch_size, merge) if image_tokens is None else int(image_tokens)

@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from engine.data.images import ImageProcessor, image_problem, image_token_count, make_image_loader
-from engine.data.jsonl_index import cache_path, index_files, read_line
-from engine.data.multimodal import (BadSample, ChatSample, MultimodalDataset, MultimodalSequence, _Bad,
+from loom.data.images import ImageProcessor, image_problem, image_token_count, make_image_loader
+from loom.data.jsonl_index import cache_path, index_files, read_line
+from loom.data.multimodal import (BadSample, BadSampleError, ChatSample, MultimodalDataset, MultimodalSequence, _Bad,
                                     encode_line)
-from engine.data.packing import IGNORE_INDEX
-from engine.data.tokenizer import Tokenizer
+from loom.data.packing import IGNORE_INDEX
+from loom.data.tokenizer import Tokenizer
 
 
 class LazyMultimodalDataset(MultimodalDataset):
@@ -66,7 +66,7 @@ class LazyMultimodalDataset(MultimodalDataset):
         except _Bad:
             encoded = None
         if encoded is None or len(encoded.input_ids) != self.lengths[i]:
-            raise ValueError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
+            raise BadSampleError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
                              "restart to rebuild it")
         base_dir = os.path.dirname(os.path.abspath(path))
         return ChatSample(encoded.input_ids, encoded.labels, [os.path.join(base_dir, p) for p in images],
@@ -103,7 +103,7 @@ class LazyMultimodalDataset(MultimodalDataset):
         """``doc`` as padding (``skip``), or the error naming its file and line (``error``)."""
         message = f"{doc.file}:{doc.line}: {problem.detail}"
         if self.on_bad_sample == "error":
-            raise ValueError(message)
+            raise BadSampleError(message)
         self.record_bad([BadSample(doc.file, doc.line, problem.reason, message)])
         n = len(doc.input_ids)
         return ChatSample(np.full(n, self.pad_id, np.int64), np.full(n, IGNORE_INDEX, np.int64), [],

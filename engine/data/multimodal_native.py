@@ -28,13 +28,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from engine.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
-from engine.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
-from engine.data.jsonl_index import OK, STATUS, cache_path, index_files, read_line
-from engine.data.multimodal import BadSample, ChatSample, MultimodalSequence, _Bad
-from engine.data.multimodal_lazy import LazyMultimodalDataset
-from engine.data.sampler import Microbatch, collate
-from engine.data.tokenizer import Tokenizer
+from loom.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
+from loom.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
+from loom.data.jsonl_index import OK, STATUS, cache_path, index_files, read_line
+from loom.data.multimodal import BadSample, BadSampleError, ChatSample, MultimodalSequence, _Bad
+from loom.data.multimodal_lazy import LazyMultimodalDataset
+from loom.data.sampler import Microbatch, collate
+from loom.data.tokenizer import Tokenizer
 
 NATIVE_BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image",
                              "missing_video", "corrupt_video")
@@ -180,7 +180,7 @@ class NativeMultimodalDataset(LazyMultimodalDataset):
                 raise _Bad(e.reason, f"{e.detail} (since its index {cache_path(path)} was built)") from None
             encoded = None
         if encoded is None or len(encoded.input_ids) != self.lengths[i]:
-            raise ValueError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
+            raise BadSampleError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
                              "restart to rebuild it")
         paths = [m.path for m in media if m.kind == "image"]
         return NativeChatSample(encoded.input_ids, encoded.labels, paths, qtype, path, line, media)

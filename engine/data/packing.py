@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.data.tokens import TokenCorpus
+from loom.data.tokens import TokenCorpus
 
 IGNORE_INDEX = -100
 

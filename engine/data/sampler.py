@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from engine.data.packing import IGNORE_INDEX, PackedDataset, Sample
+from loom.data.packing import IGNORE_INDEX, PackedDataset, Sample
 
 
 class GlobalBatchSampler:

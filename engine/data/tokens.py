@@ -19,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.config import ConfigError
-from engine.config import token_index_path as index_path  # the rule lives with data.source's validation
+from loom.config import ConfigError
+from loom.config import token_index_path as index_path  # the rule lives with data.source's validation
 
 TOKEN_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _INT32_MAX = np.iinfo(np.int32).max

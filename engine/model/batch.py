@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from kernels import BlockTables
+from loom.kernels import BlockTables
 
 
 @dataclass
@@ -110,3 +110,70 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     return (torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)).int()
+
+
+# ----------------------------------------------------------------------------- transformers' calling convention
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+              **fields) -> tuple[PackedBatch, Optional[torch.Tensor]]:
+    """transformers' ``[B, S]`` inputs (``[S]``: one row) as a PackedBatch, and the mask of kept tokens.
+
+    Each row is one document of its unmasked tokens (1: token, 0: padding, on either side), with
+    positions from 0, as ``generate`` gives a padded row. Without a mask every row is whole (mask None).
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+    if attention_mask is None:
+        return PackedBatch.from_ids(ids, **fields), None
+    if attention_mask.numel() != ids.numel():
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
+                         f"of shape {tuple(input_ids.shape)}")
+    keep = attention_mask.reshape(ids.shape).bool()
+    lengths = keep.sum(1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return PackedBatch(input_ids=ids[keep], cu_seqlens=cu, max_seqlen=int(lengths.max()), **fields), keep
+
+
+def unpack_rows(rows: torch.Tensor, keep: Optional[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """``[T, V]`` per-token outputs of ``pack_rows``' batch back to ``[*shape, V]``; padding gets zeros."""
+    if keep is None:
+        return rows.view(*shape, -1)
+    out = rows.new_zeros(*keep.shape, rows.shape[-1])
+    out[keep] = rows
+    return out.view(*shape, -1)
+
+
+def one_input(batch, input_ids: Optional[torch.Tensor]):
+    """The tokens given once: positionally (a PackedBatch or ids), or as transformers' ``input_ids=``."""
+    if (batch is None) == (input_ids is None):
+        raise TypeError("pass the tokens once: a PackedBatch or token ids as the first argument, or input_ids=")
+    return batch if batch is not None else input_ids
+
+
+def check_hf_inputs(input_ids: torch.Tensor, extra: dict, type_ids: dict[int, Optional[int]]) -> None:
+    """Refuse what a tokenizer's or processor's other keys say unless the model does the same.
+
+    ``token_type_ids``: one segment only (all 0); Loom's models embed no segments. ``mm_token_type_ids``
+    (0 text, then ``type_ids``' kinds, e.g. 1 image and 2 video): each kind must mark exactly the tokens
+    that hold its placeholder id, since the ids are what the model reads. Any other key is an error.
+    """
+    extra = {k: v for k, v in extra.items() if v is not None}
+    unknown = sorted(set(extra) - {"token_type_ids", "mm_token_type_ids"})
+    if unknown:
+        raise TypeError(f"unexpected inputs {unknown}")
+    segments = extra.get("token_type_ids")
+    if segments is not None and bool((segments != 0).any()):
+        raise ValueError("token_type_ids marks a second segment, which Loom's models do not embed")
+    kinds = extra.get("mm_token_type_ids")
+    if kinds is None:
+        return
+    if kinds.shape != input_ids.shape:
+        raise ValueError(f"mm_token_type_ids of shape {tuple(kinds.shape)} does not match input_ids "
+                         f"of shape {tuple(input_ids.shape)}")
+    for kind in sorted(set(kinds.unique().tolist()) - {0} | set(type_ids)):
+        token_id = type_ids.get(kind)
+        marked = kinds == kind
+        held = input_ids == token_id if token_id is not None else torch.zeros_like(marked)
+        if not torch.equal(marked, held):
+            raise ValueError(f"mm_token_type_ids marks {int(marked.sum())} token(s) as type {kind}, but input_ids "
+                             f"hold {int(held.sum())} of its placeholder id {token_id}")

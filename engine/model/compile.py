@@ -5,7 +5,7 @@ reused by every block of the same structure, and compile time does not grow with
 embedding, the final norm and the LM head loss stay eager.
 
 What stays out of the graph (each a graph break inside a compiled block, by design):
-- collectives (``engine.parallel.comm``): they run through torch.distributed's own functions, which
+- collectives (``loom.parallel.comm``): they run through torch.distributed's own functions, which
   the traffic counter, the collective watch and the pre-flight dry run intercept;
 - attention over packed documents of varying lengths, whose SDPA batching reads ``cu_seqlens`` on
   the host (kernels/sdpa.py): traced, every new packing would be a new graph. Blocks of a batch
@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from engine.compat import configure_dynamo, maybe_mark_dynamic
-from engine.model.recompute import all_blocks, replace_inner
+from loom.compat import configure_dynamo, maybe_mark_dynamic
+from loom.model.recompute import all_blocks, replace_inner
 
 BACKEND = "inductor"  # tests swap in a cheaper or a deliberately wrong one
 # Graphs per compiled function before dynamo gives up and runs it eagerly: one per block structure

@@ -5,15 +5,17 @@ ones it does not own while parameter names (and checkpoints, and HF mappings) st
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
-from engine.config import ModelConfig
-from engine.model.batch import PackedBatch
-from engine.model.compile import mark_layout_dynamic
-from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, mrope_tables, rope_tables
-from engine.model.init import initialize_full, seed_from_rng
-from engine.model.moe import MoE
+from loom.config import ModelConfig
+from loom.model.batch import PackedBatch, check_hf_inputs, one_input, pack_rows, unpack_rows
+from loom.model.compile import mark_layout_dynamic
+from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, mrope_tables, rope_tables
+from loom.model.init import initialize_full, seed_from_rng
+from loom.model.moe import MoE
 
 
 def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
@@ -73,11 +75,22 @@ class Transformer(nn.Module):
             raise ValueError("this pipeline stage has no LM head: its output is hidden_states()")
         return self.lm_head(self.hidden_states(batch))
 
-    def forward(self, batch: PackedBatch | torch.Tensor) -> torch.Tensor:
-        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` (``[T]``: one document)."""
+    def forward(self, batch: PackedBatch | torch.Tensor | None = None, attention_mask: Optional[torch.Tensor] = None,
+                *, input_ids: Optional[torch.Tensor] = None, **hf_inputs) -> torch.Tensor:
+        """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` (``[T]``: one document).
+
+        Token ids also come as transformers passes them, ``model(**tokenizer(...))``: ``input_ids=`` and
+        ``attention_mask`` [B, S] (1: token, 0: padding), which makes each row one document of its
+        unmasked tokens; padded positions get zero logits. See ``check_hf_inputs`` for the other keys.
+        """
+        batch = one_input(batch, input_ids)
         if isinstance(batch, PackedBatch):
+            if attention_mask is not None or hf_inputs:
+                raise ValueError("a PackedBatch carries its own document borders: pass no attention_mask")
             return self.logits(batch)
-        return self.logits(PackedBatch.from_ids(batch)).view(*batch.shape, -1)
+        check_hf_inputs(batch, hf_inputs, {})
+        packed, keep = pack_rows(batch, attention_mask)
+        return unpack_rows(self.logits(packed), keep, batch.shape)
 
     def _first_hidden(self, batch: PackedBatch) -> torch.Tensor:
         if batch.hidden is not None:

@@ -23,9 +23,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from engine.checkpoint.names import named_tensors
-from engine.model.layers import RMSNorm
-from engine.model.moe import GroupedExperts, Router
+from loom.checkpoint.names import named_tensors
+from loom.model.layers import RMSNorm
+from loom.model.moe import GroupedExperts, Router
 
 BLOCK_NUMEL = 1 << 22
 

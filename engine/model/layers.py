@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from engine.model.batch import AttnContext
+from loom import kernels
+from loom.model.batch import AttnContext
 
 
 class RMSNorm(nn.Module):

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.config import LORA_TARGETS, LoRAConfig
-from engine.model.init import ZEROS, normal
-from engine.model.layers import SwiGLU
-from engine.model.moe import MoE
-from engine.model.quant import NF4Linear, base_linear, quantize_param
+from loom.config import LORA_TARGETS, LoRAConfig
+from loom.model.init import ZEROS, normal
+from loom.model.layers import SwiGLU
+from loom.model.moe import MoE
+from loom.model.quant import NF4Linear, base_linear, quantize_param
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 __all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS",

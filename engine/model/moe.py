@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.compat import grouped_mm, grouped_mm_runs
-from engine.model.quant import expert_grouped_mm, expert_linear, quantized
-from engine.model.layers import SwiGLU
-from engine.model.recompute import recomputing
+from loom.compat import grouped_mm, grouped_mm_runs
+from loom.model.quant import expert_grouped_mm, expert_linear, quantized
+from loom.model.layers import SwiGLU
+from loom.model.recompute import recomputing
 
 # ----------------------------------------------------------------------------- routing
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.compat import grouped_mm
+from loom.compat import grouped_mm
 
 # The NF4 levels as published with QLoRA (bitsandbytes' get_4bit_type("nf4")): equal-area quantiles of
 # N(0, 1), normalised to [-1, 1], with an exact zero.

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.config import VisionConfig
-from engine.model.init import Init, normal
-from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
+from loom.config import VisionConfig
+from loom.model.init import Init, normal
+from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
 
 
 class GeluMLP(nn.Module):

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.config import VisionConfig
-from engine.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
-from engine.model.vision import GeluMLP
+from loom.config import VisionConfig
+from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
+from loom.model.vision import GeluMLP
 
 
 def qwen_block(cfg: VisionConfig, backend: str) -> DecoderBlock:

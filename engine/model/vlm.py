@@ -14,13 +14,16 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from engine.config import ModelConfig
-from engine.model.batch import PackedBatch
-from engine.model.decoder import Transformer
-from engine.model.init import initialize_full, seed_from_rng
-from engine.model.mrope import mrope_positions
-from engine.model.vision import Projector, VisionEncoder
-from engine.model.vision_qwen import PatchMerger, QwenVisionTower, check_grid, merged_tokens
+from loom.config import ModelConfig
+from loom.model.batch import PackedBatch, check_hf_inputs, one_input, pack_rows, unpack_rows
+from loom.model.decoder import Transformer
+from loom.model.init import initialize_full, seed_from_rng
+from loom.model.mrope import mrope_positions
+from loom.model.vision import Projector, VisionEncoder
+from loom.model.vision_qwen import PatchMerger, QwenVisionTower, check_grid, merged_tokens
+
+# transformers' media inputs beside pixel_values, as PackedBatch fields of the same names.
+MEDIA_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -93,36 +96,27 @@ class VisionLanguageModel(nn.Module):
         """As ``Transformer.logits``, with ``batch.pixel_values`` filling the placeholders in order."""
         return self.llm.logits(self.embed_inputs(batch))
 
-    def forward(self, batch: PackedBatch | torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, **media) -> torch.Tensor:
+    def forward(self, batch: PackedBatch | torch.Tensor | None = None, pixel_values: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, *, input_ids: Optional[torch.Tensor] = None,
+                **media) -> torch.Tensor:
         """Logits of a PackedBatch ``[T, V]``, or of token ids ``[B, S] -> [B, S, V]`` (the world-size-1 API).
 
-        Takes transformers' inputs: ``pixel_values [N, 3, S, S]`` for a fixed-size tower; for a
-        native-resolution one flattened patches with ``image_grid_thw``, and ``pixel_values_videos``,
-        ``video_grid_thw``, ``second_per_grid_ts``. ``attention_mask`` [B, S] (1: token, 0: padding)
-        makes each row one document of its unmasked tokens; padded positions get zero logits.
-        ``mm_token_type_ids`` is accepted and unused: the placeholder ids say the same.
+        Takes transformers' inputs, ``model(**processor(...))``: ``input_ids``, ``pixel_values [N, 3, S, S]``
+        for a fixed-size tower; for a native-resolution one flattened patches with ``image_grid_thw``, and
+        ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``. ``attention_mask`` [B, S]
+        (1: token, 0: padding) makes each row one document of its unmasked tokens; padded positions get
+        zero logits. ``mm_token_type_ids`` (1 image, 2 video) must mark exactly the placeholder tokens.
         """
-        media.pop("mm_token_type_ids", None)
-        unknown = set(media) - {"image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
-        if unknown:
-            raise TypeError(f"unexpected inputs {sorted(unknown)}")
+        batch = one_input(batch, input_ids)
+        fields = {k: media.pop(k) for k in MEDIA_KEYS if k in media}
         if isinstance(batch, PackedBatch):
-            if pixel_values is not None or attention_mask is not None or any(v is not None for v in media.values()):
+            if pixel_values is not None or attention_mask is not None or media or \
+                    any(v is not None for v in fields.values()):
                 raise ValueError("a PackedBatch carries its own pixel_values, grids and document borders")
             return self.logits(batch)
-        ids = batch if batch.dim() == 2 else batch.reshape(1, -1)
-        if attention_mask is None:
-            return self.logits(PackedBatch.from_ids(ids, pixel_values=pixel_values, **media)).view(*batch.shape, -1)
-        keep = attention_mask.reshape(ids.shape).bool()
-        lengths = keep.sum(1)
-        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        packed = PackedBatch(input_ids=ids[keep], cu_seqlens=cu, max_seqlen=int(lengths.max()),
-                             pixel_values=pixel_values, **media)
-        logits = self.logits(packed)
-        out = logits.new_zeros(*ids.shape, logits.shape[-1])
-        out[keep] = logits
-        return out.view(*batch.shape, -1)
+        check_hf_inputs(batch, media, {1: self.image_token_id, 2: self.cfg.video_token_id})
+        packed, keep = pack_rows(batch, attention_mask, pixel_values=pixel_values, **fields)
+        return unpack_rows(self.logits(packed), keep, batch.shape)
 
     def embed_inputs(self, batch: PackedBatch) -> PackedBatch:
         """The batch with its token embeddings, image features spliced in, as ``hidden``; as given on a

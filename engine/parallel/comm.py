@@ -61,6 +61,20 @@ def any_rank(flag: bool, group, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def first_text(text: str | None, group, device: torch.device) -> str | None:
+    """The ``text`` of the lowest rank of ``group`` (None: the world) that has one, on every rank, or None.
+
+    One ``any_rank`` when no rank has any; only then are the texts gathered (as objects), so the rare
+    case (a bad sample one replica found) ends every rank with the same message."""
+    if not any_rank(text is not None, group, device):
+        return None
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return text
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, text, group=group)
+    return next(t for t in every if t is not None)
+
+
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if n == 1:

@@ -13,12 +13,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import kernels
-from engine.model.batch import AttnContext, PackedBatch
-from engine.parallel import comm
-from engine.parallel.cp_plan import CommStats, ZigzagPlan
-from engine.parallel.ring_attention import ring_attention
-from engine.parallel.ulysses import ulysses_attention
+from loom import kernels
+from loom.model.batch import AttnContext, PackedBatch
+from loom.parallel import comm
+from loom.parallel.cp_plan import CommStats, ZigzagPlan
+from loom.parallel.ring_attention import ring_attention
+from loom.parallel.ulysses import ulysses_attention
 
 CP_MODES = ("ring", "ulysses")
 
@@ -71,7 +71,7 @@ class ContextParallelAttention(nn.Module):
         shard = meta.attn
         if not isinstance(shard, CPShard):
             raise TypeError("context-parallel attention needs the microbatch's CPShard as PackedBatch.attn "
-                            "(see engine.parallel.context_parallel.shard_microbatch)")
+                            "(see loom.parallel.context_parallel.shard_microbatch)")
         if shard.plan.cp != comm.group_size(self.group) or shard.rank != comm.group_rank(self.group):
             raise ValueError(f"CPShard is for rank {shard.rank} of {shard.plan.cp}, but this is rank "
                              f"{comm.group_rank(self.group)} of a CP group of {comm.group_size(self.group)}")

@@ -23,10 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from engine.config import check_zigzag_length
-from engine.parallel import comm
-from engine.parallel.index import ranges
-from kernels import BlockTables
+from loom.config import check_zigzag_length
+from loom.parallel import comm
+from loom.parallel.index import ranges
+from loom.kernels import BlockTables
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.parallel import comm
-from engine.parallel.sharding import spec_of
+from loom.parallel import comm
+from loom.parallel.sharding import spec_of
 
 _ALIGN = 64  # elements: every shard starts 256-byte aligned
 

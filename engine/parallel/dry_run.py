@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from engine.parallel.intercept import Interceptor, arguments, call_group, describe
+from loom.parallel.intercept import Interceptor, arguments, call_group, describe
 
 
 class DryRunError(RuntimeError):

@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.config import ConfigError
-from engine.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
+from loom.config import ConfigError
+from loom.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
     unpermute
-from engine.parallel import comm
-from engine.parallel.index import ranges
-from engine.parallel.context_parallel import CPShard
-from engine.parallel.sharding import add_split, set_spec
-from engine.parallel.tensor_parallel import mark
+from loom.parallel import comm
+from loom.parallel.index import ranges
+from loom.parallel.context_parallel import CPShard
+from loom.parallel.sharding import add_split, set_spec
+from loom.parallel.tensor_parallel import mark
 
 # ----------------------------------------------------------------------------- dispatcher
 

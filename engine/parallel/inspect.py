@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.parallel import comm
-from engine.parallel.mesh import ParallelGroups
-from engine.parallel.sharding import spec_of, unshard
+from loom.parallel import comm
+from loom.parallel.mesh import ParallelGroups
+from loom.parallel.sharding import spec_of, unshard
 
 
 def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:

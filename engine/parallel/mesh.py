@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from engine.compat import flatten_mesh, process_group_options
-from engine.config import ConfigError, resolve_etp
+from loom.compat import flatten_mesh, process_group_options
+from loom.config import ConfigError, resolve_etp
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest
 # Flattened groups: name -> the mesh dims it spans.

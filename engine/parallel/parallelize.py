@@ -17,18 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from engine.config import Config
-from engine.model.decoder import Transformer
-from engine.model.moe import MoE
-from engine.model.vision import GeluMLP
-from engine.model.vlm import VisionLanguageModel
-from engine.parallel import comm
-from engine.parallel.context_parallel import ContextParallelAttention
-from engine.parallel.cp_plan import CommStats
-from engine.parallel.expert_parallel import parallelize_moe
-from engine.parallel.mesh import ParallelGroups
-from engine.parallel.pipeline import split_stages, stage_layers
-from engine.parallel.tensor_parallel import (
+from loom.config import Config
+from loom.model.decoder import Transformer
+from loom.model.moe import MoE
+from loom.model.vision import GeluMLP
+from loom.model.vlm import VisionLanguageModel
+from loom.parallel import comm
+from loom.parallel.context_parallel import ContextParallelAttention
+from loom.parallel.cp_plan import CommStats
+from loom.parallel.expert_parallel import parallelize_moe
+from loom.parallel.mesh import ParallelGroups
+from loom.parallel.pipeline import split_stages, stage_layers
+from loom.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,

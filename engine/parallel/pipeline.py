@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.config import stage_layout
-from engine.parallel.mesh import ParallelGroups, group_layout
-from engine.parallel.sharding import set_spec
-from engine.parallel.pipeline_schedule import (
+from loom.config import stage_layout
+from loom.parallel.mesh import ParallelGroups, group_layout
+from loom.parallel.sharding import set_spec
+from loom.parallel.pipeline_schedule import (
     B, DIRECTION, F, RECV_B, RECV_F, SEND_B, SEND_F, W, Action, Table, build_table, last_weight_steps, peer_of,
     splits_backward,
 )
-from engine.parallel.split_backward import SplitBackward
+from loom.parallel.split_backward import SplitBackward
 
 # ----------------------------------------------------------------------------- stages
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from engine.parallel.pipeline_schedule import (
+from loom.parallel.pipeline_schedule import (
     B, COMPUTE, DIRECTION, F, SEND_B, SEND_F, W, Action, ScheduleError, Step, Table, input_of, peer_of,
     splits_backward, stage_of,
 )

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from engine.parallel import comm
-from engine.parallel.cp_plan import BlockSpec, CommStats
+from loom.parallel import comm
+from loom.parallel.cp_plan import BlockSpec, CommStats
 
 TAG_KV, TAG_DKV = 17, 18  # gloo matches messages by (peer, tag): the K/V and dK/dV streams overlap
 

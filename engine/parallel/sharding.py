@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from engine.parallel import comm
+from loom.parallel import comm
 
 _ATTR = "loom_spec"
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.model.lora import lora_delta
-from engine.model.quant import base_linear
-from engine.parallel import comm
-from engine.parallel.sharding import add_split, set_spec
+from loom.model.lora import lora_delta
+from loom.model.quant import base_linear
+from loom.parallel import comm
+from loom.parallel.sharding import add_split, set_spec
 
 
 def mark(param: nn.Parameter, tp_dim=None, partial=False, group=None) -> nn.Parameter:

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-import kernels
-from engine.parallel import comm
-from engine.parallel.cp_plan import CommStats, ZigzagPlan
+from loom import kernels
+from loom.parallel import comm
+from loom.parallel.cp_plan import CommStats, ZigzagPlan
 
 
 def kv_replication(num_kv_heads: int, cp: int) -> int:

@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch.distributed as dist
 
-import engine.faults as faults
-from engine.parallel.intercept import Interceptor, describe
+import loom.faults as faults
+from loom.parallel.intercept import Interceptor, describe
 
 _TIMEOUT = re.compile(r"time[d ]?\s*out", re.IGNORECASE)
 

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from engine.model import recompute
+from loom.model import recompute
 
 
 class ActivationTracker:

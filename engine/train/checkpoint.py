@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.config import flat_keys
-from engine.model.hf.peft import lora_config_of
-from engine.model.lora import is_adapter
-from engine.train.init_from import pretrained_checkpoint
-from engine.parallel.index import flat_boxes
-from engine.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
-from engine.checkpoint import storage as io
-from engine.checkpoint.names import Modules, as_list, named_tensors
-from engine.checkpoint.storage import CheckpointError, Placement
+from loom.config import flat_keys
+from loom.model.hf.peft import lora_config_of
+from loom.model.lora import is_adapter
+from loom.train.init_from import pretrained_checkpoint
+from loom.parallel.index import flat_boxes
+from loom.parallel.sharding import global_placement, global_runs, shard_spec, spec_of, unshard
+from loom.checkpoint import storage as io
+from loom.checkpoint.names import Modules, as_list, named_tensors
+from loom.checkpoint.storage import CheckpointError, Placement
 
 # Training knobs that change nothing a checkpoint holds; everything else in the model section must match.
 _MODEL_FREE_KEYS = ("attn_backend", "init_std", "pretrained", "moe.aux_loss_coeff", "moe.aux_loss_type",
@@ -60,7 +60,7 @@ def placement(name: str, tensor: torch.Tensor) -> Optional[Placement]:
     tp_dim = spec_of(tensor).tp_dim
     if tp_dim is not None and not any(dim == tp_dim for dim, _ in spec):
         raise CheckpointError(f"parameter {name} is TP-sharded (tp_dim={tp_dim}) but has no shard spec; "
-                              "mark it with engine.parallel.sharding.add_split")
+                              "mark it with loom.parallel.sharding.add_split")
     return global_placement(tensor.shape, spec) if spec else None
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from engine.checkpoint import storage as io
-from engine.config import Config, ConfigError, flat_keys
-from engine.model.hf.convert import checkpoint_model_config, hf_model_plan, import_hf
-from engine.model.hf.naming import ConversionError
+from loom.checkpoint import storage as io
+from loom.config import Config, ConfigError, flat_keys
+from loom.model.hf.convert import checkpoint_model_config, hf_model_plan, import_hf
+from loom.model.hf.naming import ConversionError
 
 FREE_KEYS = ("pretrained", "attn_backend", "init_std", "moe.aux_loss_coeff", "moe.aux_loss_type", "moe.z_loss_coeff",
              "moe.bias_update_rate", "moe.capacity_factor", "moe.grouped_gemm", "moe.force_balanced_routing")

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.parallel import comm
-from engine.parallel.tensor_parallel import enter_tp_region
+from loom.parallel import comm
+from loom.parallel.tensor_parallel import enter_tp_region
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): fewer, larger GEMMs were faster on CPU
 MIN_CHUNK_ROWS = 256

@@ -41,12 +41,12 @@ from typing import Iterable, Optional
 
 import torch
 
-from engine.config import Config
-from engine.parallel.mesh import ParallelDims
-from engine.parallel.pipeline_schedule import in_flight_bound
-from engine.model.quant import NF4Weight
-from engine.parallel.sharding import spec_of
-from engine.train.multimodal import text_model
+from loom.config import Config
+from loom.parallel.mesh import ParallelDims
+from loom.parallel.pipeline_schedule import in_flight_bound
+from loom.model.quant import NF4Weight
+from loom.parallel.sharding import spec_of
+from loom.train.multimodal import text_model
 
 
 def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -10,16 +10,16 @@ from typing import Optional
 
 import torch.nn as nn
 
-from engine.config import Config, ConfigError
-from engine.data.loader import StepBatches, StepLoader
-from engine.data.multimodal import MultimodalDataset
-from engine.data.multimodal_lazy import LazyMultimodalDataset
-from engine.data.multimodal_native import NativeMultimodalDataset
-from engine.model.batch import PackedBatch
-from engine.model.decoder import build_model
-from engine.model.lora import apply_lora, is_adapter
-from engine.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
-from engine.parallel.context_parallel import CPShard
+from loom.config import Config, ConfigError
+from loom.data.loader import StepBatches, StepLoader
+from loom.data.multimodal import MultimodalDataset
+from loom.data.multimodal_lazy import LazyMultimodalDataset
+from loom.data.multimodal_native import NativeMultimodalDataset
+from loom.model.batch import PackedBatch
+from loom.model.decoder import build_model
+from loom.model.lora import apply_lora, is_adapter
+from loom.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
+from loom.parallel.context_parallel import CPShard
 
 
 def build_multimodal_dataset(cfg: Config) -> MultimodalDataset:

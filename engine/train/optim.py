@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.compat import foreach_mul_, foreach_norm
-from engine.config import OptimConfig
-from engine.parallel import comm
-from engine.parallel.data_parallel import GradBuffer, Piece
-from engine.parallel.sharding import counts_in_norm, spec_of
+from loom.compat import foreach_mul_, foreach_norm
+from loom.config import OptimConfig
+from loom.parallel import comm
+from loom.parallel.data_parallel import GradBuffer, Piece
+from loom.parallel.sharding import counts_in_norm, spec_of
 
 
 class MixedPrecisionAdamW:

@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from engine.config import flat_keys
-from engine.parallel.dry_run import digests, dry_step, first_disagreement, streams_agree
+from loom.config import flat_keys
+from loom.parallel.dry_run import digests, dry_step, first_disagreement, streams_agree
 
 
 class PreflightError(RuntimeError):
@@ -35,7 +35,7 @@ def code_version() -> str:
     """A digest of Loom's Python sources and the torch version (any edit on any node changes it)."""
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha1(torch.__version__.encode())
-    for package in ("engine", "kernels"):
+    for package in ("engine", "kernels"):  # the folders of loom and loom.kernels
         for path in sorted((root / package).rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())

@@ -19,18 +19,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from engine.checkpoint.names import named_tensors
-from engine.config import Config
-from engine.model.compile import apply_compile
-from engine.model.init import fill_shard, init_rules
-from engine.model.recompute import apply_recompute
-from engine.parallel.data_parallel import place
-from engine.parallel.mesh import ParallelGroups
-from engine.parallel.parallelize import parallelize_stages
-from engine.parallel.pipeline import Pipeline, join_chunks
-from engine.parallel.sharding import global_runs
-from engine.train.multimodal import build_any_model, freeze, text_model
-from engine.train.optim import MixedPrecisionAdamW, build_optimizer
+from loom.checkpoint.names import named_tensors
+from loom.config import Config
+from loom.model.compile import apply_compile
+from loom.model.init import fill_shard, init_rules
+from loom.model.recompute import apply_recompute
+from loom.parallel.data_parallel import place
+from loom.parallel.mesh import ParallelGroups
+from loom.parallel.parallelize import parallelize_stages
+from loom.parallel.pipeline import Pipeline, join_chunks
+from loom.parallel.sharding import global_runs
+from loom.train.multimodal import build_any_model, freeze, text_model
+from loom.train.optim import MixedPrecisionAdamW, build_optimizer
 
 
 @dataclass

@@ -10,31 +10,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import engine.faults as faults
-from engine.config import Config, ConfigError, save_config
-from engine.data import BlendedDataset, PackedDataset, build_text_dataset, make_sampler, rank_microbatches
-from engine.model.batch import PackedBatch
-from engine.model.lora import quantize_base
-from engine.parallel import comm
-from engine.parallel.context_parallel import shard_microbatch
-from engine.parallel.expert_parallel import finish_moe_step
-from engine.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend, default_timeout
-from engine.parallel.pipeline import StageOutput
-from engine.parallel.watch import CollectiveWatch
-from engine.train.activations import ActivationTracker
-from engine.train.checkpoint import Checkpointer
-from engine.train.init_from import resolve_pretrained
-from engine.train.loss import lm_head_loss
-from engine.train.flops import device_peak_tflops, step_flops
-from engine.train.guard import NonFiniteGuard
-from engine.train.metrics import HotExperts, MetricsLogger, Progress
-from engine.train.memory import MemoryReport, report_rank
-from engine.train.multimodal import (MultimodalDataset, build_multimodal_dataset, step_loader, text_model,
+import loom.faults as faults
+from loom.config import Config, ConfigError, save_config
+from loom.data import BadSampleError, BlendedDataset, PackedDataset, build_text_dataset, make_sampler, rank_microbatches
+from loom.model.batch import PackedBatch
+from loom.model.lora import quantize_base
+from loom.parallel import comm
+from loom.parallel.context_parallel import shard_microbatch
+from loom.parallel.expert_parallel import finish_moe_step
+from loom.parallel.mesh import ParallelDims, ParallelGroups, default_device_and_backend, default_timeout
+from loom.parallel.pipeline import StageOutput
+from loom.parallel.watch import CollectiveWatch
+from loom.train.activations import ActivationTracker
+from loom.train.checkpoint import Checkpointer
+from loom.train.init_from import resolve_pretrained
+from loom.train.loss import lm_head_loss
+from loom.train.flops import device_peak_tflops, step_flops
+from loom.train.guard import NonFiniteGuard
+from loom.train.metrics import HotExperts, MetricsLogger, Progress
+from loom.train.memory import MemoryReport, report_rank
+from loom.train.multimodal import (MultimodalDataset, build_multimodal_dataset, step_loader, text_model,
                                      with_images)
-from engine.train.optim import lr_at
-from engine.train.preflight import check_collectives, check_identity
-from engine.train.resilience import StepWatchdog, StopSignal
-from engine.train.setup import build_rank
+from loom.train.optim import lr_at
+from loom.train.preflight import check_collectives, check_identity
+from loom.train.resilience import StepWatchdog, StopSignal
+from loom.train.setup import build_rank
 
 
 def build_groups(cfg: Config) -> ParallelGroups:
@@ -105,10 +105,23 @@ class Trainer:
     def microbatches(self, step: int):
         """This rank's share of the global batch of ``step`` (the batch itself ignores the layout)."""
         if self.batches is not None:  # multimodal: made ahead by the DataLoader's workers
-            return [mb.to(self.device) for mb in self.batches(step)]
+            return [mb.to(self.device) for mb in self._agreed(self.batches, step)]
         share = (self.sampler.indices(step), self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
                  self.cfg.train.micro_batch_size)
         return [mb.to(self.device) for mb in rank_microbatches(self.dataset, *share)]
+
+    def _agreed(self, batches, step: int):
+        """``batches(step)``, or on every rank the same BadSampleError when any rank's share has a bad sample
+        (``data.on_bad_sample=error``): a sample read mid-run is found by its own replica only, and the
+        others would wait for it in a collective."""
+        try:
+            mbs, problem = batches(step), None
+        except BadSampleError as e:
+            mbs, problem = [], str(e)
+        problem = comm.first_text(problem, None, self.device)
+        if problem is not None:
+            raise BadSampleError(problem)
+        return mbs
 
     def forward_backward(self, step: int, microbatches=None) -> tuple[torch.Tensor, int]:
         """Accumulate reduced gradients for ``step``; return (global mean loss, global loss tokens).
@@ -230,8 +243,11 @@ class Trainer:
 
     def preflight(self) -> None:
         """Check that every rank would issue the same collectives in the next step (engine/train/preflight.py)."""
+        # Read outside the dry run, whose collectives send nothing: a bad sample must end every rank alike.
+        microbatches = self.microbatches(self.step)
+
         def dry_step():
-            self.forward_backward(self.step)
+            self.forward_backward(self.step, microbatches)
             self.optimizer.grad_norm()
             finish_moe_step(text_model(self.model), self.cfg.model, self.device, update_bias=False)
 

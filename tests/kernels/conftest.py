@@ -1,7 +1,7 @@
 """Kernel tests run the Triton kernels through the interpreter on CPU tensors (natively on a GPU).
 
 TRITON_INTERPRET is read when ``@triton.jit`` decorates a function: triton.language's own helpers
-(tl.max, tl.sum, ...) when triton is first imported, ours when kernels.flash_attn is (kernels/__init__
+(tl.max, tl.sum, ...) when triton is first imported, ours when loom.kernels.flash_attn is (kernels/__init__
 imports it lazily). So it is set here, before this directory's tests import anything. If triton was
 imported earlier in this process without it, triton cannot be re-imported: the Triton tests then fail
 with a message saying so, and the variable must be set earlier (e.g. at the top of tests/conftest.py).
@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def fa():
-    """The kernels.flash_attn module, runnable here (interpreted on CPU)."""
-    mod = importlib.import_module("kernels.flash_attn")
+    """The loom.kernels.flash_attn module, runnable here (interpreted on CPU)."""
+    mod = importlib.import_module("loom.kernels.flash_attn")
     if not torch.cuda.is_available():
         assert mod.INTERPRETED and mod.STDLIB_INTERPRETED, (
             "triton was imported before TRITON_INTERPRET=1 was set; set it before anything imports triton "
@@ -73,7 +73,7 @@ def max_err(a, b):
 
 def reference_grads(case, causal, dtype=torch.float32, compute_dtype=torch.float32, scale=None):
     """Reference (out, lse, dq, dk, dv) by autograd on the explicit math."""
-    from kernels import reference
+    from loom.kernels import reference
 
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (case.q, case.k, case.v))
     out, lse = reference.attention(q, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k, causal=causal,

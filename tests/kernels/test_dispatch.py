@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernels
+from loom import kernels
 from tests.kernels.conftest import Case, max_err, zigzag_positions
 
 
@@ -55,7 +55,7 @@ def test_auto_picks_triton_on_cuda_and_torch_elsewhere():
 
 
 def test_block_ops_pairs():
-    from kernels import reference
+    from loom.kernels import reference
 
     assert kernels.block_ops("torch") == (reference.attention_forward, reference.attention_backward)
     assert kernels.block_ops("auto", "cpu").forward is reference.attention_forward

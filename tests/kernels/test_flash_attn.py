@@ -6,7 +6,7 @@ the long documents with one head. `pytest -m "not slow"` skips the heaviest para
 import pytest
 import torch
 
-from kernels import reference
+from loom.kernels import reference
 from tests.kernels.conftest import Case, assert_lse_close, device, max_err, reference_grads, zigzag_positions
 
 ATOL32 = 2e-5
@@ -98,7 +98,7 @@ def _merge(out_a, lse_a, out_b, lse_b):
 def test_block_ops_compose_like_ring_attention(fa, backend):
     """Two key blocks (two ring steps) merged by lse; the backward of each block, fed the MERGED
     out/lse, sums to the full gradients. Checks the block-level API of both backends."""
-    import kernels
+    from loom import kernels
 
     ops = kernels.block_ops(backend, device())
     lens, pos = [40, 24], zigzag_positions([80, 48])
@@ -128,7 +128,7 @@ def test_block_ops_compose_like_ring_attention(fa, backend):
 
 def test_block_table_covers_each_document_exactly(fa):
     """The real blocks first; the grid bound (40 // 16 + 4 documents) leaves two rows that exit at once."""
-    from kernels.block_table import block_table
+    from loom.kernels.block_table import block_table
 
     table, n = block_table(torch.tensor([0, 0, 5, 5, 40], dtype=torch.int32, device=device()), 16, 40)
     assert n == 6 and table.view(-1, 2).tolist() == [[1, 0], [3, 5], [3, 21], [3, 37], [-1, 0], [-1, 0]]
@@ -144,7 +144,7 @@ def test_triton_reference_forward_api_agree(fa):
 
 def test_block_tables_are_built_once_and_reused(fa):
     """One BlockTables over repeated forward + backward: one table per borders tensor, same results."""
-    from kernels.block_table import BlockTables
+    from loom.kernels.block_table import BlockTables
 
     case = Case([9, 30, 0, 41], hq=2, hkv=1, d=16)
     tables = BlockTables()

@@ -3,10 +3,10 @@ import os
 
 import torch
 
-from engine.config import load_config
-from engine.data import PackedDataset, collate, synthetic_corpus
-from engine.model.batch import PackedBatch
-from engine.model.decoder import build_model
+from loom.config import load_config
+from loom.data import PackedDataset, collate, synthetic_corpus
+from loom.model.batch import PackedBatch
+from loom.model.decoder import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from loom import kernels
+from loom.kernels import reference
 from tests.kernels.conftest import Case, assert_lse_close, max_err, reference_grads, zigzag_positions
 
 ATOL = 1e-5

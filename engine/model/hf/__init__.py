@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
-from engine.model.hf.dense import LLAMA, QWEN2, QWEN3
-from engine.model.hf.llava import LLAVA
-from engine.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
-from engine.model.hf.qwen_vl import QWEN3_VL, QWEN_VL
-from engine.model.hf.naming import ConversionError, Family, check_hf_names, weight_map
+from loom.config import ModelConfig
+from loom.model.hf.dense import LLAMA, QWEN2, QWEN3
+from loom.model.hf.llava import LLAVA
+from loom.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
+from loom.model.hf.qwen_vl import QWEN3_VL, QWEN_VL
+from loom.model.hf.naming import ConversionError, Family, check_hf_names, weight_map
 
 FAMILIES = (LLAMA, QWEN2, QWEN3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, LLAVA, QWEN_VL, QWEN3_VL)
 VLM_FAMILIES = (LLAVA, QWEN_VL, QWEN3_VL)
@@ -69,7 +69,7 @@ def loom_to_hf_name(name: str, family: Family = LLAMA) -> str:
 
 def load_hf_state_dict(model, hf_state: dict, family: Family | None = None) -> None:
     """Copy an HF (on-disk format) state dict into a single-device Loom model; names and shapes must match."""
-    from engine.checkpoint.names import named_tensors
+    from loom.checkpoint.names import named_tensors
 
     family = family or family_for_model(model.cfg)
     if family.specialise is not None:

@@ -24,12 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.config import ConfigError, ModelConfig, build
-from engine.model.hf import VLM_FAMILIES, family_for, family_for_model
-from engine.model.hf.naming import ConversionError, WeightMap, check_hf_names, expected_tensors, weight_map
-from engine.model.hf.tower import tower_map, with_tower
-from engine.model.hf.peft import adapter_names_of, export_adapter, is_adapter, lora_config_of, merged, read_adapter
-from engine.checkpoint import storage as io
+from loom.config import ConfigError, ModelConfig, build
+from loom.model.hf import VLM_FAMILIES, family_for, family_for_model
+from loom.model.hf.naming import ConversionError, WeightMap, check_hf_names, expected_tensors, weight_map
+from loom.model.hf.tower import tower_map, with_tower
+from loom.model.hf.peft import adapter_names_of, export_adapter, is_adapter, lora_config_of, merged, read_adapter
+from loom.checkpoint import storage as io
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -130,7 +130,7 @@ def hf_model_plan(hf_dir: Path):
 
 def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
     """Fill a single-device Loom model from an HF directory, one tensor at a time (``plan``: hf_model_plan's)."""
-    from engine.checkpoint.names import named_tensors
+    from loom.checkpoint.names import named_tensors
 
     _, _, wmap, index = plan or hf_model_plan(hf_dir)
     own = named_tensors(model, model.cfg.tie_embeddings)

@@ -1,8 +1,8 @@
 """Dense decoder families: Llama 3, Qwen2 (q/k/v bias), Qwen3 (q/k-norm, often tied embeddings)."""
 from __future__ import annotations
 
-from engine.config import ModelConfig
-from engine.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family, require
+from loom.config import ModelConfig
+from loom.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family, require
 
 # What every family here needs to size the model; transformers' defaults for these are some
 # release's sizes, never a reason to guess.

@@ -27,10 +27,10 @@ import dataclasses
 import math
 from typing import Collection, Optional
 
-from engine.config import ModelConfig, VisionConfig
-from engine.model.hf.dense import LLAMA, QWEN2, QWEN3, refuse
-from engine.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
-from engine.model.hf.naming import ConversionError, Family, MissingKeys
+from loom.config import ModelConfig, VisionConfig
+from loom.model.hf.dense import LLAMA, QWEN2, QWEN3, refuse
+from loom.model.hf.moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
+from loom.model.hf.naming import ConversionError, Family, MissingKeys
 
 ARCH = "LlavaForConditionalGeneration"
 TEXT_FAMILIES = {"llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE,
@@ -199,7 +199,7 @@ def llava_to_hf(cfg: ModelConfig, base: dict) -> dict:
         raise ConversionError(f"model.vision.post_norm=True is not expressible as {ARCH}: it reads the tower's "
                               "hidden state model.vision.feature_layer before the final norm; train with "
                               "model.vision.post_norm=false")
-    from engine.model.hf import family_for_model
+    from loom.model.hf import family_for_model
 
     text_base = base.get("text_config") or {}
     text_family = _text_family(base) if text_base.get("model_type") else \

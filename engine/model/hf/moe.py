@@ -15,10 +15,10 @@ is refused by name.
 """
 from __future__ import annotations
 
-from engine.config import ModelConfig, MoEConfig
-from engine.model.hf.dense import common_from_hf, common_to_hf, refuse
-from engine.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family
-from engine.model.moe import renormalises
+from loom.config import ModelConfig, MoEConfig
+from loom.model.hf.dense import common_from_hf, common_to_hf, refuse
+from loom.model.hf.naming import COMMON_RULES, DENSE_MLP_RULES, ConversionError, Family
+from loom.model.moe import renormalises
 
 _QWEN_EXPERTS = [
     (r"layers\.(\d+)\.mlp\.gate\.weight", "model.layers.{0}.mlp.gate.weight"),

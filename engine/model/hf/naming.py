@@ -22,7 +22,7 @@ from typing import Callable, Collection, Optional
 
 import torch
 
-from engine.config import ModelConfig
+from loom.config import ModelConfig
 
 # HF names that carry no weights (derived buffers some exporters wrote).
 IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq")
@@ -125,10 +125,10 @@ class Family:
 def expected_tensors(cfg: ModelConfig, lora=None) -> dict[str, torch.Tensor]:
     """Loom name -> meta tensor for every tensor a model of ``cfg`` (with ``lora``'s adapters) has, named as
     checkpoints name them."""
-    from engine.model.decoder import build_model
-    from engine.model.lora import apply_lora
-    from engine.model.vlm import build_vlm
-    from engine.checkpoint.names import named_tensors
+    from loom.model.decoder import build_model
+    from loom.model.lora import apply_lora
+    from loom.model.vlm import build_vlm
+    from loom.checkpoint.names import named_tensors
 
     with torch.device("meta"):
         model = build_vlm(cfg) if cfg.vision.enabled else build_model(cfg)

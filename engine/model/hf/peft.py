@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import LoRAConfig
-from engine.model.hf.naming import ConversionError, Family
-from engine.model.lora import EXPERT_PROJECTIONS, is_adapter
+from loom.config import LoRAConfig
+from loom.model.hf.naming import ConversionError, Family
+from loom.model.lora import EXPERT_PROJECTIONS, is_adapter
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

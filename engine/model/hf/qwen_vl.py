@@ -23,10 +23,10 @@ import dataclasses
 import math
 from typing import Collection, Optional
 
-from engine.config import ModelConfig, VisionConfig
-from engine.model.hf.dense import QWEN2, QWEN3, refuse
-from engine.model.hf.llava import _text_rules
-from engine.model.hf.naming import ConversionError, Family, Fused, MissingKeys, require
+from loom.config import ModelConfig, VisionConfig
+from loom.model.hf.dense import QWEN2, QWEN3, refuse
+from loom.model.hf.llava import _text_rules
+from loom.model.hf.naming import ConversionError, Family, Fused, MissingKeys, require
 
 ARCH = "Qwen2_5_VLForConditionalGeneration"
 ARCH3 = "Qwen3VLForConditionalGeneration"

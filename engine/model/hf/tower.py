@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from engine.config import ConfigError, ModelConfig, VisionConfig
-from engine.model.hf.llava import _vision_rules
-from engine.model.hf.naming import ConversionError, Family, WeightMap, check_hf_names, expected_tensors
+from loom.config import ConfigError, ModelConfig, VisionConfig
+from loom.model.hf.llava import _vision_rules
+from loom.model.hf.naming import ConversionError, Family, WeightMap, check_hf_names, expected_tensors
 
 # name -> (Loom shape, dtype, a function that reads the tensor): what an import writes
 Tensors = dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
@@ -118,8 +118,8 @@ def with_tower(cfg: ModelConfig, base: Tensors, vcfg: VisionConfig, tower: Tenso
 
 
 def _new_projector(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> Tensors:
-    from engine.model.init import initialize_full
-    from engine.model.vision import Projector
+    from loom.model.init import initialize_full
+    from loom.model.vision import Projector
 
     projector = Projector(cfg.vision, cfg.hidden_size)
     initialize_full(projector, seed, cfg.init_std)
