@@ -12,11 +12,11 @@ from unittest import mock
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.data import PackedDataset, collate, synthetic_corpus
-from engine.model.batch import PackedBatch
-from engine.model.decoder import build_model
-from kernels import block_table
+from loom.config import load_config
+from loom.data import PackedDataset, collate, synthetic_corpus
+from loom.model.batch import PackedBatch
+from loom.model.decoder import build_model
+from loom.kernels import block_table
 from tests.host_syncs import count_host_syncs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def _model_syncs(config: str, overrides: list[str]):
 
 
 def test_triton_attention_layer_makes_no_host_sync():
-    import kernels.flash_attn as fa
+    import loom.kernels.flash_attn as fa
 
     assert fa.INTERPRETED and fa.STDLIB_INTERPRETED  # tests/conftest.py sets TRITON_INTERPRET on CPU
     one, two = (_model_syncs("launch/configs/tiny_dense.yaml", [f"model.num_layers={n}"]) for n in (1, 2))
@@ -73,7 +73,7 @@ def test_moe_layer_on_one_device(capacity, budget):
 
 def _moe_ep_syncs(num_layers: int, run_dir: str):
     """Rank-side: host syncs of one step's forward + backward of a MoE model (every layer MoE) under EP2."""
-    from engine.train.trainer import Trainer, build_groups
+    from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"),
                       [f"model.num_layers={num_layers}", "model.moe.first_k_dense=0", "model.attn_backend=triton",

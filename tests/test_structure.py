@@ -135,3 +135,17 @@ def test_bench_dispatches_every_benchmark(capsys):
     assert bench.main([]) == 2 and "loom-bench step" in capsys.readouterr().err
     for module in bench.BENCHES.values():
         assert callable(importlib.import_module(f"loom.tools.{module}").main)
+
+
+def test_every_import_uses_the_loom_names():
+    """The folders install as loom.*: an import of a folder's own name works only from a checkout's root."""
+    old = re.compile(r"^\s*(from|import) (engine|kernels|launch|tools)\b", re.M)
+    offenders = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("build", "runs", "data")
+                   and not d.endswith(".egg-info")]
+        for name in files:
+            if name.endswith((".py", ".md", ".sh")):
+                path = os.path.join(folder, name)
+                offenders += [f"{path}: {m.group(0).strip()}" for m in old.finditer(open(path).read())]
+    assert not offenders, "imports of the folders' own names:\n" + "\n".join(offenders)
