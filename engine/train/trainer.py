@@ -105,17 +105,17 @@ class Trainer:
     def microbatches(self, step: int):
         """This rank's share of the global batch of ``step`` (the batch itself ignores the layout)."""
         if self.batches is not None:  # multimodal: made ahead by the DataLoader's workers
-            return [mb.to(self.device) for mb in self._agreed(self.batches, step)]
+            return [mb.to(self.device) for mb in self._agreed(step)]
         share = (self.sampler.indices(step), self.groups.dp_rank, self.cfg.dp_size(self.groups.world_size),
                  self.cfg.train.micro_batch_size)
         return [mb.to(self.device) for mb in rank_microbatches(self.dataset, *share)]
 
-    def _agreed(self, batches, step: int):
-        """``batches(step)``, or on every rank the same BadSampleError when any rank's share has a bad sample
+    def _agreed(self, step: int):
+        """``self.batches(step)``, or on every rank the same BadSampleError when any rank's share has a bad sample
         (``data.on_bad_sample=error``): a sample read mid-run is found by its own replica only, and the
         others would wait for it in a collective."""
         try:
-            mbs, problem = batches(step), None
+            mbs, problem = self.batches(step), None
         except BadSampleError as e:
             mbs, problem = [], str(e)
         problem = comm.first_text(problem, None, self.device)
