@@ -79,10 +79,16 @@ def table(results: list[dict]) -> str:
 def run(archs, out: Path, steps: int = 700, extra=()) -> list[dict]:
     from loom.config import load_config
 
-    for arch in archs:  # a bad key fails here (ConfigError), not after the data is made and in a subprocess
-        load_config(str(ROOT / CONFIG), [*WORLD_SIZE_1, f"model.vision.arch={arch}", *extra]).validate(1)
+    def configs(data=()):
+        return [load_config(str(ROOT / CONFIG), [*WORLD_SIZE_1, f"model.vision.arch={arch}", *extra, *data])
+                for arch in archs]
+
+    configs()  # a bad key or value type fails here, before the data is made
     out = Path(out)
     data = make_data(out)
+    for cfg in configs([f"data.train_jsonl={data['train']}", f"data.eval_jsonl={data['eval']}",
+                        f"data.tokenizer={data['tokenizer']}"]):
+        cfg.validate(1)  # and a bad combination here, against the real files, not in a subprocess
     return [train_and_eval(arch, data, out / f"run_{arch}", steps, extra) for arch in archs]
 
 
