@@ -149,3 +149,53 @@ def test_every_import_uses_the_loom_names():
                 path = os.path.join(folder, name)
                 offenders += [f"{path}: {m.group(0).strip()}" for m in old.finditer(open(path).read())]
     assert not offenders, "imports of the folders' own names:\n" + "\n".join(offenders)
+
+
+# Outside the model's own modules a model part is reached only through its declared surface
+# (loom.model.surface). These are the reflective calls outside it, each on an object that is no model
+# part: a torch.distributed module or handle, a parameter's sharding spec, a config, argparse's result.
+REFLECTION_ALLOWED = {
+    "loom.parallel.sharding": {"param"},
+    "loom.parallel.expert_parallel": {"meta"},
+    "loom.parallel.comm": {"dist"},
+    "loom.parallel.mesh": {"self", "group"},
+    "loom.parallel.watch": {"self._work"},
+    "loom.parallel.intercept": {"module", "self._local"},
+    "loom.parallel.split_backward": {"leaf"},
+    "loom.train.metrics": {"self.stream"},
+    "loom.train.init_from": {"m", "theirs", "target", "getattr(m, section) if section else m"},
+    "loom.train.multimodal": {"dataset", "mb"},
+    "loom.train.loss": {"ctx"},
+    "loom.tools.bench_pipeline": {"args"},
+}
+
+
+def test_model_parts_are_reached_through_their_declared_surface():
+    """No getattr / hasattr / setattr / delattr on a model part outside engine/model: a pass that needs a
+    part reads the module's declaration (engine/model/surface.py), so a new block type is one declaration."""
+    offenders = []
+    for module, path in _modules().items():
+        if RANK[_layer(module)] <= RANK["model"]:  # the model itself, and what it builds on, which holds no model
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args and \
+                    node.func.id in ("getattr", "hasattr", "setattr", "delattr"):
+                target = ast.unparse(node.args[0])
+                if target not in REFLECTION_ALLOWED.get(module, ()):
+                    offenders.append(f"{path}:{node.lineno}: {node.func.id}({target}, ...)")
+    assert not offenders, "reflection on objects that may be model parts:\n" + "\n".join(offenders)
+
+
+def test_the_passes_do_not_test_model_classes():
+    """Parallelism, LoRA, NF4, recompute and the pipeline split find parts by declaration, not by class."""
+    model_classes = {"Transformer", "DecoderBlock", "Attention", "SwiGLU", "GeluMLP", "MoE", "GroupedExperts",
+                     "VisionLanguageModel", "VisionEncoder", "QwenVisionTower", "Projector", "PatchMerger"}
+    offenders = []
+    for module, path in _modules().items():
+        if _layer(module) != "parallel" and module not in ("loom.model.lora", "loom.model.recompute"):
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                offenders += [f"{path}:{node.lineno}: isinstance(..., {c})" for c in named & model_classes]
+    assert not offenders, "\n".join(offenders)

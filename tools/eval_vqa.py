@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from loom import cli
+from loom.model import surface
 
 
 @dataclass
@@ -127,8 +128,8 @@ def greedy_answers(model, prompts: Sequence[list[int]], pixel_values: Optional[t
         fields = media if media is not None else {"pixel_values": pixel_values}
         logits = model(PackedBatch(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()), **fields))
         last = logits[cu[1:].long() - 1, :vocab_size]
-        cfg = getattr(model, "cfg", None)
-        for token in (getattr(model, "image_token_id", None), getattr(cfg, "video_token_id", None)):
+        placeholders = (model.image_token_id, model.cfg.video_token_id) if surface.has_language_part(model) else ()
+        for token in placeholders:
             if token is not None:  # a generated placeholder would need an image
                 last[:, token] = float("-inf")
         nxt = last.argmax(-1).tolist()

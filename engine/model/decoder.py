@@ -16,6 +16,7 @@ from loom.model.compile import mark_layout_dynamic
 from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, mrope_tables, rope_tables
 from loom.model.init import initialize_full, seed_from_rng
 from loom.model.moe import MoE
+from loom.model.surface import HEAD, VOCAB, Surface
 
 
 def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
@@ -51,6 +52,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         if initialize and not self.embed.weight.is_meta:
             initialize_full(self, seed_from_rng(), cfg.init_std)
+
+    def surface(self) -> Surface:
+        return Surface(projections={"embed": VOCAB, "lm_head": HEAD}, sequence_norms=("norm",), blocks="layers",
+                       first=("embed",), last=("norm", "lm_head"),
+                       ties=(("lm_head", "embed"),) if self.cfg.tie_embeddings else ())
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """``[T, h]`` after the final norm: what the fused LM head loss takes (engine/train/loss.py).

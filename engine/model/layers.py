@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from loom import kernels
 from loom.model.batch import AttnContext
+from loom.model.surface import COLUMN, ROW, Surface
 
 
 class RMSNorm(nn.Module):
@@ -109,6 +110,9 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.backend, self.causal = backend, causal
 
+    def surface(self) -> Surface:
+        return Surface(recompute=("forward",))  # selective recompute keeps q/k/v, drops the scores' work
+
     def forward(self, q, k, v, meta: PackedMeta) -> torch.Tensor:
         return kernels.attention(
             q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
@@ -132,6 +136,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
         self.core = CoreAttention(backend)
 
+    def surface(self) -> Surface:
+        return Surface(projections={"q_proj": COLUMN, "k_proj": COLUMN, "v_proj": COLUMN, "o_proj": ROW},
+                       adapters={n: n for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                       head_norms=("q_norm", "k_norm"), attention_core="core", cache=("kv",))
+
     def forward(self, x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (-1, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (-1, self.head_dim))
@@ -151,6 +160,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
+    def surface(self) -> Surface:
+        return Surface(projections={"gate_proj": COLUMN, "up_proj": COLUMN, "down_proj": ROW},
+                       adapters={n: n for n in ("gate_proj", "up_proj", "down_proj")})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -164,6 +177,9 @@ class DecoderBlock(nn.Module):
         self.attn = attn
         self.mlp_norm = RMSNorm(hidden, eps)
         self.mlp = mlp
+
+    def surface(self) -> Surface:
+        return Surface(sequence_norms=("attn_norm", "mlp_norm"))
 
     def forward(self, h: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), meta)

@@ -15,17 +15,16 @@ A starts ``N(0, 1/in)`` and B at zero, so training starts from the base model ex
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from loom.config import LORA_TARGETS, LoRAConfig
+from loom.model import surface
 from loom.model.init import ZEROS, normal
-from loom.model.layers import SwiGLU
-from loom.model.moe import MoE
 from loom.model.quant import NF4Linear, base_linear, quantize_param
+from loom.model.surface import COLUMN, ROW
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 __all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS",
@@ -81,8 +80,8 @@ def _init_adapter(a: torch.Tensor, b: torch.Tensor, fan_in: int) -> None:
 def add_expert_adapters(experts: nn.Module, cfg: LoRAConfig) -> None:
     """Stacked adapters for each projection of ``experts`` (a GroupedExperts): one adapter per expert."""
     experts.lora_scaling, experts.lora_dropout = cfg.alpha / cfg.rank, cfg.dropout
-    for name in EXPERT_PROJECTIONS:
-        w = getattr(experts, name)
+    for name in surface.surface_of(experts).stacked:
+        w = surface.part(experts, name)
         e, out, inp = w.shape
         a = nn.Parameter(torch.empty(e, cfg.rank, inp, dtype=w.dtype, device=w.device))
         b = nn.Parameter(torch.empty(e, out, cfg.rank, dtype=w.dtype, device=w.device))
@@ -92,61 +91,37 @@ def add_expert_adapters(experts: nn.Module, cfg: LoRAConfig) -> None:
         setattr(experts, f"{name}_lora_B", b)
 
 
-def _wrap(module: nn.Module, names, cfg: LoRAConfig) -> int:
-    n = 0
-    for name in names:
-        linear = getattr(module, name, None)
-        if isinstance(linear, nn.Linear) and not isinstance(linear, LoRALinear):
-            setattr(module, name, LoRALinear.from_linear(linear, cfg))
-            n += 1
-    return n
-
-
-def _wrap_all(root: Optional[nn.Module], cfg: LoRAConfig) -> int:
-    """Every linear under ``root`` (the vision tower, the projector), by their own names."""
-    n = 0
-    for module in list(root.modules()) if root is not None else []:
-        n += _wrap(module, [k for k, v in module.named_children() if isinstance(v, nn.Linear)], cfg)
-    return n
+def _wrap(owner: nn.Module, name: str, cfg: LoRAConfig) -> int:
+    linear = surface.part(owner, name)
+    if isinstance(linear, nn.Linear) and not isinstance(linear, LoRALinear):
+        surface.set_part(owner, name, LoRALinear.from_linear(linear, cfg))
+        return 1
+    return 0
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
     """Give ``model`` (a Transformer or a VisionLanguageModel, before parallelize) the adapters that
     ``cfg.target_modules`` names; freeze everything else. Returns the number of adapted layers.
 
-    ``gate_proj`` / ``up_proj`` / ``down_proj`` mean the dense MLPs; ``shared_expert`` and ``experts``
-    the MoE layers' shared and routed experts; ``vision`` every linear of the ViT blocks (not the
-    patch embedding) and ``projector`` the projector's.
+    The names are the model's declared adapter targets (engine/model/surface.py): ``q_proj`` ...
+    ``down_proj`` the decoder's attention and dense MLP projections; ``shared_expert`` and ``experts``
+    the MoE layers' shared and routed experts; ``vision`` every projection of the tower's blocks (not
+    the patch embedding) and ``projector`` the projector's.
     """
     if cfg.rank == 0:
         return 0
-    targets = set(cfg.target_modules)
-    llm = getattr(model, "llm", model)
     n = 0
-    for block in llm.layers.values():
-        n += _wrap(block.attn, [t for t in ("q_proj", "k_proj", "v_proj", "o_proj") if t in targets], cfg)
-        mlp = block.mlp
-        if isinstance(mlp, MoE):
-            if "shared_expert" in targets and mlp.shared_expert is not None:
-                n += _wrap(mlp.shared_expert, EXPERT_PROJECTIONS, cfg)
-            if "experts" in targets:
-                add_expert_adapters(mlp.experts, cfg)
-                n += 1
-        elif isinstance(mlp, SwiGLU):
-            n += _wrap(mlp, [t for t in EXPERT_PROJECTIONS if t in targets], cfg)
-    vision = getattr(model, "vision", None)
-    if "vision" in targets and vision is not None:
-        n += sum(_wrap_all(block, cfg) for block in vision.layers.values())
-    if "projector" in targets and getattr(model, "projector", None) is not None:
-        n += _wrap_all(model.projector, cfg)
+    for owner, name, role in list(surface.adapter_sites(model, cfg.target_modules)):
+        if role == "stacked":
+            add_expert_adapters(owner, cfg)
+            n += 1
+        else:
+            n += _wrap(owner, name, cfg)
     if n == 0:
         raise ValueError(f"train.lora.target_modules={cfg.target_modules} matches no layer of this model")
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
     return n
-
-
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @torch.no_grad()
@@ -158,27 +133,20 @@ def quantize_base(model: nn.Module, cfg: LoRAConfig) -> int:
     if cfg.base_dtype != "nf4":
         return 0
     block, dq, n = cfg.quant_block, cfg.double_quant, 0
-    for block_module in getattr(model, "llm", model).layers.values():
-        mlp = block_module.mlp
-        owners = [(block_module.attn, ATTENTION_PROJECTIONS)]
-        if isinstance(mlp, MoE):
-            if mlp.shared_expert is not None:
-                owners.append((mlp.shared_expert, EXPERT_PROJECTIONS))
-            for name in EXPERT_PROJECTIONS:
-                quantize_param(mlp.experts, name, block, dq)
+    for layer in surface.blocks(surface.language_model(model)).values():
+        for module, s in surface.declared(layer):
+            for name in s.stacked:
+                quantize_param(module, name, block, dq)
                 n += 1
-        else:
-            owners.append((mlp, EXPERT_PROJECTIONS))
-        for owner, names in owners:
-            for name in names:
-                n += _quantize_linear(owner, name, block, dq)
+            for name, _ in surface.parts(module, [k for k, role in s.projections.items() if role in (COLUMN, ROW)]):
+                n += _quantize_linear(module, name, block, dq)
     return n
 
 
 def _quantize_linear(owner: nn.Module, name: str, block: int, double_quant: bool) -> int:
-    layer = getattr(owner, name)
+    layer = surface.part(owner, name)
     if type(layer) is nn.Linear:
-        setattr(owner, name, NF4Linear(layer, block, double_quant))
+        surface.set_part(owner, name, NF4Linear(layer, block, double_quant))
     elif getattr(layer, "supports_nf4", False):
         quantize_param(layer, "weight", block, double_quant)
     else:

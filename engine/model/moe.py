@@ -51,6 +51,7 @@ from loom.compat import grouped_mm, grouped_mm_runs
 from loom.model.quant import expert_grouped_mm, expert_linear, quantized
 from loom.model.layers import SwiGLU
 from loom.model.recompute import recomputing
+from loom.model.surface import COLUMN, ROW, Surface
 
 # ----------------------------------------------------------------------------- routing
 
@@ -286,6 +287,9 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
+    def surface(self) -> Surface:
+        return Surface(stacked={"gate_proj": COLUMN, "up_proj": COLUMN, "down_proj": ROW}, recompute=("activation",))
+
     def reset_parameters(self, std: float) -> None:
         for w in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(w, mean=0.0, std=std)
@@ -457,6 +461,10 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher()
         self.scope = BalanceScope()
         self.stats = MoEStats(cfg.num_experts)
+
+    def surface(self) -> Surface:
+        return Surface(experts="experts", token_sliced=("gate", "shared_expert_gate"),
+                       adapters={"shared_expert": "shared_expert", "experts": "experts"})
 
     # Under train.compile the layer runs eagerly inside its compiled block: routing makes every shape
     # data-dependent (rows per expert, dropped assignments, the EP exchange's split sizes), and the

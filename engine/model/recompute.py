@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from loom.model import surface
+
 _state = threading.local()
 # Callbacks told about the tensors a checkpoint keeps for its recompute (its inputs): the activation
 # tracker counts them (engine/train/activations.py), since they are held until backward.
@@ -91,13 +93,12 @@ def replace_inner(obj, attr: str, transform: Callable[[Callable], Callable]) -> 
 
 
 def _text_blocks(chunk: nn.Module) -> list[nn.Module]:
-    model = chunk.llm if hasattr(chunk, "llm") else chunk
-    return [block for _, block in sorted(model.layers.items(), key=lambda kv: int(kv[0]))]
+    return list(surface.blocks(surface.language_model(chunk)).values())
 
 
 def all_blocks(chunk: nn.Module) -> list[nn.Module]:
-    vision = getattr(chunk, "vision", None)
-    return _text_blocks(chunk) + (list(vision.layers.values()) if vision is not None else [])
+    """The decoder's blocks, then a VLM's tower blocks (what this chunk holds of them)."""
+    return _text_blocks(chunk) + surface.tower_blocks(chunk)
 
 
 def apply_recompute(chunks: list[nn.Module], mode: str, layers: Optional[int] = None) -> None:
@@ -113,7 +114,6 @@ def apply_recompute(chunks: list[nn.Module], mode: str, layers: Optional[int] = 
                 _wrap(block, "forward")
             continue
         for block in all_blocks(chunk):
-            _wrap(block.attn.core, "forward")
-            experts = getattr(block.mlp, "experts", None)
-            if experts is not None and hasattr(experts, "activation"):
-                _wrap(experts, "activation")
+            for module, s in surface.declared(block):
+                for method in s.recompute:
+                    _wrap(module, method)

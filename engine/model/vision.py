@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from loom.config import VisionConfig
 from loom.model.init import Init, normal
 from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
+from loom.model.surface import COLUMN, REPLICATED, ROW, Surface
 
 
 class GeluMLP(nn.Module):
@@ -28,6 +29,9 @@ class GeluMLP(nn.Module):
         self.fc1 = nn.Linear(hidden, intermediate)
         self.fc2 = nn.Linear(intermediate, hidden)
         self.act = act
+
+    def surface(self) -> Surface:
+        return Surface(projections={"fc1": COLUMN, "fc2": ROW}, adapters={"fc1": "fc1", "fc2": "fc2"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
@@ -79,6 +83,9 @@ class VisionEncoder(nn.Module):
         self.pre_norm = _norm(cfg) if cfg.pre_norm else None
         self.layers = nn.ModuleDict({str(i): vision_block(cfg, backend) for i in range(cfg.num_layers)})
         self.norm = _norm(cfg)
+
+    def surface(self) -> Surface:
+        return Surface(blocks="layers", adapters={"layers": "vision"})
 
     def init_rules(self, std: float) -> dict:
         """Learned positions start as 2-D sine-cosine (MAE): from a small random start a tiny ViT learns
@@ -157,6 +164,10 @@ class Projector(nn.Module):
         in_features = cfg.hidden_size * (4 if cfg.merge else 1)
         self.fc1 = nn.Linear(in_features, llm_hidden)
         self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+
+    def surface(self) -> Surface:  # small, and run on whole images: every rank holds it whole
+        return Surface(projections={"fc1": REPLICATED, "fc2": REPLICATED},
+                       adapters={"fc1": "projector", "fc2": "projector"})
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``[N, g*g, C]`` -> ``[N, tokens_per_image, llm_hidden]``."""

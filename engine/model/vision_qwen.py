@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from loom.config import VisionConfig
 from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU
+from loom.model.surface import REPLICATED, Surface
 from loom.model.vision import GeluMLP
 
 
@@ -131,6 +132,9 @@ class QwenVisionTower(nn.Module):
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size) if qwen3 else None
         self.layers = nn.ModuleDict({str(i): qwen_block(cfg, backend) for i in range(cfg.num_layers)})
 
+    def surface(self) -> Surface:
+        return Surface(blocks="layers", adapters={"layers": "vision"})
+
     def unused_parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -199,6 +203,10 @@ class PatchMerger(nn.Module):
         self.width, self.after_concat = width, after_concat
         if cfg.deepstack_visual_indexes and not after_concat:
             self.deepstack = nn.ModuleList([PatchMerger(cfg, llm_hidden, True) for _ in cfg.deepstack_visual_indexes])
+
+    def surface(self) -> Surface:  # small, and run on whole images: every rank holds it whole
+        return Surface(projections={"fc1": REPLICATED, "fc2": REPLICATED},
+                       adapters={"fc1": "projector", "fc2": "projector"})
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``[patches, C]`` -> ``[patches / merge^2, llm_hidden]``."""

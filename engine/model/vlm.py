@@ -8,7 +8,6 @@ row each local token takes when this rank holds only a shard of the sequence.
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -19,6 +18,7 @@ from loom.model.batch import PackedBatch, check_hf_inputs, one_input, pack_rows,
 from loom.model.decoder import Transformer
 from loom.model.init import initialize_full, seed_from_rng
 from loom.model.mrope import mrope_positions
+from loom.model.surface import Surface
 from loom.model.vision import Projector, VisionEncoder
 from loom.model.vision_qwen import PatchMerger, QwenVisionTower, check_grid, merged_tokens
 
@@ -53,17 +53,9 @@ class VisionLanguageModel(nn.Module):
         if not self.llm.embed.weight.is_meta:  # on meta the trainer fills each rank's shards
             initialize_full(self, seed_from_rng(), cfg.init_std)
 
-    def pipeline_stage(self, llm: Transformer) -> "VisionLanguageModel":
-        """A shell around one pipeline stage of the LLM (pipeline.py's split of ``self.llm``).
-
-        The stage that owns the embedding keeps the vision tower and projector; the others get
-        None there, so every parameter keeps its world-size-1 name (``llm.layers.N.*``).
-        """
-        stage = copy.copy(self)
-        stage._modules = {**self._modules, "llm": llm}
-        if llm.embed is None:
-            stage._modules.update(vision=None, projector=None, seq_shard=None)
-        return stage
+    def surface(self) -> Surface:
+        return Surface(language="llm", whole_input=("vision", "projector"), sequence_entry="seq_shard",
+                       first=("vision", "projector", "seq_shard"), adapters={"projector": "projector"})
 
     @property
     def tokens_per_image(self) -> int:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from loom import kernels
 from loom.model.batch import AttnContext, PackedBatch
+from loom.model.surface import Surface
 from loom.parallel import comm
 from loom.parallel.cp_plan import CommStats, ZigzagPlan
 from loom.parallel.ring_attention import ring_attention
@@ -63,6 +64,9 @@ class ContextParallelAttention(nn.Module):
             raise ValueError(f"cp mode {mode!r} is not one of {', '.join(CP_MODES)}")
         self.backend, self.causal, self.group, self.mode = backend, causal, group, mode
         self.stats = stats if stats is not None else CommStats()
+
+    def surface(self) -> Surface:
+        return Surface(recompute=("forward",))  # as the CoreAttention it replaces
 
     # Eager under train.compile: the shard plan drives host-side loops over ring steps and blocks,
     # and the exchanges are collectives (see comm.py).

@@ -26,6 +26,8 @@ import torch.nn as nn
 from loom.config import ConfigError
 from loom.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
     unpermute
+from loom.model import surface
+from loom.model.surface import COLUMN
 from loom.parallel import comm
 from loom.parallel.index import ranges
 from loom.parallel.context_parallel import CPShard
@@ -176,8 +178,8 @@ class ShardedBalanceScope(BalanceScope):
 
 
 def moe_layers(model: nn.Module) -> dict[int, MoE]:
-    """This rank's MoE layers by global layer index."""
-    return {int(name): block.mlp for name, block in model.layers.items() if isinstance(block.mlp, MoE)}
+    """This rank's MoE layers by global layer index (the blocks' declared routed-expert modules)."""
+    return surface.routed_layers(model)
 
 
 def parallelize_moe(model: nn.Module, groups, cfg) -> None:
@@ -198,11 +200,10 @@ def parallelize_moe(model: nn.Module, groups, cfg) -> None:
         moe.scope = scope
         if ep * etp > 1:
             moe.dispatcher = ExpertParallelDispatcher(groups.ep_etp, cfg.model.moe.num_experts, ep, etp, placement[i])
-        shard_experts(moe.experts, groups, placement[i][groups.ep_rank])
-        if tp_split:
-            mark(moe.gate.weight, partial=True)
-            if moe.shared_expert_gate is not None:
-                mark(moe.shared_expert_gate.weight, partial=True)
+        s = surface.surface_of(moe)
+        shard_experts(surface.part(moe, s.experts), groups, placement[i][groups.ep_rank])
+        for _, sliced in surface.parts(moe, s.token_sliced if tp_split else ()):
+            mark(sliced.weight, partial=True)
 
 
 def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = None) -> None:
@@ -213,12 +214,13 @@ def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = N
     mine = contiguous if mine is None else list(mine)
     # LoRA adapters follow their expert over ep; over etp (F) B of gate/up and A of down are split, the
     # other factor is replicated and its gradient partial (as column / row-parallel layers: tensor_parallel.py).
-    layout = [("gate_proj", 1), ("up_proj", 1), ("down_proj", 2)]
+    stacked = surface.surface_of(experts).stacked
+    layout = [(name, 1 if role == COLUMN else 2) for name, role in stacked.items()]
     if experts.has_lora:
-        layout += [("gate_proj_lora_A", None), ("gate_proj_lora_B", 1), ("up_proj_lora_A", None),
-                   ("up_proj_lora_B", 1), ("down_proj_lora_A", 2), ("down_proj_lora_B", None)]
+        for name, role in stacked.items():
+            layout += [(f"{name}_lora_A", None if role == COLUMN else 2), (f"{name}_lora_B", 1 if role == COLUMN else None)]
     for name, f_dim in layout:
-        full = getattr(experts, name).detach()
+        full = surface.part(experts, name).detach()
         shard = full[torch.tensor(mine, device=full.device)]
         if f_dim is not None:
             shard = shard.chunk(etp, dim=f_dim)[groups.etp_rank]
@@ -227,7 +229,7 @@ def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = N
         for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
             if size > 1 and dim is not None:
                 add_split(param, dim, group)
-        setattr(experts, name, param)
+        surface.set_part(experts, name, param)
     experts.num_experts = len(mine)
 
 

@@ -1,12 +1,19 @@
 """The only place where the model meets parallelism.
 
-``parallelize(model, groups, cfg)`` swaps the single-device linears and embedding for their
-tensor-parallel versions, slicing the weights the model was built with (every rank builds it
-from the same seed, so any layout starts from identical weights), and marks the parameters
-whose gradients need a reduction over TP. Under context parallelism it also swaps every
-``CoreAttention`` for ``ContextParallelAttention`` (ring or Ulysses). MoE layers get their
-expert shards, the EP dispatcher and the balancing scope from expert_parallel.py; their shared
-expert is tensor-parallel like a dense MLP.
+``parallelize(model, groups, cfg)`` reads the model's declared surface (engine/model/surface.py) and
+applies it: each ``column`` / ``row`` / ``vocab`` / ``head`` projection becomes its tensor-parallel
+version, sliced from the weights the model was built with (every rank builds it from the same seed,
+so any layout starts from identical weights), and the parameters whose gradients need a reduction
+over TP are marked. Under context parallelism every declared attention core becomes a
+``ContextParallelAttention`` (ring or Ulysses). Routed experts get their shards, the EP dispatcher
+and the balancing scope from expert_parallel.py; a shared expert is tensor-parallel like a dense MLP.
+
+A VLM's whole-input parts (the vision tower and projector) are TP-sharded the same way but without
+SP or CP: image tokens are spliced into the full-sequence embeddings, so under SP the LLM embedding
+stays unsplit (all-reduce) and the declared sequence entry cuts the spliced result into this rank's
+slice. They are replicated over CP and DP, and their gradients are reduced over dp x cp like every
+other replicated parameter. Under CP the trainer hands ``image_slots`` so each rank splices the
+features of its own placeholder tokens (engine/train/multimodal.py).
 
 ``parallelize_stages`` first cuts the model into this rank's pipeline stages (pipeline.py), then
 parallelizes each; a stage lacks the embedding / final norm / head it does not own.
@@ -18,10 +25,8 @@ import torch
 import torch.nn as nn
 
 from loom.config import Config
-from loom.model.decoder import Transformer
-from loom.model.moe import MoE
-from loom.model.vision import GeluMLP
-from loom.model.vlm import VisionLanguageModel
+from loom.model import surface
+from loom.model.surface import COLUMN, HEAD, ROW, VOCAB
 from loom.parallel import comm
 from loom.parallel.context_parallel import ContextParallelAttention
 from loom.parallel.cp_plan import CommStats
@@ -37,55 +42,36 @@ from loom.parallel.tensor_parallel import (
 )
 
 
-def parallelize(model: Transformer, groups: ParallelGroups, cfg: Config) -> Transformer:
-    tp, sp = groups.tp, cfg.parallel.sp
+def parallelize(model: nn.Module, groups: ParallelGroups, cfg: Config) -> nn.Module:
+    """Apply ``model``'s declared surface to this rank's layout (a decoder, a VLM, or a stage of either)."""
     for param in model.parameters():
         mark(param)
+    language = surface.language_model(model)
     _parallelize_context(model, groups, cfg)
-    parallelize_moe(model, groups, cfg)
-    if comm.group_size(tp) == 1:
-        return model
-    enter = "gather" if sp else "copy"
-    if model.embed is not None:
-        model.embed = VocabParallelEmbedding.from_embedding(model.embed, tp, sequence_parallel=sp)
-    for block in model.layers.values():
-        _parallelize_attention(block.attn, tp, sp)
-        if not isinstance(block.mlp, MoE):
-            _parallelize_mlp(block.mlp, tp, sp)
-        elif block.mlp.shared_expert is not None:
-            _parallelize_mlp(block.mlp.shared_expert, tp, sp)
-        if sp:  # norms run on this rank's token slice
-            mark(block.attn_norm.weight, partial=True)
-            mark(block.mlp_norm.weight, partial=True)
-    if sp and model.norm is not None:
-        mark(model.norm.weight, partial=True)
-    if model.lm_head is not None:
-        model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, tp, input_mode=enter)
-    if cfg.model.tie_embeddings and model.embed is not None and model.lm_head is not None:
-        model.lm_head.weight = model.embed.weight
+    parallelize_moe(language, groups, cfg)
+    if comm.group_size(groups.tp) > 1:
+        _shard(model, groups.tp, cfg.parallel.sp, cfg.parallel.sp)
+    _tie(model)
     return model
 
 
-def parallelize_stages(model: Transformer, groups: ParallelGroups, cfg: Config) -> list[Transformer]:
+def parallelize_stages(model: nn.Module, groups: ParallelGroups, cfg: Config) -> list[nn.Module]:
     """This rank's model chunks, each parallelized: ``[model]``, or its virtual pipeline stages.
 
     The split comes first, on the plain module; with tied embeddings the last stage's head
     starts from the same weight as the first stage's embedding (pipeline.py keeps them equal).
+    A VLM's vision tower rides with the first stage.
     """
     p = cfg.parallel
-    if isinstance(model, VisionLanguageModel):  # the vision tower rides with the first stage
-        if p.pp == 1:
-            return [parallelize_vlm(model, groups, cfg)]
-        _check_deepstack_on_first_stage(model, p)
-        chunks = split_stages(model.llm, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
-        return [parallelize_vlm(model.pipeline_stage(chunk), groups, cfg) for chunk in chunks]
     if p.pp == 1:
         return [parallelize(model, groups, cfg)]
+    if surface.has_language_part(model):
+        _check_deepstack_on_first_stage(model, p)
     chunks = split_stages(model, groups.pp_rank, p.pp, p.vpp, p.pp_layout)
     return [parallelize(chunk, groups, cfg) for chunk in chunks]
 
 
-def _check_deepstack_on_first_stage(model: VisionLanguageModel, p) -> None:
+def _check_deepstack_on_first_stage(model: nn.Module, p) -> None:
     """DeepStack features join the LLM after its first layers; they are made next to the vision tower,
     on the first stage, and do not travel between stages, so those layers must all be there."""
     need = len(model.cfg.vision.deepstack_visual_indexes)
@@ -94,40 +80,6 @@ def _check_deepstack_on_first_stage(model: VisionLanguageModel, p) -> None:
         raise ValueError(f"model.vision.deepstack_visual_indexes adds features after LLM layers 0..{need - 1}, "
                          f"but the first pipeline stage holds {first} layer(s); give it at least {need} "
                          "(parallel.pp_layout)")
-
-
-def parallelize_vlm(model: VisionLanguageModel, groups: ParallelGroups, cfg: Config) -> VisionLanguageModel:
-    """The LLM as ``parallelize``; the vision tower TP-sharded with the same helpers but without SP.
-
-    Image tokens are spliced into the full-sequence embeddings, so under SP the LLM embedding
-    stays unsplit (all-reduce) and ``seq_shard`` cuts the spliced result into this rank's slice.
-    The vision tower and projector are replicated over CP and DP, and their gradients are
-    reduced over dp x cp like every other replicated parameter. Under CP the trainer hands
-    ``image_slots`` so each rank splices the features of its own placeholder tokens, and a
-    native-resolution tower's M-RoPE positions, computed on the full microbatch and sharded like
-    the tokens (engine/train/multimodal.py). Its window borders are the same on every TP rank
-    (each runs all patches, with its heads); DeepStack rows go through ``seq_shard`` with the
-    embeddings, and stay on the first pipeline stage.
-    """
-    parallelize(model.llm, groups, cfg)
-    if model.vision is None:  # a later pipeline stage
-        return model
-    for param in (*model.vision.parameters(), *model.projector.parameters()):
-        mark(param)
-    tp = groups.tp
-    if comm.group_size(tp) == 1:
-        return model
-    for block in model.vision.layers.values():
-        _parallelize_attention(block.attn, tp, sp=False)
-        if isinstance(block.mlp, GeluMLP):
-            block.mlp.fc1 = ColumnParallelLinear.from_linear(block.mlp.fc1, tp, input_mode="copy")
-            block.mlp.fc2 = RowParallelLinear.from_linear(block.mlp.fc2, tp)
-        else:
-            _parallelize_mlp(block.mlp, tp, sp=False)
-    if cfg.parallel.sp:
-        model.llm.embed.sequence_parallel = False
-        model.seq_shard = _ScatterToSequence(tp)
-    return model
 
 
 class _ScatterToSequence(nn.Module):
@@ -151,28 +103,67 @@ def _enter_once(module: nn.Module, group, sp: bool) -> None:
     module.register_forward_pre_hook(hook)
 
 
-def _parallelize_attention(attn: nn.Module, tp, sp: bool) -> None:
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), tp, input_mode="none"))
-    attn.o_proj = RowParallelLinear.from_linear(attn.o_proj, tp, sequence_parallel=sp)
-    _enter_once(attn, tp, sp)
-    if attn.q_norm is not None:  # shared over heads, and each TP rank holds different heads
-        mark(attn.q_norm.weight, partial=True)
-        mark(attn.k_norm.weight, partial=True)
+def _shard(module: nn.Module, tp, sp: bool, embed_sp: bool) -> None:
+    """Swap the declared projections of ``module`` and below for their TP versions."""
+    s = surface.surface_of(module)
+    if sp and s.sequence_entry is not None:  # spliced inputs: cut after the splice, not at the embedding
+        surface.set_part(module, s.sequence_entry, _ScatterToSequence(tp))
+        embed_sp = False
+    _shard_projections(module, s, tp, sp, embed_sp)
+    for _, norm in surface.parts(module, s.head_norms):  # shared over heads, and each TP rank holds different heads
+        mark(norm.weight, partial=True)
+    for _, norm in surface.parts(module, s.sequence_norms if sp else ()):  # run on this rank's token slice
+        mark(norm.weight, partial=True)
+    whole = set(s.whole_input)
+    for name, child in list(module.named_children()):
+        if name not in s.projections:
+            _shard(child, tp, sp and name not in whole, embed_sp and name not in whole)
 
 
-def _parallelize_mlp(mlp: nn.Module, tp, sp: bool) -> None:
-    mlp.gate_proj = ColumnParallelLinear.from_linear(mlp.gate_proj, tp, input_mode="none")
-    mlp.up_proj = ColumnParallelLinear.from_linear(mlp.up_proj, tp, input_mode="none")
-    mlp.down_proj = RowParallelLinear.from_linear(mlp.down_proj, tp, sequence_parallel=sp)
-    _enter_once(mlp, tp, sp)
+def _shard_projections(module: nn.Module, s: surface.Surface, tp, sp: bool, embed_sp: bool) -> None:
+    columns = False
+    for name, layer in list(surface.parts(module, s.projections)):
+        role = s.projections[name]
+        if role == COLUMN:
+            layer, columns = ColumnParallelLinear.from_linear(layer, tp, input_mode="none"), True
+        elif role == ROW:
+            layer = RowParallelLinear.from_linear(layer, tp, sequence_parallel=sp)
+        elif role == VOCAB:
+            layer = VocabParallelEmbedding.from_embedding(layer, tp, sequence_parallel=embed_sp)
+        elif role == HEAD:
+            layer = ColumnParallelLinear.from_linear(layer, tp, input_mode="gather" if sp else "copy")
+        else:
+            continue
+        surface.set_part(module, name, layer)
+    if columns:
+        _enter_once(module, tp, sp)
 
 
-def _parallelize_context(model: Transformer, groups: ParallelGroups, cfg: Config) -> None:
-    """Under CP every attention spans the CP group; the layers share one CommStats (``.stats``)."""
+def _tie(model: nn.Module) -> None:
+    """Re-tie declared shared weights after their holders were swapped (a stage may hold only one)."""
+    for module, s in surface.declared(model):
+        for a, b in s.ties:
+            holder, source = surface.part(module, a), surface.part(module, b)
+            if holder is not None and source is not None:
+                holder.weight = source.weight
+
+
+def _parallelize_context(model: nn.Module, groups: ParallelGroups, cfg: Config) -> None:
+    """Under CP every attention of the sequence spans the CP group; they share one CommStats (``.stats``)."""
     if comm.group_size(groups.cp) == 1:
         return
     stats = CommStats()
-    for block in model.layers.values():
-        core = block.attn.core
-        block.attn.core = ContextParallelAttention(core.backend, core.causal, groups.cp, cfg.parallel.cp_mode, stats)
+    for module, s in _sequence_modules(model):
+        if s.attention_core is not None:
+            core = surface.part(module, s.attention_core)
+            surface.set_part(module, s.attention_core, ContextParallelAttention(
+                core.backend, core.causal, groups.cp, cfg.parallel.cp_mode, stats))
+
+
+def _sequence_modules(module: nn.Module):
+    """Declared modules that run on the (CP-split) token sequence: all but the whole-input parts."""
+    s = surface.surface_of(module)
+    yield module, s
+    for name, child in module.named_children():
+        if name not in s.whole_input:
+            yield from _sequence_modules(child)

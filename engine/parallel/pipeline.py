@@ -1,9 +1,10 @@
 """Pipeline parallelism: stage split with stable parameter names, p2p, and one table executor.
 
 - ``split_stages`` cuts the single-device model into this rank's virtual stages. Each is a copy
-  of the model skeleton that keeps only its blocks (``model.layers`` is keyed by global layer
-  index) and sets ``embed`` / ``norm`` / ``lm_head`` to None where it does not own them, so
-  parameter names are those of the whole model and checkpoints never see stage-local names.
+  of the model skeleton that keeps only its blocks (keyed by global layer index) and sets the
+  first / last stage's declared parts (embedding; final norm and LM head) to None where it does
+  not own them, so parameter names are those of the whole model and checkpoints never see
+  stage-local names.
 - ``PipelineExecutor`` runs one rank's schedule table (pipeline_schedule.py): forward steps
   through a callback, backward steps with autograd (split into B and W passes where the table
   has W steps, split_backward.py), p2p steps posted asynchronously on one process group per
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from loom.config import stage_layout
+from loom.model import surface
 from loom.parallel.mesh import ParallelGroups, group_layout
 from loom.parallel.sharding import set_spec
 from loom.parallel.pipeline_schedule import (
@@ -46,9 +48,12 @@ def split_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int = 1,
     """This rank's chunks: virtual stages ``pp_rank, pp_rank + pp, ...`` (Megatron order).
 
     Parameters are moved, not copied: each chunk shares its tensors with ``model``, which the
-    caller drops. Run this before tensor parallelism so every chunk is a plain module.
+    caller drops. Run this before tensor parallelism so every chunk is a plain module. Which parts
+    a stage keeps is the model's declaration (engine/model/surface.py): its blocks by global index,
+    the ``first`` parts on the first stage only, the ``last`` on the last (a VLM's vision tower and
+    projector are first-stage parts).
     """
-    stages = stage_layers(len(model.layers), pp, vpp, layout)
+    stages = stage_layers(len(surface.blocks(surface.language_model(model))), pp, vpp, layout)
     chunks = []
     for chunk in range(vpp):
         stage = chunk * pp + pp_rank
@@ -59,15 +64,21 @@ def split_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int = 1,
 def _stage_module(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
     keep = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     stage = copy.deepcopy(model, memo=keep)  # new modules around the same tensors
-    for name in list(stage.layers.keys()):
-        if int(name) not in layers:
-            del stage.layers[name]
-    if not first:
-        stage.embed = None
-    if not last:
-        stage.norm = None
-        stage.lm_head = None
+    _trim(stage, layers, first, last)
     return stage
+
+
+def _trim(module: nn.Module, layers: range, first: bool, last: bool) -> None:
+    s = surface.surface_of(module)
+    if s.blocks is not None:
+        held = surface.part(module, s.blocks)
+        for name in list(held.keys()):
+            if int(name) not in layers:
+                del held[name]
+    for name in (() if first else s.first) + (() if last else s.last):
+        surface.set_part(module, name, None)
+    if s.language is not None:
+        _trim(surface.part(module, s.language), layers, first, last)
 
 
 def join_chunks(chunks: list[nn.Module]) -> nn.Module:
@@ -78,15 +89,19 @@ def join_chunks(chunks: list[nn.Module]) -> nn.Module:
     """
     if len(chunks) == 1:
         return chunks[0]
-    if hasattr(chunks[0], "llm"):  # VLM shells (VisionLanguageModel.pipeline_stage): join their LLM parts
+    s = surface.surface_of(chunks[0])
+    if s.language is not None:  # VLM shells: join their language parts
         joined = copy.copy(chunks[0])
-        joined._modules = {**chunks[0]._modules, "llm": join_chunks([c.llm for c in chunks])}
+        joined._modules = {**chunks[0]._modules,
+                           s.language: join_chunks([surface.part(c, s.language) for c in chunks])}
         return joined
     reuse = {id(m): m for chunk in chunks for m in chunk.modules() if m is not chunk}
     joined = copy.deepcopy(chunks[0], memo=reuse)
-    layers = sorted(((k, v) for chunk in chunks for k, v in chunk.layers.items()), key=lambda kv: int(kv[0]))
-    joined.layers = nn.ModuleDict(layers)
-    joined.norm, joined.lm_head = chunks[-1].norm, chunks[-1].lm_head
+    layers = sorted(((k, v) for chunk in chunks for k, v in surface.part(chunk, s.blocks).items()),
+                    key=lambda kv: int(kv[0]))
+    surface.set_part(joined, s.blocks, nn.ModuleDict(layers))
+    for name in s.last:
+        surface.set_part(joined, name, surface.part(chunks[-1], name))
     return joined
 
 
@@ -106,12 +121,14 @@ def tied_embedding(chunks: list[nn.Module], groups: ParallelGroups, tie: bool):
         group = dist.new_group(pair, timeout=groups.timeout, group_desc="tied_embedding")
         if groups.rank in pair:
             mine = group
+    first, last = surface.language_model(chunks[0]), surface.language_model(chunks[-1])
     weight = None
-    if chunks[0].embed is not None:
-        weight = chunks[0].embed.weight
-    elif chunks[-1].lm_head is not None:
-        weight = chunks[-1].lm_head.weight
-        set_spec(weight, tied_replica=True)
+    for holder, source in surface.surface_of(first).ties:  # (lm_head, embed)
+        if surface.part(first, source) is not None:
+            weight = surface.part(first, source).weight
+        elif surface.part(last, holder) is not None:
+            weight = surface.part(last, holder).weight
+            set_spec(weight, tied_replica=True)
     return weight, mine
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loom.model.lora import lora_delta
+from loom.model.lora import LoRALinear, lora_delta
 from loom.model.quant import base_linear
 from loom.parallel import comm
 from loom.parallel.sharding import add_split, set_spec
@@ -35,11 +35,10 @@ def _shard(full: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 def carry_lora(layer: nn.Module, linear: nn.Module, group, column: bool) -> None:
     """Move ``linear``'s adapter (if any) onto its tensor-parallel replacement ``layer``, sharded."""
-    a = getattr(linear, "lora_A", None)
     layer.lora_A = layer.lora_B = None
-    if a is None:
+    if not isinstance(linear, LoRALinear):
         return
-    b = linear.lora_B
+    a, b = linear.lora_A, linear.lora_B
     if column:
         layer.lora_A = mark(nn.Parameter(a.detach().clone()), partial=True)
         layer.lora_B = mark(nn.Parameter(_shard(b, group, 0)), tp_dim=0, group=group)

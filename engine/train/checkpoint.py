@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from loom.config import flat_keys
+from loom.model import surface
 from loom.model.hf.peft import lora_config_of
 from loom.model.lora import is_adapter
 from loom.train.init_from import pretrained_checkpoint
@@ -191,7 +192,7 @@ def save(path: Path, modules: Modules, optimizer, step: int, cfg, hf_assets: Opt
     state, placements = train_state(modules, optimizer, cfg.model.tie_embeddings)
     world = dist.get_world_size() if dist.is_initialized() else 1
     marker = {"kind": "train", "step": int(step), "world_size": world, "config": cfg.to_dict()}
-    image_token_id = next((m.image_token_id for m in as_list(modules) if hasattr(m, "image_token_id")), None)
+    image_token_id = next((m.image_token_id for m in as_list(modules) if surface.has_language_part(m)), None)
     if image_token_id is not None:  # a VLM's <image> id comes from the tokenizer, not the config
         marker["image_token_id"] = int(image_token_id)
     io.write_checkpoint(path, state, placements, marker, side_files=_copier(hf_assets))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from loom.parallel import comm
-from loom.parallel.tensor_parallel import enter_tp_region
+from loom.parallel.tensor_parallel import ColumnParallelLinear, enter_tp_region
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): fewer, larger GEMMs were faster on CPU
 MIN_CHUNK_ROWS = 256
@@ -168,9 +168,9 @@ def lm_head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     """The LM head ``head`` fused with the summed loss: an ``nn.Linear``, or a vocabulary-split
     ``ColumnParallelLinear`` whose input (``[T, h]``, or ``[T/tp, h]`` under SP) enters the TP
     region first, exactly as its forward would take it."""
-    if getattr(head, "bias", None) is not None:
+    if head.bias is not None:
         raise ValueError("the fused LM head loss supports a head without bias (lm_head.bias is set)")
-    group = getattr(head, "group", None)
+    group = head.group if isinstance(head, ColumnParallelLinear) else None
     if comm.group_size(group) == 1:
         return linear_cross_entropy(hidden, head.weight, labels, compute_dtype=compute_dtype, chunk_rows=chunk_rows)
     hidden = enter_tp_region(hidden, group, head.input_mode)

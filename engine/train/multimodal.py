@@ -18,6 +18,7 @@ from loom.data.multimodal_native import NativeMultimodalDataset
 from loom.model.batch import PackedBatch
 from loom.model.decoder import build_model
 from loom.model.lora import apply_lora, is_adapter
+from loom.model import surface
 from loom.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
 from loom.parallel.context_parallel import CPShard
 
@@ -83,7 +84,7 @@ def freeze(model: nn.Module, cfg: Config) -> None:
     if cfg.train.lora.rank:  # parallelize made new Parameters: only the adapters train
         for name, param in model.named_parameters():
             param.requires_grad_(is_adapter(name))
-    vision = getattr(model, "vision", None) if isinstance(model, VisionLanguageModel) else None
+    vision = model.vision if isinstance(model, VisionLanguageModel) else None
     for param in vision.unused_parameters() if vision is not None else []:
         param.requires_grad_(False)
     if not cfg.train.freeze:
@@ -95,7 +96,7 @@ def freeze(model: nn.Module, cfg: Config) -> None:
 
 def text_model(model: nn.Module) -> nn.Module:
     """The decoder-only part (what MoE statistics and pipeline stages look at)."""
-    return model.llm if isinstance(model, VisionLanguageModel) else model
+    return surface.language_model(model)
 
 
 def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
