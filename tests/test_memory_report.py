@@ -73,7 +73,9 @@ def test_report_round_trips_to_json(tmp_path):
     data = json.loads(report.write(tmp_path).read_text())
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes"):
         assert data[key] == getattr(report, key) and key in data["formula"]
-    assert data["formula"]["params_bytes"] == data["params_bytes"] == 40 and "optimizer" in report.format()
+    # The formula counts tiny_dense from its architecture, not the 10 elements this rank claims to hold.
+    assert data["params_bytes"] == 40 and data["formula"]["params_bytes"] > 40 and "optimizer" in report.format()
+    assert data["formula"]["held_dense_params"] == 10 and "10 held" in report.count_mismatch()
 
 
 def _dry_run(*args) -> tuple[dict, float]:
@@ -103,6 +105,53 @@ def test_dry_run_agrees_with_megatron(run):
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
         assert abs(report[key] / report["formula"][key] - 1) <= 0.02, (key, report[key], report["formula"][key])
     assert report["activations_source"] == "formula" and report["activations_bytes"] > 0
+    f = report["formula"]  # the formula's counts come from the architecture, and the shards match them
+    assert f["params_source"] == "architecture", f
+    assert (f["held_dense_params"], f["held_expert_params"]) == (f["dense_params"], f["expert_params"]), f
+
+
+COUNTED = {  # (config, world, rank, overrides): every kind of shard, and the stage parts
+    "tp2_sp": ("tiny_dense", 2, 1, ["parallel.tp=2", "parallel.sp=true"]),
+    "tp2_pp2_last": ("tiny_dense", 4, 3, ["parallel.tp=2", "parallel.pp=2"]),
+    "tied_pp2_first": ("tiny_dense", 2, 0, ["parallel.pp=2", "model.tie_embeddings=true"]),
+    "tied_world1": ("tiny_dense", 1, 0, ["model.tie_embeddings=true", "model.qk_norm=true",
+                                         "model.attention_bias=true"]),
+    "moe_tp2_ep2": ("tiny_moe", 4, 3, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    "moe_ep2_etp1_vpp": ("tiny_moe", 8, 5, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.etp=1", "parallel.pp=2",
+                                           "parallel.vpp=3", "parallel.pp_schedule=interleaved", "model.num_layers=6"]),
+}
+
+
+def _counted_report(name: str):
+    from loom.tools.memory import dry_run
+
+    config, world, rank, overrides = COUNTED[name]
+    return dry_run(os.path.join(ROOT, f"launch/configs/{config}.yaml"), world, rank,
+                   ["train.run_dir=runs/test_memory_report", *overrides])
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED))
+def test_shards_match_the_architecture_count(name):
+    """Each rank's parameters, counted from the architecture and the layout alone (param_count.py), are what
+    the rank holds: TP, SP, PP stages (tied or not, interleaved), EP and ETP experts, biases and q/k norms."""
+    report = _counted_report(name)
+    f = report.formula
+    assert f["params_source"] == "architecture" and report.count_mismatch() is None, report.format()
+    assert f["dense_params"] > 0 and (f["expert_params"] > 0) == name.startswith("moe"), f
+
+
+def test_an_mlp_left_whole_under_tp_fails_the_count(monkeypatch, capsys):
+    """The audit's mutation: the dense MLP declares no projections, so TP leaves it whole on every rank."""
+    from loom.model.layers import SwiGLU
+    from loom.model.surface import Surface
+    from loom.tools import memory
+
+    monkeypatch.setattr(SwiGLU, "surface", lambda self: Surface())
+    report = _counted_report("tp2_sp")
+    assert "dense" in (report.count_mismatch() or "") and report.params_bytes > report.formula["params_bytes"]
+    assert memory.main(["--config", os.path.join(ROOT, "launch/configs/tiny_dense.yaml"), "--world", "2",
+                        "--rank", "0", "parallel.tp=2"]) == 1
+    assert "by the architecture" in capsys.readouterr().err
 
 
 def _real_report(overrides):

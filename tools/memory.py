@@ -9,7 +9,9 @@ rank of any world size in one process, with collectives that do nothing. Nothing
 parameters, gradient buckets and optimizer shards stay on the meta device, and their sizes are what
 a real rank would allocate (bucket padding included). Prints the rank's memory report
 (engine/train/memory.py): parameters, gradients and optimizer states as held, against Megatron's
-formula, and activations by the formula (a dry run runs no forward).
+formula, and activations by the formula (a dry run runs no forward). Megatron's formula counts the
+parameters from the architecture and the layout (engine/train/param_count.py); where the rank holds
+other counts the command says so and exits with 1.
 
 ``--most-loaded`` dry-runs the first rank of every pipeline stage (the other ranks of a stage hold
 the same shapes) and reports the one with the most bytes.
@@ -80,12 +82,15 @@ def main(argv=None) -> int:
     ranks = stage_leads(args.config, args.world, args.overrides) if args.most_loaded else [args.rank]
     reports = [dry_run(args.config, args.world, r, args.overrides) for r in ranks]
     report = max(reports, key=_total)
+    mismatch = [m for m in (r.count_mismatch() for r in reports) if m]
     if args.json:
         print(json.dumps({**report.to_dict(), "seconds": round(time.perf_counter() - start, 2)}))
     else:
         print(report.format())
         print(f"({len(ranks)} rank(s) built in {time.perf_counter() - start:.1f} s, nothing allocated)")
-    return 0
+    for line in mismatch:  # a shard of the wrong size: the layout is not what the model declares
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if mismatch else 0
 
 
 if __name__ == "__main__":

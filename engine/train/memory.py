@@ -47,6 +47,7 @@ from loom.parallel.pipeline_schedule import in_flight_bound
 from loom.model.quant import NF4Weight
 from loom.parallel.sharding import spec_of
 from loom.train.multimodal import text_model
+from loom.train.param_count import rank_params
 
 
 def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -140,6 +141,16 @@ class MemoryReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def count_mismatch(self) -> Optional[str]:
+        """Where this rank holds other parameter counts than the architecture and layout give: a part
+        left whole (or cut twice) by a parallel pass. None when they agree, or the count does not apply."""
+        f = self.formula
+        if f.get("params_source") != "architecture":
+            return None
+        bad = [f"{kind} {f[f'held_{kind}_params']:,} held, {f[f'{kind}_params']:,} by the architecture"
+               for kind in ("dense", "expert") if f[f"held_{kind}_params"] != f[f"{kind}_params"]]
+        return f"rank {self.rank} ({self.layout}) parameters: " + "; ".join(bad) if bad else None
+
     def format(self) -> str:
         total = self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes
         unit, gib = ("GiB", 2.0**30) if total >= 2**30 else ("MiB", 2.0**20)
@@ -154,6 +165,8 @@ class MemoryReport:
             ratio = f"{held / formula:6.3f}" if formula else f"{'-':>6}"
             lines.append(f"  {name:<24} {held / gib:10.3f} {(formula or 0) / gib:10.3f} {ratio}")
         lines.append(f"  {'total':<24} {total / gib:10.3f}")
+        if self.formula.get("params_source") == "architecture":
+            lines.append(f"  parameters by the architecture and layout: {self.count_mismatch() or 'as held'}")
         return "\n".join(lines)
 
     def write(self, run_dir) -> Path:
@@ -170,10 +183,16 @@ def layout_name(dims: ParallelDims) -> str:
 def build_report(*, cfg: Config, dims: ParallelDims, rank: int, pp_rank: int, params: list[torch.Tensor],
                  grads: list[torch.Tensor], optimizer_bytes: int, dense_params: int, expert_params: int,
                  layers_on_rank: list[int], activations: Optional[int] = None, frozen_bytes: int = 0) -> MemoryReport:
-    formula = formula_bytes(cfg, dims, dense_params, expert_params)
+    """The report; Megatron's formula counts the parameters from the architecture and the layout
+    (param_count.py) where it can, so that a shard of the wrong size shows as held != formula."""
+    analytic = rank_params(cfg, dims, pp_rank)
+    counts = (dense_params, expert_params) if analytic is None else (analytic.dense, analytic.expert)
+    formula = formula_bytes(cfg, dims, *counts)
     formula["params_bytes"] += frozen_bytes  # a frozen base (LoRA, train.freeze): weights, no grads or states
     formula["activations_bytes"] = activation_bytes(cfg, dims, layers_on_rank, pp_rank)
-    formula.update(dense_params=dense_params, expert_params=expert_params, layers=len(layers_on_rank))
+    formula.update(dense_params=counts[0], expert_params=counts[1], layers=len(layers_on_rank),
+                   held_dense_params=dense_params, held_expert_params=expert_params,
+                   params_source="architecture" if analytic is not None else "held")
     return MemoryReport(rank, dims.world_size, layout_name(dims), tensors_bytes(params), tensors_bytes(grads),
                         optimizer_bytes, formula["activations_bytes"] if activations is None else activations,
                         "formula" if activations is None else "measured", formula)
