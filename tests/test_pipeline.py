@@ -25,6 +25,8 @@ LAYOUTS = {
     "pp2_gpipe_uneven": (2, PP2 + ["parallel.pp_schedule=gpipe", "parallel.pp_layout=[1,3]"]),
     "pp2_zb1": (2, PP2 + ZB1),
     "pp2_zb1_tp2_sp": (4, PP2 + ZB1 + ["parallel.tp=2", "parallel.sp=true"]),
+    # Two middle stages, each receiving from one neighbour and sending to the other while W trails B.
+    "pp4_zb1_tp2_sp": (8, ["parallel.pp=4"] + ZB1 + ["parallel.tp=2", "parallel.sp=true"]),
 }
 MODEL_KEYS = ("model.", "train.global_batch_size", "train.micro_batch_size")
 
@@ -34,7 +36,7 @@ def references(world8):
     return world1_references(world8, CONFIG, BASE, MODEL_KEYS)
 
 
-@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("pp2_tp2_sp_dp2", "pp2_zb1_tp2_sp")))
+@pytest.mark.parametrize("layout", params(LAYOUTS, slow=("pp2_tp2_sp_dp2", "pp2_zb1_tp2_sp", "pp4_zb1_tp2_sp")))
 def test_pipeline_parity(world8, references, layout):
     nranks, overrides = LAYOUTS[layout]
     ref = references(overrides)
