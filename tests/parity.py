@@ -132,17 +132,28 @@ def world1_references(world, config: str, base: list[str], model_keys: tuple[str
     return get
 
 
-# bf16 against bf16 at world size 1: rounding differs with the GEMM shapes of each layout (measured
-# at 5 steps: losses 3e-5, gradient norms 3e-4, gradients up to 6% for one tensor, updates up to 5%),
-# while a tensor whose update is missing or wrong is off by ~100%.
-BF16 = dict(loss_rtol=1e-3, rtol=0.15, update_rtol=0.15, moved=0.02)
+# bf16 against bf16 at world size 1. What bf16 rounding allows, measured at TP2+SP, DP2 and DP2 with bf16
+# reductions: the first step's gradients 0.7% for the worst tensor (a norm weight), so they are held
+# to 1%, where a 2% error in any one tensor's gradient fails (test_parallel_dense.py shows it for
+# every tensor). Adam's first step is about lr * sign(g), so a gradient element that rounding tips
+# across zero flips its update: a norm weight's first update differs by 25%, its 5-step update by
+# 3.5%, and the last step's gradients, after the runs' rounding has compounded, by 3%. Those are
+# held to 5%; a tensor whose update is missing or wrong is off by ~100%.
+BF16 = dict(loss_rtol=1e-3, rtol=1e-2, drift_rtol=5e-2, update_rtol=5e-2, moved=0.02)
+# MoE with expert tensor parallelism: the experts' partial sums are reduced in bf16 and a token near a
+# routing tie may pick another expert (measured at EP2 x TP2+SP: first gradients 2.8%, last 4.8%,
+# updates 6.1%).
+BF16_MOE = {**BF16, "rtol": 4e-2, "drift_rtol": 8e-2, "update_rtol": 0.1}
 
 
 def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, rtol=RTOL, update_rtol=UPDATE_RTOL,
-                  moved: float = 0.0) -> dict[str, float]:
+                  moved: float = 0.0, drift_rtol: float | None = None) -> dict[str, float]:
     """``out`` (some layout) matches ``ref`` (world size 1): losses, gradient norms and MoE metrics every
     step; every gradient at the first and the last step; every parameter's total update; and every
-    replicated parameter is bit-identical on all its ranks. Returns the worst relative error per kind."""
+    replicated parameter is bit-identical on all its ranks. Returns the worst relative error per kind.
+
+    ``rtol`` holds the first step's gradients; ``drift_rtol`` (default ``rtol``) the last step's, where
+    the two runs' rounding has compounded over the steps between."""
     assert not out["out_of_sync"], f"replicas differ across ranks (name: ranks unlike rank 0): {out['out_of_sync']}"
     ref_l, out_l = np.array(ref["losses"]), np.array(out["losses"])
     rel = np.abs(out_l - ref_l) / np.abs(ref_l)
@@ -153,8 +164,8 @@ def assert_parity(ref: dict, out: dict, loss_rtol=LOSS_RTOL, rtol=RTOL, update_r
     assert_moe_parity(ref["records"], out["records"], loss_rtol, moved)
     worst = {"loss": float(rel.max())}
     assert_close_tensors("initial params", ref["initial"], out["initial"], 0.0)  # same init under any layout
-    for kind in ("first_grads", "last_grads"):
-        worst[kind] = assert_close_tensors(kind, ref[kind], out[kind], rtol)
+    for kind, tol in (("first_grads", rtol), ("last_grads", rtol if drift_rtol is None else drift_rtol)):
+        worst[kind] = assert_close_tensors(kind, ref[kind], out[kind], tol)
     # The update, not the parameter: ||p|| dwarfs a few steps of Adam, so a parameter that missed
     # its update entirely would still be within 1e-5 of the reference.
     # A tensor whose gradient is rounding noise (below the floor) gets a noise update from Adam on

@@ -6,7 +6,7 @@ large coefficients here so that a mis-scaled gradient of theirs would show in th
 """
 import pytest
 
-from tests.parity import (BF16, RTOL, assert_close_tensors, assert_moe_parity, assert_parity, params, train_layout,
+from tests.parity import (BF16_MOE, RTOL, assert_close_tensors, assert_moe_parity, assert_parity, params, train_layout,
                           world1_references)
 
 CONFIG = "launch/configs/tiny_moe.yaml"
@@ -98,4 +98,4 @@ def test_bf16_ep2_tp2_sp_matches_bf16_world1(world4):
     bf16 = BASE + ["train.dtype=bf16"]
     ref = world4.run(train_layout, CONFIG, bf16, nranks=1)[0]
     out = world4.run(train_layout, CONFIG, bf16 + ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"], nranks=4)[0]
-    assert_parity(ref, out, **BF16)
+    assert_parity(ref, out, **BF16_MOE)

@@ -106,10 +106,19 @@ def test_bf16_parity(world4, bf16_reference, layout):
     out = world4.run(train_layout, CONFIG, BASE + BF16 + overrides, nranks=nranks)[0]
     worst = assert_parity(bf16_reference, out, **BF16_TOLERANCE)
     assert worst["loss"] > 0  # bf16 rounding really differs between the layouts: the tolerance is needed
+    _two_percent_off_in_any_tensor_fails(bf16_reference, out)
     loss_dtype, dtypes = world4.run(_bf16_dtypes, nranks=1)[0]
     assert loss_dtype == torch.float32
     assert dtypes == {"params": {torch.bfloat16}, "grads": {torch.float32}, "optimizer": {torch.float32},
                       "masters kept": True}
+
+
+def _two_percent_off_in_any_tensor_fails(ref: dict, out: dict) -> None:
+    """The tolerance is tight enough: this run with any one tensor's first gradient 2% off fails."""
+    for name, grad in out["first_grads"].items():
+        off = {**out, "first_grads": {**out["first_grads"], name: grad * 1.02}}
+        with pytest.raises(AssertionError, match=f"first_grads {name}: relative error"):
+            assert_parity(ref, off, **BF16_TOLERANCE)
 
 
 def test_bf16_parity_catches_a_missing_update(world4, bf16_reference):
