@@ -8,7 +8,7 @@ import torch
 
 from loom.model.quant import (NF4_LEVELS, NF4Linear, NF4Weight, dynamic_code, expert_grouped_mm, expert_linear,
                                 quantized_bytes)
-from tests.parity import assert_parity, params, train_layout
+from tests.parity import UPDATE_RTOL, assert_parity, params, train_layout
 
 # bitsandbytes' get_4bit_type("nf4") / the QLoRA paper's Appendix E, as published.
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -72,7 +72,7 @@ def test_grad_input_is_the_dequantised_weights(double_quant):
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 32, bias=True).requires_grad_(False)
     layer = NF4Linear(linear, 64, double_quant)
-    w = layer.weight_nf4.dequantize(torch.float32)
+    w = layer.weight.dequantize(torch.float32)
     x = torch.randn(5, 7, 128, requires_grad=True)
     ref = x.detach().clone().requires_grad_()
     saved = []
@@ -85,7 +85,7 @@ def test_grad_input_is_the_dequantised_weights(double_quant):
     torch.nn.functional.linear(ref, w, linear.bias).backward(grad)
     assert torch.allclose(y, torch.nn.functional.linear(ref, w, linear.bias), atol=1e-6)
     assert torch.allclose(x.grad, ref.grad, atol=1e-6, rtol=1e-6)
-    assert not any(p.requires_grad for p in layer.parameters()) and not hasattr(layer, "weight")
+    assert not any(p.requires_grad for p in layer.parameters()) and isinstance(layer.weight, NF4Weight)
 
 
 def test_experts_dequantise_per_expert_and_through_the_grouped_gemm():
@@ -266,6 +266,8 @@ def reference(world4):
 def test_qlora_parity(world4, reference, layout):
     nranks, overrides = LAYOUTS[layout]
     out = world4.run(train_layout, MOE, PARITY + overrides, nranks=nranks)[0]
-    worst = assert_parity(reference, out)
+    # B starts at zero, so by the last step it is nothing but Adam's updates, which hold rounding only to
+    # UPDATE_RTOL (tests/parity.py): so do the last gradients of the A factors, which scale with B.
+    worst = assert_parity(reference, out, drift_rtol=UPDATE_RTOL)
     print(layout, {k: f"{v:.1e}" for k, v in worst.items()})
     assert out["last_grads"] and all("lora_" in k for k in out["last_grads"])

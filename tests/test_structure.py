@@ -186,6 +186,20 @@ def test_model_parts_are_reached_through_their_declared_surface():
     assert not offenders, "reflection on objects that may be model parts:\n" + "\n".join(offenders)
 
 
+def test_lora_and_nf4_wrap_what_they_adapt():
+    """LoRA and NF4 replace a declared part or fill a declared slot; they never add an attribute to a
+    module (``setattr``) or read one back by a composed name (``getattr(m, f"{name}_...")``)."""
+    offenders = []
+    for module in ("loom.model.lora", "loom.model.quant"):
+        path = _modules()[module]
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("getattr", "hasattr", "setattr", "delattr") and \
+                    (node.func.id != "getattr" or any(isinstance(a, ast.JoinedStr) for a in node.args)):
+                offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_passes_do_not_test_model_classes():
     """Parallelism, LoRA, NF4, recompute and the pipeline split find parts by declaration, not by class."""
     model_classes = {"Transformer", "DecoderBlock", "Attention", "SwiGLU", "GeluMLP", "MoE", "GroupedExperts",

@@ -59,13 +59,7 @@ def _module_rules(module: nn.Module, std: float) -> dict[str, Init]:
     if isinstance(module, Router):
         return {"weight": normal(std), "e_score_correction_bias": ZEROS}
     if isinstance(module, GroupedExperts):
-        out = {"gate_proj": normal(std), "up_proj": normal(std), "down_proj": normal(std)}
-        for name, param in module.named_parameters(recurse=False):  # LoRA adapters: A N(0, 1/in), B zero
-            if name.endswith("_lora_A"):
-                out[name] = normal(param.shape[-1] ** -0.5)
-            elif name.endswith("_lora_B"):
-                out[name] = ZEROS
-        return out
+        return {"gate_proj": normal(std), "up_proj": normal(std), "down_proj": normal(std)}
     return {}
 
 

@@ -8,7 +8,10 @@ routed experts stacked adapters. Tensor and expert parallelism shard the adapter
 Adapter names, per targeted linear ``X`` and per routed-expert projection ``P``::
 
     X.lora_A  [r, in]      X.lora_B  [out, r]                  (PEFT's lora_A / lora_B weights)
-    experts.P_lora_A  [E, r, in]    experts.P_lora_B  [E, out, r]
+    experts.adapters.P.lora_A  [E, r, in]    experts.adapters.P.lora_B  [E, out, r]
+
+The experts' adapters go into the slot GroupedExperts declares for them (``stacked_adapters``): LoRA adds
+no attribute to a module it does not own.
 
 A starts ``N(0, 1/in)`` and B at zero, so training starts from the base model exactly.
 """
@@ -24,11 +27,10 @@ from loom.config import LORA_TARGETS, LoRAConfig
 from loom.model import surface
 from loom.model.init import ZEROS, normal
 from loom.model.quant import NF4Linear, base_linear, quantize_param
-from loom.model.surface import COLUMN, ROW
+from loom.model.surface import COLUMN, REPLICATED, ROW
 
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-__all__ = ["LORA_TARGETS", "LoRALinear", "apply_lora", "lora_delta", "is_adapter", "EXPERT_PROJECTIONS",
-           "quantize_base"]
+__all__ = ["LORA_TARGETS", "LoRALinear", "StackedLoRA", "apply_lora", "lora_delta", "is_adapter", "adapted_weight",
+           "stacked_adapter_names", "quantize_base"]
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
@@ -43,10 +45,28 @@ def is_adapter(name: str) -> bool:
     return "lora_A" in name or "lora_B" in name
 
 
+def adapted_weight(adapter: str) -> str:
+    """The name of the weight an adapter adapts: ``X.lora_A`` -> ``X.weight``, ``experts.adapters.P.lora_A``
+    -> ``experts.P``."""
+    stem = adapter.rsplit(".", 1)[0]
+    owner, slot, weight = stem.rpartition(".adapters.")
+    return f"{owner}.{weight}" if slot else f"{stem}.weight"
+
+
+def is_stacked_adapter(adapter: str) -> bool:
+    return ".adapters." in adapter
+
+
+def stacked_adapter_names(weight: str) -> tuple[str, str]:
+    """The (A, B) names of the adapter of stacked weight ``weight`` (``experts.P``)."""
+    owner, _, name = weight.rpartition(".")
+    return f"{owner}.adapters.{name}.lora_A", f"{owner}.adapters.{name}.lora_B"
+
+
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` plus a rank-r adapter; ``weight`` and ``bias`` are the wrapped layer's own."""
 
-    supports_nf4 = True  # forward goes through base_linear, so weight may become weight_nf4
+    supports_nf4 = True  # forward goes through base_linear, so the weight slot may hold its NF4 form
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: LoRAConfig) -> "LoRALinear":
@@ -77,18 +97,40 @@ def _init_adapter(a: torch.Tensor, b: torch.Tensor, fan_in: int) -> None:
     b.zero_()
 
 
+class StackedLoRA(nn.Module):
+    """The per-expert adapters of one stacked weight ``[E, out, in]``: ``lora_A [E, r, in]``, ``lora_B
+    [E, out, r]``. Its surface says how expert tensor parallelism splits each factor: the one that
+    holds the weight's F (``out`` of a column weight, ``in`` of a row one) is split like it, the other
+    stays whole on every etp rank."""
+
+    def __init__(self, weight, role: str, cfg: LoRAConfig):
+        super().__init__()
+        e, out, inp = weight.shape
+        self.role = role
+        self.lora_A = nn.Parameter(torch.empty(e, cfg.rank, inp, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(e, out, cfg.rank, dtype=weight.dtype, device=weight.device))
+        self.scaling, self.dropout = cfg.alpha / cfg.rank, cfg.dropout
+        if not weight.is_meta:
+            _init_adapter(self.lora_A, self.lora_B, inp)
+
+    def surface(self) -> surface.Surface:
+        factors = {"lora_A": REPLICATED, "lora_B": COLUMN} if self.role == COLUMN else {"lora_A": ROW, "lora_B": REPLICATED}
+        return surface.Surface(stacked=factors)
+
+    def init_rules(self, std: float) -> dict:
+        return {"lora_A": normal(self.lora_A.shape[-1] ** -0.5), "lora_B": ZEROS}
+
+    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mm) -> torch.Tensor:
+        """``scaling * mm(mm(dropout(x), a), b)``: ``a`` / ``b`` the factors (stacked, or one expert's) and
+        ``mm`` their product with rows (a grouped GEMM, or ``F.linear``)."""
+        x = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return mm(mm(x, a), b) * self.scaling
+
+
 def add_expert_adapters(experts: nn.Module, cfg: LoRAConfig) -> None:
-    """Stacked adapters for each projection of ``experts`` (a GroupedExperts): one adapter per expert."""
-    experts.lora_scaling, experts.lora_dropout = cfg.alpha / cfg.rank, cfg.dropout
-    for name in surface.surface_of(experts).stacked:
-        w = surface.part(experts, name)
-        e, out, inp = w.shape
-        a = nn.Parameter(torch.empty(e, cfg.rank, inp, dtype=w.dtype, device=w.device))
-        b = nn.Parameter(torch.empty(e, out, cfg.rank, dtype=w.dtype, device=w.device))
-        if not w.is_meta:
-            _init_adapter(a, b, inp)
-        setattr(experts, f"{name}_lora_A", a)
-        setattr(experts, f"{name}_lora_B", b)
+    """Stacked adapters for each stacked weight of ``experts`` (a GroupedExperts): one adapter per expert."""
+    for name, role in surface.surface_of(experts).stacked.items():
+        surface.add_stacked_adapter(experts, name, StackedLoRA(surface.part(experts, name), role, cfg))
 
 
 def _wrap(owner: nn.Module, name: str, cfg: LoRAConfig) -> int:
@@ -135,6 +177,8 @@ def quantize_base(model: nn.Module, cfg: LoRAConfig) -> int:
     block, dq, n = cfg.quant_block, cfg.double_quant, 0
     for layer in surface.blocks(surface.language_model(model)).values():
         for module, s in surface.declared(layer):
+            if isinstance(module, StackedLoRA):  # adapters train: they stay in the model dtype
+                continue
             for name in s.stacked:
                 quantize_param(module, name, block, dq)
                 n += 1

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loom.compat import grouped_mm, grouped_mm_runs
-from loom.model.quant import expert_grouped_mm, expert_linear, quantized
+from loom.model.quant import expert_grouped_mm, expert_linear, is_nf4
 from loom.model.layers import SwiGLU
 from loom.model.recompute import recomputing
 from loom.model.surface import COLUMN, ROW, Surface
@@ -278,6 +278,9 @@ class GroupedExperts(nn.Module):
     forward: ``x [N, h]`` grouped by expert with ``counts [E_local]`` rows each -> ``[N, h]``;
     ``host_counts``: the same counts as a host list, if the caller has them (the loop needs them).
     Under expert tensor parallelism F is this rank's slice and the output a partial sum.
+
+    A stacked weight's slot holds its Parameter, or under QLoRA its NF4 form; ``adapters`` holds LoRA's
+    per-expert adapter of each weight that has one (each ``delta(x, a, b, mm)`` adds its share).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, grouped_gemm: bool = True):
@@ -286,9 +289,14 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.adapters = nn.ModuleDict()
 
     def surface(self) -> Surface:
-        return Surface(stacked={"gate_proj": COLUMN, "up_proj": COLUMN, "down_proj": ROW}, recompute=("activation",))
+        return Surface(stacked={"gate_proj": COLUMN, "up_proj": COLUMN, "down_proj": ROW}, stacked_adapters="adapters",
+                       recompute=("activation",))
+
+    def _stacked(self) -> dict:
+        return {"gate_proj": self.gate_proj, "up_proj": self.up_proj, "down_proj": self.down_proj}
 
     def reset_parameters(self, std: float) -> None:
         for w in (self.gate_proj, self.up_proj, self.down_proj):
@@ -306,9 +314,7 @@ class GroupedExperts(nn.Module):
 
     def use_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         # grouped GEMM wants 16-byte aligned rows in every operand.
-        sizes = self.weight_shape("gate_proj")[1:]
-        if self.has_lora:
-            sizes += (self.gate_proj_lora_A.shape[1],)
+        sizes = self.weight_shape("gate_proj")[1:] + tuple(a.lora_A.shape[1] for a in self.adapters.values())
         aligned = all(n * dtype.itemsize % 16 == 0 for n in sizes)
         return self.grouped_gemm and aligned and grouped_mm_runs(device.type, dtype)
 
@@ -318,27 +324,19 @@ class GroupedExperts(nn.Module):
         def mm(a, w):  # w: [E, out, in]
             return _ContiguousGrad.apply(grouped_mm(a, w.to(dtype).transpose(-2, -1), offs))
 
+        stacked, adapters = self._stacked(), self.adapters
+
         def proj(a, name):  # a LoRA adapter is two more grouped GEMMs through rank r
-            q = quantized(self, name)  # QLoRA: the frozen stack in NF4
-            if q is None:
-                out = mm(a, getattr(self, name))
-            else:
-                out = _ContiguousGrad.apply(expert_grouped_mm(a, q, offs, dtype))
-            lora_a = getattr(self, f"{name}_lora_A", None)
-            if lora_a is not None:
-                a = F.dropout(a, self.lora_dropout, self.training) if self.lora_dropout else a
-                out = out + mm(mm(a, lora_a), getattr(self, f"{name}_lora_B")) * self.lora_scaling
+            w = stacked[name]  # QLoRA: the frozen stack in NF4
+            out = _ContiguousGrad.apply(expert_grouped_mm(a, w, offs, dtype)) if is_nf4(w) else mm(a, w)
+            if name in adapters:
+                out = out + adapters[name].delta(a, adapters[name].lora_A, adapters[name].lora_B, mm)
             return out
 
         return proj(self.activation(proj(x, "gate_proj"), proj(x, "up_proj")), "down_proj")
 
     def weight_shape(self, name: str) -> tuple:
-        q = quantized(self, name)
-        return tuple(getattr(self, name).shape) if q is None else q.shape
-
-    @property
-    def has_lora(self) -> bool:
-        return getattr(self, "gate_proj_lora_A", None) is not None
+        return tuple(self._stacked()[name].shape)
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """SwiGLU's ``silu(gate) * up``: its own method so selective recompute can drop its output."""
@@ -346,17 +344,17 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, x: torch.Tensor, counts: list) -> torch.Tensor:
         # unbind: one backward that stacks the per-expert gradients (indexing would zero-fill E times)
-        names = [n for n, p in self.named_parameters(recurse=False) if p is not None]
-        weights = {n: getattr(self, n).unbind(0) for n in names}
+        stacked = self._stacked()
+        weights = {n: w.unbind(0) for n, w in stacked.items() if not is_nf4(w)}
+        adapters = {n: (a, a.lora_A.unbind(0), a.lora_B.unbind(0)) for n, a in self.adapters.items()}
         outs, start = [], 0
 
         def proj(rows, name, e):
-            q = quantized(self, name)
-            out = F.linear(rows, weights[name][e]) if q is None else expert_linear(rows, q, e)
-            if f"{name}_lora_A" in weights:
-                rows = F.dropout(rows, self.lora_dropout, self.training) if self.lora_dropout else rows
-                lora = F.linear(F.linear(rows, weights[f"{name}_lora_A"][e]), weights[f"{name}_lora_B"][e])
-                out = out + lora * self.lora_scaling
+            w = stacked[name]
+            out = expert_linear(rows, w, e) if is_nf4(w) else F.linear(rows, weights[name][e])
+            if name in adapters:
+                adapter, lora_a, lora_b = adapters[name]
+                out = out + adapter.delta(rows, lora_a[e], lora_b[e], F.linear)
             return out
 
         for e, n in enumerate(counts):

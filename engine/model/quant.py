@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loom.compat import grouped_mm
+from loom.model import surface
 
 # The NF4 levels as published with QLoRA (bitsandbytes' get_4bit_type("nf4")): equal-area quantiles of
 # N(0, 1), normalised to [-1, 1], with an exact zero.
@@ -181,14 +182,15 @@ class _NF4GroupedMM(torch.autograd.Function):
         return grouped_mm(grad.to(ctx.dtype).contiguous(), w, offs).to(ctx.a_dtype), None, None, None
 
 
-def quantized(module: nn.Module, name: str = "weight") -> Optional[NF4Weight]:
-    return getattr(module, f"{name}_nf4", None)
+def is_nf4(weight) -> bool:
+    """Whether a weight slot holds the NF4 form of its weight rather than the Parameter."""
+    return isinstance(weight, NF4Weight)
 
 
 def base_linear(x: torch.Tensor, module: nn.Module, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``module``'s frozen ``x W^T + b``, W being ``module.weight`` or its NF4 form."""
-    q = quantized(module)
-    return F.linear(x, module.weight, bias) if q is None else _NF4Linear.apply(x, q, bias, None)
+    """``module``'s frozen ``x W^T + b``, W being ``module.weight``: a Parameter or its NF4 form."""
+    w = module.weight
+    return _NF4Linear.apply(x, w, bias, None) if is_nf4(w) else F.linear(x, w, bias)
 
 
 def expert_linear(x: torch.Tensor, q: NF4Weight, e: int) -> torch.Tensor:
@@ -206,7 +208,7 @@ class NF4Linear(nn.Module):
     def __init__(self, linear: nn.Linear, block: int, double_quant: bool):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_nf4 = NF4Weight(linear.weight, block, double_quant)
+        self.weight = NF4Weight(linear.weight, block, double_quant)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,9 +216,9 @@ class NF4Linear(nn.Module):
 
 
 def quantize_param(module: nn.Module, name: str, block: int, double_quant: bool) -> None:
-    """Replace the Parameter ``module.<name>`` by ``module.<name>_nf4`` (the Parameter becomes None)."""
-    setattr(module, f"{name}_nf4", NF4Weight(getattr(module, name), block, double_quant))
-    setattr(module, name, None)
+    """Put the NF4 form of the Parameter ``module.<name>`` in its slot (under the same name): the module's
+    forward sees which it holds (``is_nf4``), and nothing else is added to it."""
+    surface.set_part(module, name, NF4Weight(surface.part(module, name), block, double_quant))
 
 
 def quantized_bytes(model: nn.Module) -> int:

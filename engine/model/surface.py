@@ -48,7 +48,10 @@ class Surface:
     ``attention_core``: the part that computes attention; context parallelism swaps it.
     ``experts``: the part holding stacked routed experts (sharded over ep x etp).
     ``stacked``: this module's own stacked expert weights ``[E, out, in]`` -> role (``column``: F is ``out``,
-    ``row``: F is ``in``); expert parallelism splits E, and F over etp; LoRA and NF4 treat them per expert.
+    ``row``: F is ``in``, ``replicated``: no F, whole on every etp rank); expert parallelism splits E, and F
+    over etp; LoRA and NF4 treat them per expert.
+    ``stacked_adapters``: the slot (a ModuleDict) where LoRA puts the adapter of each stacked weight,
+    keyed by that weight's name; an adapter declares its own stacked factors.
     ``ties``: ``(a, b)`` pairs of parts that share one weight (``a.weight`` is ``b.weight``): tied embeddings.
     ``recompute``: this module's methods whose outputs selective recompute drops and recomputes.
     ``cache``: the cache slots a generation engine fills (``"kv"``: one key/value pair per token).
@@ -68,6 +71,7 @@ class Surface:
     attention_core: Optional[str] = None
     experts: Optional[str] = None
     stacked: dict[str, str] = field(default_factory=dict)
+    stacked_adapters: Optional[str] = None
     ties: tuple[tuple[str, str], ...] = ()
     recompute: tuple[str, ...] = ()
     cache: tuple[str, ...] = ()
@@ -93,7 +97,10 @@ def part(module: nn.Module, name: str):
 
 
 def set_part(module: nn.Module, name: str, value) -> None:
-    """Replace a declared part (a projection by its parallel version, a core by its CP version)."""
+    """Replace a declared part (a projection by its parallel version, a core by its CP version, a weight
+    Parameter by its NF4 form)."""
+    if isinstance(value, nn.Module) and isinstance(getattr(module, name, None), nn.Parameter):
+        delattr(module, name)  # torch refuses a module in a Parameter's slot until the Parameter is gone
     setattr(module, name, value)
 
 
@@ -149,6 +156,22 @@ def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
             if s.experts is not None:
                 found[i] = module
     return found
+
+
+def stacked_adapters(module: nn.Module) -> dict[str, nn.Module]:
+    """The adapters of ``module``'s stacked weights, by the name of the weight each adapts (empty: none)."""
+    s = surface_of(module)
+    slot = part(module, s.stacked_adapters) if s.stacked_adapters is not None else None
+    return dict(slot.items()) if slot is not None else {}
+
+
+def add_stacked_adapter(module: nn.Module, name: str, adapter: nn.Module) -> None:
+    """Put ``adapter`` in ``module``'s declared slot for the adapter of its stacked weight ``name``."""
+    s = surface_of(module)
+    slot = part(module, s.stacked_adapters) if s.stacked_adapters is not None else None
+    if slot is None or name not in s.stacked:
+        raise TypeError(f"{type(module).__name__} declares no adapter slot for a stacked weight {name!r}")
+    slot[name] = adapter
 
 
 def adapter_sites(root: nn.Module, targets) -> Iterator[tuple[nn.Module, str, str]]:

@@ -27,7 +27,7 @@ from loom.config import ConfigError
 from loom.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
     unpermute
 from loom.model import surface
-from loom.model.surface import COLUMN
+from loom.model.surface import COLUMN, REPLICATED, ROW
 from loom.parallel import comm
 from loom.parallel.index import ranges
 from loom.parallel.context_parallel import CPShard
@@ -209,28 +209,33 @@ def parallelize_moe(model: nn.Module, groups, cfg) -> None:
 def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = None) -> None:
     """Keep this rank's experts ``mine`` (over ep, dim 0; default the contiguous range) and its slice of F
     (over etp); mark them as expert params."""
-    ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
-    contiguous = contiguous_placement(experts.num_experts, ep)[groups.ep_rank]
+    contiguous = contiguous_placement(experts.num_experts, comm.group_size(groups.ep))[groups.ep_rank]
     mine = contiguous if mine is None else list(mine)
-    # LoRA adapters follow their expert over ep; over etp (F) B of gate/up and A of down are split, the
-    # other factor is replicated and its gradient partial (as column / row-parallel layers: tensor_parallel.py).
-    stacked = surface.surface_of(experts).stacked
-    layout = [(name, 1 if role == COLUMN else 2) for name, role in stacked.items()]
-    if experts.has_lora:
-        for name, role in stacked.items():
-            layout += [(f"{name}_lora_A", None if role == COLUMN else 2), (f"{name}_lora_B", 1 if role == COLUMN else None)]
-    for name, f_dim in layout:
-        full = surface.part(experts, name).detach()
-        shard = full[torch.tensor(mine, device=full.device)]
-        if f_dim is not None:
-            shard = shard.chunk(etp, dim=f_dim)[groups.etp_rank]
-        param = set_spec(mark(nn.Parameter(shard.clone()), partial=f_dim is None and etp > 1), expert=True,
-                         rows=None if mine == contiguous else tuple(mine))
-        for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
-            if size > 1 and dim is not None:
-                add_split(param, dim, group)
-        surface.set_part(experts, name, param)
+    # Every stacked weight below ``experts`` (its own and its LoRA adapters' factors) follows its expert over
+    # ep; over etp its F dim is split, and a factor without one stays whole, its gradient partial (as the
+    # replicated factor of a column / row-parallel layer's adapter: tensor_parallel.py).
+    for module, s in surface.declared(experts):
+        for name, role in s.stacked.items():
+            _shard_stacked(module, name, F_DIM[role], groups, mine, contiguous)
     experts.num_experts = len(mine)
+
+
+F_DIM = {COLUMN: 1, ROW: 2, REPLICATED: None}  # the dim of a stacked [E, out, in] weight that holds F
+
+
+def _shard_stacked(module: nn.Module, name: str, f_dim: Optional[int], groups, mine: list[int],
+                   contiguous: list[int]) -> None:
+    ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
+    full = surface.part(module, name).detach()
+    shard = full[torch.tensor(mine, device=full.device)]
+    if f_dim is not None:
+        shard = shard.chunk(etp, dim=f_dim)[groups.etp_rank]
+    param = set_spec(mark(nn.Parameter(shard.clone()), partial=f_dim is None and etp > 1), expert=True,
+                     rows=None if mine == contiguous else tuple(mine))
+    for dim, group, size in ((0, groups.ep, ep), (f_dim, groups.etp, etp)):
+        if size > 1 and dim is not None:
+            add_split(param, dim, group)
+    surface.set_part(module, name, param)
 
 
 # ----------------------------------------------------------------------------- placement

@@ -73,7 +73,7 @@ class ColumnParallelLinear(nn.Module):
     output: ``[T, out/tp]``, or ``[T, out]`` with ``gather_output``.
     """
 
-    supports_nf4 = True  # QLoRA may swap weight for weight_nf4 (this rank's rows, quantised)
+    supports_nf4 = True  # QLoRA may put the NF4 form of this rank's rows in the weight slot
 
     def __init__(self, weight: torch.Tensor, bias, group, input_mode="copy", gather_output=False):
         super().__init__()
@@ -103,7 +103,7 @@ class RowParallelLinear(nn.Module):
     input: ``[T, in/tp]``. output: ``[T, out]``, or ``[T/tp, out]`` under SP (reduce-scattered).
     """
 
-    supports_nf4 = True  # QLoRA may swap weight for weight_nf4 (this rank's input columns, quantised)
+    supports_nf4 = True  # QLoRA may put the NF4 form of this rank's input columns in the weight slot
 
     def __init__(self, weight: torch.Tensor, bias, group, sequence_parallel=False):
         super().__init__()

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from loom.config import LoRAConfig
 from loom.model.hf.naming import ConversionError, Family
-from loom.model.lora import EXPERT_PROJECTIONS, is_adapter
+from loom.model.lora import adapted_weight, is_adapter, is_stacked_adapter, stacked_adapter_names
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -36,16 +36,13 @@ def lora_config_of(marker: dict) -> LoRAConfig:
 
 
 def base_of(adapter: str) -> str:
-    """``X.lora_A`` -> ``X.weight``; ``experts.P_lora_A`` -> ``experts.P``."""
-    for suffix in (".lora_A", ".lora_B"):
-        if adapter.endswith(suffix):
-            return adapter[: -len(suffix)] + ".weight"
-    return adapter.rsplit("_lora_", 1)[0]
+    """``X.lora_A`` -> ``X.weight``; ``experts.adapters.P.lora_A`` -> ``experts.P``."""
+    return adapted_weight(adapter)
 
 
 def loom_target(adapter: str) -> str:
     """The ``train.lora.target_modules`` entry that makes ``adapter``."""
-    if "_lora_" in adapter:
+    if is_stacked_adapter(adapter):
         return "experts"
     if ".shared_expert." in adapter:
         return "shared_expert"
@@ -57,7 +54,7 @@ def loom_target(adapter: str) -> str:
 
 
 def _hf_module(family: Family, adapter: str, shape) -> str:
-    if "_lora_" in adapter:
+    if is_stacked_adapter(adapter):
         raise ConversionError(f"adapter {adapter} adapts routed experts, which PEFT cannot target as modules "
                               "(transformers fuses them into parameters): export with --merge-lora instead")
     (name,), _ = family.hf_names(base_of(adapter), shape)
@@ -144,10 +141,8 @@ def adapter_names_of(base: str, saved) -> Optional[tuple[str, str]]:
     if base.endswith(".weight"):
         stem = base[: -len(".weight")]
         pair = (f"{stem}.lora_A", f"{stem}.lora_B")
-    elif base.rsplit(".", 1)[-1] in EXPERT_PROJECTIONS:
-        pair = (f"{base}_lora_A", f"{base}_lora_B")
-    else:
-        return None
+    else:  # a stacked weight
+        pair = stacked_adapter_names(base)
     return pair if pair[0] in saved else None
 
 
