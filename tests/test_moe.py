@@ -114,9 +114,9 @@ def test_moe_layer_capacity_counts_drops():
 # ----------------------------------------------------------------------------- balancing losses
 
 
-def _moe(cfg, hidden=8, seed=0):
+def _moe(cfg, hidden=8, seed=0, scope=None):
     torch.manual_seed(seed)
-    moe = MoE(hidden, cfg, intermediate=8)
+    moe = MoE(hidden, cfg, intermediate=8, scope=scope)
     for m in (moe.gate, moe.experts):
         m.reset_parameters(0.5)
     return moe
@@ -151,9 +151,8 @@ def test_per_sequence_aux_loss_is_the_mean_over_sequences():
     from loom.parallel.expert_parallel import ShardedBalanceScope
 
     cfg = MoEConfig(num_experts=4, top_k=2, aux_loss_coeff=1.0, aux_loss_type="seq")
-    moe = _moe(cfg)
-    moe.scope = ShardedBalanceScope(seq_len=5, sequences_per_step=2, micro_batch_size=2, sp_group=None,
-                                    shard_group=None)
+    moe = _moe(cfg, scope=ShardedBalanceScope(seq_len=5, sequences_per_step=2, micro_batch_size=2, sp_group=None,
+                                              shard_group=None))
     x = torch.randn(10, 8)
     moe(x)
     probs = torch.softmax(x @ moe.gate.weight.detach().T, -1)

@@ -186,14 +186,12 @@ def test_softmax_group_scores_use_probabilities_not_logits():
 # ----------------------------------------------------------------------------- balancing losses
 
 
-def _moe(cfg):
-    return MoE(4, cfg, intermediate=4)  # balance_losses reads only the logits and the routing
+def _moe(cfg, scope=None):
+    return MoE(4, cfg, intermediate=4, scope=scope)  # balance_losses reads only the logits and the routing
 
 
 def _loom_losses(logits, cfg, bias=None, scope=None):
-    moe = _moe(cfg)
-    if scope is not None:
-        moe.scope = scope
+    moe = _moe(cfg, scope)
     aux, z = moe.balance_losses(logits, route(logits, cfg, bias), None)
     return aux, z
 

@@ -99,3 +99,29 @@ def test_bf16_ep2_tp2_sp_matches_bf16_world1(world4):
     ref = world4.run(train_layout, CONFIG, bf16, nranks=1)[0]
     out = world4.run(train_layout, CONFIG, bf16 + ["parallel.ep=2", "parallel.tp=2", "parallel.sp=true"], nranks=4)[0]
     assert_parity(ref, out, **BF16_MOE)
+
+def _parallelize_unwired(overrides: list[str]) -> str:
+    """The message parallelize gives for a model built without its layout's MoE wiring."""
+    import os
+
+    from loom.config import load_config
+    from loom.model.decoder import build_model
+    from loom.parallel.parallelize import parallelize
+    from loom.train.trainer import build_groups
+    from tests.parity import ROOT
+
+    cfg = load_config(os.path.join(ROOT, CONFIG), overrides)
+    groups = build_groups(cfg)
+    try:
+        parallelize(build_model(cfg.model), groups, cfg)
+    except ValueError as e:
+        return str(e)
+    finally:
+        groups.destroy()
+    return "no error"
+
+
+def test_a_model_built_without_its_layouts_wiring_is_refused(world4):
+    """Under EP the layers must have been built with the all-to-all dispatcher: parallelize says so."""
+    message = world4.run(_parallelize_unwired, ["parallel.ep=2"], nranks=2)[0]
+    assert "was built for another layout" in message and "moe_wiring(groups, cfg)" in message, message

@@ -200,6 +200,20 @@ def test_lora_and_nf4_wrap_what_they_adapt():
     assert not offenders, "\n".join(offenders)
 
 
+def test_moe_wiring_is_built_in_not_reassigned():
+    """An MoE layer's dispatcher and balancing scope come with its build (MoEWiring); no pass swaps them."""
+    offenders = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr in ("dispatcher", "scope") and \
+                        not (module == "loom.model.moe" and ast.unparse(t.value) == "self"):
+                    offenders.append(f"{path}:{node.lineno}: {ast.unparse(t)} = ...")
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_passes_do_not_test_model_classes():
     """Parallelism, LoRA, NF4, recompute and the pipeline split find parts by declaration, not by class."""
     model_classes = {"Transformer", "DecoderBlock", "Attention", "SwiGLU", "GeluMLP", "MoE", "GroupedExperts",

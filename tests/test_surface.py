@@ -38,7 +38,7 @@ class GroupNormGLU(nn.Module):
         return self.w_out(F.gelu(a) * self.w_b(x))
 
 
-def _toy_mlp(cfg, i):
+def _toy_mlp(cfg, i, wiring=None):
     return GroupNormGLU(cfg.hidden_size, cfg.intermediate_size)
 
 

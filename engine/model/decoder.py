@@ -15,24 +15,27 @@ from loom.model.batch import PackedBatch, check_hf_inputs, one_input, pack_rows,
 from loom.model.compile import mark_layout_dynamic
 from loom.model.layers import Attention, DecoderBlock, PackedMeta, RMSNorm, SwiGLU, mrope_tables, rope_tables
 from loom.model.init import initialize_full, seed_from_rng
-from loom.model.moe import MoE
+from loom.model.moe import MoE, MoEWiring
 from loom.model.surface import HEAD, VOCAB, Surface
 
 
-def build_mlp(cfg: ModelConfig, i: int) -> nn.Module:
-    """Layer ``i``'s MLP: dense SwiGLU, or MoE where ``cfg.is_moe_layer(i)``."""
+def build_mlp(cfg: ModelConfig, i: int, wiring: Optional[MoEWiring] = None) -> nn.Module:
+    """Layer ``i``'s MLP: dense SwiGLU, or MoE where ``cfg.is_moe_layer(i)`` (wired by ``wiring``)."""
     if not cfg.is_moe_layer(i):
         return SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-    return MoE(cfg.hidden_size, cfg.moe, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size)
+    wiring = wiring or MoEWiring()
+    return MoE(cfg.hidden_size, cfg.moe, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size,
+               dispatcher=wiring.dispatcher(i), scope=wiring.scope)
 
 
 class Transformer(nn.Module):
     """Built on the meta device (``with torch.device("meta")``) it allocates nothing: the trainer
     parallelizes it there and fills each rank's shards (engine/model/init.py). Built on a real
     device it starts from weights drawn with the current torch RNG state (unless ``initialize``
-    is false: a VLM initialises its whole self at once)."""
+    is false: a VLM initialises its whole self at once). ``wiring``: how its MoE layers reach experts
+    and balancing statistics on other ranks (default: one device)."""
 
-    def __init__(self, cfg: ModelConfig, initialize: bool = True):
+    def __init__(self, cfg: ModelConfig, initialize: bool = True, wiring: Optional[MoEWiring] = None):
         super().__init__()
         self.cfg = cfg
         hd = cfg.resolved_head_dim
@@ -41,7 +44,7 @@ class Transformer(nn.Module):
             str(i): DecoderBlock(
                 Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, hd, bias=cfg.attention_bias,
                           qk_norm=cfg.qk_norm, eps=cfg.rms_norm_eps, backend=cfg.attn_backend),
-                build_mlp(cfg, i),
+                build_mlp(cfg, i, wiring),
                 cfg.hidden_size, cfg.rms_norm_eps,
             )
             for i in range(cfg.num_layers)
@@ -121,7 +124,7 @@ class Transformer(nn.Module):
         return PackedMeta(cu_seqlens, max_seqlen, cos, sin, batch.attn, uniform=uniform)
 
 
-def build_model(cfg: ModelConfig, device=None) -> Transformer:
+def build_model(cfg: ModelConfig, device=None, wiring: Optional[MoEWiring] = None) -> Transformer:
     """Build on ``device`` with the current torch RNG state (seed it for identical weights)."""
-    model = Transformer(cfg)
+    model = Transformer(cfg, wiring=wiring)
     return model.to(device) if device is not None else model

@@ -1,9 +1,10 @@
 """Mixture-of-Experts MLP: router, routed experts, shared expert. Single-device code: no process groups.
 
-Parallelism comes in through two injectable objects, swapped by engine/parallel/expert_parallel.py:
-``MoE.dispatcher`` (here ``LocalDispatcher``; the EP all-to-all dispatcher there) and
-``MoE.scope`` (here ``BalanceScope``: which tokens share balancing statistics, and how one
-microbatch's share of the balancing losses is normalised).
+Parallelism comes in through two typed objects that the layer is built with (``MoEWiring``; for a
+layout, engine/parallel/expert_parallel.py's ``moe_wiring``): a ``Dispatcher`` (here
+``LocalDispatcher``; the EP all-to-all dispatcher there) and a ``Scope`` (here ``BalanceScope``:
+which tokens share balancing statistics, and how one microbatch's share of the balancing losses
+is normalised). Nothing reassigns them after the build.
 
 Parameter names follow HF where cheap; routed experts are stacked ``[E, out, in]`` (one
 ``nn.Linear`` layout per expert), so HF's ``experts.N.gate_proj.weight`` (Mixtral ``w1``) is
@@ -40,8 +41,8 @@ trainer reads and resets them (``MoEStats``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -233,6 +234,13 @@ def unpermute(y: torch.Tensor, perm: Permutation, weights: torch.Tensor) -> torc
     return out.index_add(0, perm.token, y.float() * w)
 
 
+class Dispatcher(Protocol):
+    """Sends each token's rows to its experts (wherever they live) and combines what comes back."""
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: "GroupedExperts") -> torch.Tensor:
+        """``x [T, h]`` routed by ``routing`` through ``experts`` (this rank's) -> ``[T, h]``."""
+
+
 class LocalDispatcher:
     """All experts on this device: permute -> experts -> unpermute.
 
@@ -370,6 +378,18 @@ class GroupedExperts(nn.Module):
 # ----------------------------------------------------------------------------- balancing
 
 
+class Scope(Protocol):
+    """Which tokens share balancing statistics, and what one forward's share of a step is."""
+
+    def units(self, num_tokens: int, meta, kind: str, device=None) -> tuple[torch.Tensor, int]: ...
+
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def units_per_step(self, kind: str, units_here: int) -> int: ...
+
+    def tokens_per_step(self, num_tokens: int) -> int: ...
+
+
 class BalanceScope:
     """Which tokens share balancing statistics and how a forward's share of the losses is normalised.
 
@@ -390,6 +410,19 @@ class BalanceScope:
 
     def tokens_per_step(self, num_tokens: int) -> int:
         return num_tokens
+
+
+@dataclass(frozen=True)
+class MoEWiring:
+    """How a model's MoE layers exchange tokens and share balancing statistics, handed to the build:
+    one ``scope`` for the step, a dispatcher per layer (global index; a layer not listed keeps its
+    experts on this device). The default is one device with no trainer."""
+
+    scope: Scope = field(default_factory=BalanceScope)
+    dispatchers: Mapping[int, Dispatcher] = field(default_factory=dict)
+
+    def dispatcher(self, layer: int) -> Dispatcher:
+        return self.dispatchers.get(layer) or LocalDispatcher()
 
 
 class AttachLoss(torch.autograd.Function):
@@ -448,7 +481,8 @@ class MoE(nn.Module):
 
     takes_meta = True  # DecoderBlock hands it the PackedMeta (the balancing units need it)
 
-    def __init__(self, hidden: int, cfg, intermediate: int, shared_intermediate: int = 0):
+    def __init__(self, hidden: int, cfg, intermediate: int, shared_intermediate: int = 0,
+                 dispatcher: Optional[Dispatcher] = None, scope: Optional[Scope] = None):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(hidden, cfg.num_experts, cfg.router == "sigmoid" or cfg.bias_update_rate > 0)
@@ -456,8 +490,8 @@ class MoE(nn.Module):
         self.shared_expert = SwiGLU(hidden, shared_intermediate) if shared_intermediate else None
         gated = shared_intermediate and cfg.shared_expert_gate
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if gated else None
-        self.dispatcher = LocalDispatcher()
-        self.scope = BalanceScope()
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        self.scope: Scope = scope or BalanceScope()
         self.stats = MoEStats(cfg.num_experts)
 
     def surface(self) -> Surface:

@@ -17,6 +17,7 @@ from loom.config import ModelConfig
 from loom.model.batch import PackedBatch, check_hf_inputs, one_input, pack_rows, unpack_rows
 from loom.model.decoder import Transformer
 from loom.model.init import initialize_full, seed_from_rng
+from loom.model.moe import MoEWiring
 from loom.model.mrope import mrope_positions
 from loom.model.surface import Surface
 from loom.model.vision import Projector, VisionEncoder
@@ -33,7 +34,7 @@ def image_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_token_id: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, image_token_id: Optional[int] = None, wiring: Optional[MoEWiring] = None):
         super().__init__()
         if not cfg.vision.enabled:
             raise ValueError("VisionLanguageModel needs model.vision.enabled=true")
@@ -48,7 +49,7 @@ class VisionLanguageModel(nn.Module):
         else:
             self.vision = VisionEncoder(cfg.vision, cfg.attn_backend)
             self.projector = Projector(cfg.vision, cfg.hidden_size)
-        self.llm = Transformer(cfg, initialize=False)
+        self.llm = Transformer(cfg, initialize=False, wiring=wiring)
         self.seq_shard: Optional[nn.Module] = None  # set by parallelize under sequence parallelism
         if not self.llm.embed.weight.is_meta:  # on meta the trainer fills each rank's shards
             initialize_full(self, seed_from_rng(), cfg.init_std)
@@ -210,9 +211,10 @@ class VisionLanguageModel(nn.Module):
         return slots
 
 
-def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=None) -> VisionLanguageModel:
+def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=None,
+              wiring: Optional[MoEWiring] = None) -> VisionLanguageModel:
     """Build with the current torch RNG state (seed it for identical weights on every rank)."""
-    model = VisionLanguageModel(cfg, image_token_id)
+    model = VisionLanguageModel(cfg, image_token_id, wiring)
     return model.to(device) if device is not None else model
 
 

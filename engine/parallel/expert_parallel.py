@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from loom.config import ConfigError
-from loom.model.moe import BalanceScope, GroupedExperts, MoE, Routing, compute_dtype, permute, sort_by_expert, \
+from loom.model.moe import BalanceScope, GroupedExperts, MoE, MoEWiring, Routing, compute_dtype, permute, sort_by_expert, \
     unpermute
 from loom.model import surface
 from loom.model.surface import COLUMN, REPLICATED, ROW
@@ -52,7 +52,15 @@ class _Plan(NamedTuple):
     kept: int
 
 
-class ExpertParallelDispatcher:
+class _SharedByCopies:
+    """Held by the layers of a built model, for the layout: a copy of the model (a pipeline stage split
+    off it) shares it, as it shares the process groups inside it."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ExpertParallelDispatcher(_SharedByCopies):
     """Tokens to the ranks that hold their experts and back, over the ``ep x etp`` ``group``.
 
     Dispatch rank ``d = ep_rank * etp + etp_rank`` (etp fastest, as in the expert mesh) holds
@@ -135,7 +143,7 @@ class ExpertParallelDispatcher:
 # ----------------------------------------------------------------------------- balancing scope
 
 
-class ShardedBalanceScope(BalanceScope):
+class ShardedBalanceScope(_SharedByCopies, BalanceScope):
     """Balancing units of a trainer microbatch whose tokens are split over ``shard_group``
     (the tp x cp ranks: SP slices ``sp_group``'s share contiguously, CP takes a zigzag shard).
 
@@ -182,8 +190,22 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
     return surface.routed_layers(model)
 
 
+def moe_wiring(groups, cfg) -> MoEWiring:
+    """What the model's MoE layers are built with under this layout: the trainer's balancing scope (the
+    step's size, the ranks that share a microbatch) and, under ep x etp, the all-to-all dispatchers."""
+    m = cfg.model
+    scope = ShardedBalanceScope(cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                groups.tp, groups.tp_cp)
+    ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
+    if ep * etp == 1:
+        return MoEWiring(scope)
+    placement = expert_placement(cfg)
+    return MoEWiring(scope, {i: ExpertParallelDispatcher(groups.ep_etp, m.moe.num_experts, ep, etp, placement[i])
+                             for i in placement})
+
+
 def parallelize_moe(model: nn.Module, groups, cfg) -> None:
-    """Shard the experts over ep x etp and swap in the EP dispatcher and the sharded scope.
+    """Shard the experts over ep x etp (the model was built with ``moe_wiring(groups, cfg)``).
 
     The shared expert is tensor-parallel like a dense MLP (parallelize.py does that); the router
     and the shared-expert gate see this TP rank's token slice, so their gradients are partial.
@@ -191,19 +213,23 @@ def parallelize_moe(model: nn.Module, groups, cfg) -> None:
     layers = moe_layers(model)
     if not layers:
         return
-    scope = ShardedBalanceScope(cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                                groups.tp, groups.tp_cp)
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
     tp_split = comm.group_size(groups.tp) > 1
     placement = expert_placement(cfg)
     for i, moe in layers.items():
-        moe.scope = scope
-        if ep * etp > 1:
-            moe.dispatcher = ExpertParallelDispatcher(groups.ep_etp, cfg.model.moe.num_experts, ep, etp, placement[i])
+        _check_wiring(moe, i, ep * etp > 1)
         s = surface.surface_of(moe)
         shard_experts(surface.part(moe, s.experts), groups, placement[i][groups.ep_rank])
         for _, sliced in surface.parts(moe, s.token_sliced if tp_split else ()):
             mark(sliced.weight, partial=True)
+
+
+def _check_wiring(moe: MoE, layer: int, expert_parallel: bool) -> None:
+    built_for = (isinstance(moe.scope, ShardedBalanceScope), isinstance(moe.dispatcher, ExpertParallelDispatcher))
+    if built_for != (True, expert_parallel):
+        raise ValueError(f"MoE layer {layer} was built for another layout (scope {type(moe.scope).__name__}, "
+                         f"dispatcher {type(moe.dispatcher).__name__}): build the model with "
+                         "wiring=moe_wiring(groups, cfg) before parallelize")
 
 
 def shard_experts(experts: GroupedExperts, groups, mine: Optional[list[int]] = None) -> None:

@@ -18,6 +18,7 @@ from loom.data.multimodal_native import NativeMultimodalDataset
 from loom.model.batch import PackedBatch
 from loom.model.decoder import build_model
 from loom.model.lora import apply_lora, is_adapter
+from loom.model.moe import MoEWiring
 from loom.model import surface
 from loom.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
 from loom.parallel.context_parallel import CPShard
@@ -63,13 +64,13 @@ def adopt_video_token(cfg: Config, video_id) -> None:
         m.video_token_id = video_id
 
 
-def build_any_model(cfg: Config, dataset) -> nn.Module:
+def build_any_model(cfg: Config, dataset, wiring: Optional[MoEWiring] = None) -> nn.Module:
     """The VLM when ``model.vision.enabled`` (its <image> id from the dataset's tokenizer), else the LLM;
-    with ``train.lora`` adapters."""
+    with ``train.lora`` adapters and its MoE layers wired by ``wiring``."""
     if not cfg.model.vision.enabled:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, wiring=wiring)
     else:
-        model = build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None))
+        model = build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None), wiring=wiring)
     apply_lora(model, cfg.train.lora)
     return model
 

@@ -25,6 +25,7 @@ from loom.model.compile import apply_compile
 from loom.model.init import fill_shard, init_rules
 from loom.model.recompute import apply_recompute
 from loom.parallel.data_parallel import place
+from loom.parallel.expert_parallel import moe_wiring
 from loom.parallel.mesh import ParallelGroups
 from loom.parallel.parallelize import parallelize_stages
 from loom.parallel.pipeline import Pipeline, join_chunks
@@ -48,7 +49,7 @@ def param_dtype(cfg: Config) -> torch.dtype:
 def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.device) -> RankModel:
     """This rank's model chunks, pipeline, gradient buffers and optimizer, initialised (unless on meta)."""
     with torch.device("meta"):
-        whole = build_any_model(cfg, dataset)
+        whole = build_any_model(cfg, dataset, moe_wiring(groups, cfg))
     rules = init_rules(whole, cfg.model.init_std)
     chunks = parallelize_stages(whole, groups, cfg)
     del whole
