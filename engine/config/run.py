@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 
 from loom.config.errors import ConfigError
+from loom.config.precision import PRECISIONS, REDUCE_DTYPES, Precision
 
 def resolve_etp(tp: int, etp: Optional[int]) -> int:
     """Tensor parallelism inside each expert: ``parallel.etp``, or tp when unset (Megatron's default)."""
@@ -282,7 +283,7 @@ class TrainConfig:
         if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
             raise ConfigError(f"train.hot_expert_share={self.hot_expert_share} must be in (0, 1] and "
                               f"train.hot_expert_steps={self.hot_expert_steps} >= 0")
-        if self.dtype not in ("fp32", "bf16"):
+        if self.dtype not in PRECISIONS:
             raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
         if self.on_nonfinite not in ("skip", "error"):
             raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r} must be skip or error")
@@ -319,6 +320,11 @@ class TrainConfig:
             raise ConfigError(f"train.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
                               "(name one step_NNNNNNNN directory whose save finished, or use auto)")
 
+    @property
+    def precision(self) -> Precision:
+        """``dtype`` resolved: the parameter, autocast and activation dtypes."""
+        return PRECISIONS[self.dtype]
+
 
 @dataclass
 class OptimConfig:
@@ -335,8 +341,13 @@ class OptimConfig:
     distributed: Optional[bool] = None
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients are reduced in over data parallel
 
+    @property
+    def reduce_dtype(self):
+        """``grad_reduce_dtype`` resolved to its torch dtype."""
+        return REDUCE_DTYPES[self.grad_reduce_dtype]
+
     def validate(self) -> None:
-        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+        if self.grad_reduce_dtype not in REDUCE_DTYPES:
             raise ConfigError(f"optim.grad_reduce_dtype={self.grad_reduce_dtype!r} must be fp32 or bf16")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive")

@@ -351,7 +351,7 @@ class Pipeline:
         # Under SP the residual stream between blocks is this TP rank's slice of the tokens.
         self.token_divisor = p.tp if p.sp else 1
         # Activations and their gradients cross stages in the compute dtype.
-        self.dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+        self.dtype = cfg.train.precision.activations
         wrap = p.vpp > 1
         links = groups.memo(("p2p_links", wrap), lambda: p2p_links(group_layout(groups.dims)["pp"], groups.rank,
                                                                    wrap=wrap, timeout=groups.timeout))

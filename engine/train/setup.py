@@ -43,7 +43,7 @@ class RankModel:
 
 
 def param_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    return cfg.train.precision.params
 
 
 def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.device) -> RankModel:
@@ -62,7 +62,7 @@ def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.devic
         p.data = p.data.to(param_dtype(cfg))
     pipeline = Pipeline([text_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None
     tied = (pipeline.tied_weight, pipeline.tied_group) if pipeline is not None else (None, None)
-    reduce_dtype = torch.bfloat16 if cfg.optim.grad_reduce_dtype == "bf16" else torch.float32
+    reduce_dtype = cfg.optim.reduce_dtype
     optimizer = build_optimizer(model, cfg.optim, groups, distributed=cfg.distributed_optimizer(groups.world_size),
                                 bucket_size_mb=cfg.parallel.bucket_size_mb, device=device, tied=tied,
                                 reduce_dtype=reduce_dtype)

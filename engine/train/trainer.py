@@ -281,8 +281,7 @@ class Trainer:
     def loss(self, model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed fp32 loss of the last stage's final hidden states: its LM head (vocabulary-split
         under TP) runs inside the loss, so no ``[tokens, vocab]`` logits are ever built."""
-        dtype = torch.bfloat16 if self.cfg.train.dtype == "bf16" else None
-        return lm_head_loss(text_model(model).lm_head, hidden, labels, compute_dtype=dtype)
+        return lm_head_loss(text_model(model).lm_head, hidden, labels, compute_dtype=self.cfg.train.precision.compute)
 
     def model_inputs(self, mb) -> tuple[PackedBatch, torch.Tensor]:
         """(model input, labels) of this rank: under CP, its zigzag shard."""
@@ -301,6 +300,5 @@ class Trainer:
         return int(comm.all_reduce(count, self.groups.dp).item())
 
     def _autocast(self):
-        if self.cfg.train.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        compute = self.cfg.train.precision.compute
+        return torch.autocast(self.device.type, dtype=compute) if compute is not None else contextlib.nullcontext()
