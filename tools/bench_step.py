@@ -82,9 +82,9 @@ def build_loom(args, compile_: bool):
 
 def logits_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss as HF computes it: ``[T, V]`` logits, upcast, then cross-entropy (summed, as Loom's)."""
-    from loom.train.multimodal import text_model
+    from loom.model import surface
 
-    logits = text_model(model).lm_head(hidden).float()
+    logits = surface.language_model(model).lm_head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 

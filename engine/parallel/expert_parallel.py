@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from loom.config import ConfigError
-from loom.model.moe import BalanceScope, GroupedExperts, MoE, MoEWiring, Routing, compute_dtype, permute, sort_by_expert, \
-    unpermute
+from loom.model.moe import (BalanceScope, GroupedExperts, MoE, MoEWiring, Routing, compute_dtype, permute,
+                            sort_by_expert, unpermute)
 from loom.model import surface
 from loom.model.surface import COLUMN, REPLICATED, ROW
 from loom.parallel import comm
@@ -185,11 +185,6 @@ class ShardedBalanceScope(_SharedByCopies, BalanceScope):
 # ----------------------------------------------------------------------------- parallelize
 
 
-def moe_layers(model: nn.Module) -> dict[int, MoE]:
-    """This rank's MoE layers by global layer index (the blocks' declared routed-expert modules)."""
-    return surface.routed_layers(model)
-
-
 def moe_wiring(groups, cfg) -> MoEWiring:
     """What the model's MoE layers are built with under this layout: the trainer's balancing scope (the
     step's size, the ranks that share a microbatch) and, under ep x etp, the all-to-all dispatchers."""
@@ -210,7 +205,7 @@ def parallelize_moe(model: nn.Module, groups, cfg) -> None:
     The shared expert is tensor-parallel like a dense MLP (parallelize.py does that); the router
     and the shared-expert gate see this TP rank's token slice, so their gradients are partial.
     """
-    layers = moe_layers(model)
+    layers = surface.routed_layers(model)
     if not layers:
         return
     ep, etp = comm.group_size(groups.ep), comm.group_size(groups.etp)
@@ -333,7 +328,7 @@ def finish_moe_step(model: nn.Module, model_cfg, device: torch.device, group=Non
     if not indices:
         return {}
     e = model_cfg.moe.num_experts
-    local = moe_layers(model)
+    local = surface.routed_layers(model)
     table = torch.zeros(len(indices), e + 3, dtype=torch.float64, device=device)
     for row, i in enumerate(indices):
         if i in local:

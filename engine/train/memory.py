@@ -42,11 +42,11 @@ from typing import Iterable, Optional
 import torch
 
 from loom.config import Config
+from loom.model import surface
 from loom.parallel.mesh import ParallelDims
 from loom.parallel.pipeline_schedule import in_flight_bound
 from loom.model.quant import NF4Weight
 from loom.parallel.sharding import spec_of
-from loom.train.multimodal import text_model
 from loom.train.param_count import rank_params
 
 
@@ -208,7 +208,7 @@ def report_rank(cfg: Config, groups, model: torch.nn.Module, optimizer,
     nf4 = [b for m in model.modules() if isinstance(m, NF4Weight) for b in m.buffers()]  # QLoRA's base
     held = [b.param_data for b in buckets] + [p for p in params if id(p) not in in_buckets] + nf4  # padding included
     expert = sum(p.numel() for p in trainable if spec_of(p).expert)
-    layers = sorted(int(k) for k in text_model(model).layers.keys())
+    layers = sorted(surface.blocks(surface.language_model(model)))
     return build_report(cfg=cfg, dims=groups.dims, rank=groups.rank, pp_rank=groups.pp_rank, params=held,
                         grads=[b.grad_data for b in buckets], optimizer_bytes=optimizer.state_bytes(),
                         dense_params=sum(p.numel() for p in trainable) - expert, expert_params=expert,

@@ -19,7 +19,6 @@ from loom.model.batch import PackedBatch
 from loom.model.decoder import build_model
 from loom.model.lora import apply_lora, is_adapter
 from loom.model.moe import MoEWiring
-from loom.model import surface
 from loom.model.vlm import VisionLanguageModel, apply_freeze, build_vlm, image_slots
 from loom.parallel.context_parallel import CPShard
 
@@ -95,11 +94,6 @@ def freeze(model: nn.Module, cfg: Config) -> None:
     apply_freeze(model, cfg.train.freeze)
 
 
-def text_model(model: nn.Module) -> nn.Module:
-    """The decoder-only part (what MoE statistics and pipeline stages look at)."""
-    return surface.language_model(model)
-
-
 def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:
     """``batch`` (this rank's share of microbatch ``mb``) with ``mb``'s images; as is for text.
 
@@ -147,4 +141,4 @@ def _with_native_media(model: VisionLanguageModel, batch: PackedBatch, mb) -> Pa
                                image_slots=slots, **media)
 
 
-__all__ = ["build_multimodal_dataset", "build_any_model", "step_loader", "freeze", "text_model", "with_images"]
+__all__ = ["build_multimodal_dataset", "build_any_model", "step_loader", "freeze", "with_images"]

@@ -27,10 +27,6 @@ class ParamCount:
     dense: int
     expert: int
 
-    @property
-    def total(self) -> int:
-        return self.dense + self.expert
-
 
 def counted(cfg: Config) -> bool:
     """Whether the analytic count covers this model: a text decoder, trained whole (no adapters)."""

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from loom.checkpoint.names import named_tensors
 from loom.config import Config
+from loom.model import surface
 from loom.model.compile import apply_compile
 from loom.model.init import fill_shard, init_rules
 from loom.model.recompute import apply_recompute
@@ -30,7 +31,7 @@ from loom.parallel.mesh import ParallelGroups
 from loom.parallel.parallelize import parallelize_stages
 from loom.parallel.pipeline import Pipeline, join_chunks
 from loom.parallel.sharding import global_runs
-from loom.train.multimodal import build_any_model, freeze, text_model
+from loom.train.multimodal import build_any_model, freeze
 from loom.train.optim import MixedPrecisionAdamW, build_optimizer
 
 
@@ -60,7 +61,7 @@ def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.devic
         apply_compile(chunks)
     for p in model.parameters():  # bf16 parameters; buffers (e.g. routing biases) stay fp32
         p.data = p.data.to(param_dtype(cfg))
-    pipeline = Pipeline([text_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None
+    pipeline = Pipeline([surface.language_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None
     tied = (pipeline.tied_weight, pipeline.tied_group) if pipeline is not None else (None, None)
     reduce_dtype = cfg.optim.reduce_dtype
     optimizer = build_optimizer(model, cfg.optim, groups, distributed=cfg.distributed_optimizer(groups.world_size),

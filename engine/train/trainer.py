@@ -13,6 +13,7 @@ import torch.distributed as dist
 import loom.faults as faults
 from loom.config import Config, ConfigError, save_config
 from loom.data import BadSampleError, BlendedDataset, PackedDataset, build_text_dataset, make_sampler, rank_microbatches
+from loom.model import surface
 from loom.model.batch import PackedBatch
 from loom.model.lora import quantize_base
 from loom.parallel import comm
@@ -29,7 +30,7 @@ from loom.train.flops import device_peak_tflops, step_flops
 from loom.train.guard import NonFiniteGuard
 from loom.train.metrics import HotExperts, MetricsLogger, Progress
 from loom.train.memory import MemoryReport, report_rank
-from loom.train.multimodal import (MultimodalDataset, build_multimodal_dataset, step_loader, text_model,
+from loom.train.multimodal import (MultimodalDataset, build_multimodal_dataset, step_loader,
                                      with_images)
 from loom.train.optim import lr_at
 from loom.train.preflight import check_collectives, check_identity
@@ -162,7 +163,7 @@ class Trainer:
             batch = batch.with_hidden(hidden)
         with self._autocast():
             out = stage.hidden_states(batch)
-        if text_model(stage).lm_head is None:
+        if surface.language_model(stage).lm_head is None:
             return StageOutput(out, None, {})
         loss = self.loss(stage, out, labels)
         return StageOutput(None, loss / num_tokens, {"loss_sum": loss.detach()})
@@ -173,7 +174,7 @@ class Trainer:
         microbatches = self.microbatches(self.step)
         loss, num_loss_tokens = self.forward_backward(self.step, microbatches)
         grad_norm, applied = self.optimizer_step(lr, loss)
-        moe = finish_moe_step(text_model(self.model), self.cfg.model, self.device,  # {} for a dense model
+        moe = finish_moe_step(surface.language_model(self.model), self.cfg.model, self.device,  # {} for a dense model
                               update_bias=applied)
         self.step += 1
         if self.device.type == "cuda":
@@ -249,7 +250,7 @@ class Trainer:
         def dry_step():
             self.forward_backward(self.step, microbatches)
             self.optimizer.grad_norm()
-            finish_moe_step(text_model(self.model), self.cfg.model, self.device, update_bias=False)
+            finish_moe_step(surface.language_model(self.model), self.cfg.model, self.device, update_bias=False)
 
         check_collectives(dry_step, self.groups.names_by_ranks())
         self.grads.zero()
@@ -281,7 +282,8 @@ class Trainer:
     def loss(self, model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed fp32 loss of the last stage's final hidden states: its LM head (vocabulary-split
         under TP) runs inside the loss, so no ``[tokens, vocab]`` logits are ever built."""
-        return lm_head_loss(text_model(model).lm_head, hidden, labels, compute_dtype=self.cfg.train.precision.compute)
+        head = surface.language_model(model).lm_head
+        return lm_head_loss(head, hidden, labels, compute_dtype=self.cfg.train.precision.compute)
 
     def model_inputs(self, mb) -> tuple[PackedBatch, torch.Tensor]:
         """(model input, labels) of this rank: under CP, its zigzag shard."""
