@@ -81,7 +81,7 @@ def read_questions(jsonl: Path, tok, image_tokens: int) -> list[Question]:
 def read_native_questions(jsonl: Path, tok, opts, video_id: Optional[int]) -> list[Question]:
     """``read_questions`` for a native-resolution model: one image or one video per sample."""
     from loom.data.chat import encode_chat_media
-    from loom.data.multimodal import _Bad
+    from loom.data.multimodal import RejectedSample
     from loom.data.multimodal_native import parse_native_line
 
     out = []
@@ -90,7 +90,7 @@ def read_native_questions(jsonl: Path, tok, opts, video_id: Optional[int]) -> li
             continue
         try:
             encoded, media, kind = parse_native_line(line.encode(), str(jsonl.parent), tok, 1 << 30, opts, video_id)
-        except _Bad as e:
+        except RejectedSample as e:
             raise SystemExit(f"eval_vqa: {jsonl}:{lineno}: {e.detail}") from None
         messages = json.loads(line)["messages"]
         if messages[-1]["role"] != "assistant" or len(media) != 1:

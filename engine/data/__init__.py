@@ -12,7 +12,7 @@ from loom.data.blend import (BlendedDataset, BlendedSampler, blend_pattern, buil
 # Multimodal chat data: tokenizer, chat template, images, sample packing.
 from loom.data.chat import IMAGE_TAG, encode_chat
 from loom.data.images import ImageProcessor, image_token_count, make_image_loader
-from loom.data.multimodal import BAD_SAMPLE_REASONS, BadSampleError, MultimodalDataset
+from loom.data.multimodal import BAD_SAMPLE_REASONS, BadSampleError, MultimodalDataset, RejectedSample
 from loom.data.multimodal_lazy import LazyMultimodalDataset
 from loom.data.loader import StepBatches, StepLoader
 from loom.data.multimodal_packing import PackingPlan, first_fit_decreasing, pack_samples
@@ -21,6 +21,7 @@ from loom.data.tokenizer import SpecialTokens, Tokenizer
 __all__ = [
     "IGNORE_INDEX",
     "BadSampleError",
+    "RejectedSample",
     "GlobalBatchSampler",
     "Microbatch",
     "PackedDataset",

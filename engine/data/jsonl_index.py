@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from loom.data.multimodal import BadSample, BadSampleError, _Bad, encode_line, jsonl_paths, too_long
+from loom.data.multimodal import BadSample, BadSampleError, RejectedSample, encode_line, jsonl_paths, too_long
 from loom.data.tokenizer import Tokenizer
 
 INDEX_VERSION = 2
@@ -169,7 +169,7 @@ def _index_line(raw: bytes, base_dir: str, tok: Tokenizer, image_tokens: int, ex
     """(status, tokens, images, detail or None) of one line."""
     try:
         encoded, images, _ = encode_line(raw, tok, image_tokens)
-    except _Bad as e:
+    except RejectedSample as e:
         return STATUS.index(e.reason), 0, 0, e.detail
     missing = next((rel for rel in images if not exists(os.path.join(base_dir, rel))), None)
     if missing is not None:

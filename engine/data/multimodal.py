@@ -35,7 +35,9 @@ from loom.data.packing import IGNORE_INDEX, Sample
 from loom.data.sampler import Microbatch, collate, rank_slice
 from loom.data.tokenizer import Tokenizer
 
-BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image")
+# Why a sample is skipped (or, under data.on_bad_sample=error, refused), for every multimodal dataset.
+BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image",
+                      "missing_video", "corrupt_video")
 
 
 @dataclass
@@ -68,7 +70,10 @@ class BadSampleError(ValueError):
     A ValueError, as before it had a type of its own; entry points report it in one line (loom.cli)."""
 
 
-class _Bad(Exception):
+class RejectedSample(Exception):
+    """Raised while reading one sample: ``reason`` (one of BAD_SAMPLE_REASONS) and what is wrong with it.
+    The dataset turns it into a BadSample record, or a BadSampleError under data.on_bad_sample=error."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -96,40 +101,40 @@ class MultimodalSequence(Sample):
 
 def encode_line(raw: bytes, tok: Tokenizer, image_tokens: int) -> tuple:
     """The text-level checks and encoding of one JSONL line: (EncodedChat, relative image paths,
-    question_type). Raises _Bad for a malformed line or a placeholder mismatch; the length and
+    question_type). Raises RejectedSample for a malformed line or a placeholder mismatch; the length and
     the images are checked by the callers (the length limit depends on ``seq_len``)."""
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise _Bad("malformed", f"not valid UTF-8 ({e})") from None
+        raise RejectedSample("malformed", f"not valid UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
-        raise _Bad("malformed", f"not valid JSON ({e})") from None
+        raise RejectedSample("malformed", f"not valid JSON ({e})") from None
     if not isinstance(record, dict):
-        raise _Bad("malformed", "a sample must be a JSON object")
+        raise RejectedSample("malformed", "a sample must be a JSON object")
     problem = check_messages(record.get("messages"))
     images = record.get("images", [])
     if problem is None and not (isinstance(images, list) and all(isinstance(p, str) for p in images)):
         problem = '"images" must be a list of paths'
     if problem:
-        raise _Bad("malformed", problem)
+        raise RejectedSample("malformed", problem)
     messages = record["messages"]
     tags = count_image_tags(messages)
     if tags != len(images):
-        raise _Bad("placeholder_mismatch", f"{tags} <image> tags in the messages but {len(images)} images")
+        raise RejectedSample("placeholder_mismatch", f"{tags} <image> tags in the messages but {len(images)} images")
     return encode_chat(messages, tok, image_tokens), images, record.get("question_type")
 
 
-def too_long(num_tokens: int, num_images: int, image_tokens: int, seq_len: int) -> Optional[_Bad]:
+def too_long(num_tokens: int, num_images: int, image_tokens: int, seq_len: int) -> Optional[RejectedSample]:
     if num_tokens <= seq_len:
         return None
-    return _Bad("too_long", f"sample is {num_tokens} tokens ({num_images} images x {image_tokens} image "
+    return RejectedSample("too_long", f"sample is {num_tokens} tokens ({num_images} images x {image_tokens} image "
                             f"tokens), longer than data.seq_len={seq_len}")
 
 
 def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_tokens: int) -> tuple:
     """Check and encode one JSONL line: (EncodedChat, image paths, question_type).
 
-    Raises _Bad(reason, detail). Cheap checks run first; decoding the images runs last.
+    Raises RejectedSample(reason, detail). Cheap checks run first; decoding the images runs last.
     """
     encoded, images, question_type = encode_line(raw, tok, image_tokens)
     bad = too_long(len(encoded.input_ids), len(images), image_tokens, seq_len)
@@ -139,7 +144,7 @@ def _parse_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, image_t
     for rel, path in zip(images, paths):
         bad = image_problem(path)
         if bad:
-            raise _Bad(bad[0], f"image {rel} {bad[1]}")
+            raise RejectedSample(bad[0], f"image {rel} {bad[1]}")
     return encoded, paths, question_type
 
 
@@ -162,7 +167,7 @@ def read_chat_jsonl(path: str, tok: Tokenizer, seq_len: int, image_tokens: int,
                 continue
             try:
                 encoded, images, question_type = _parse_line(raw, base_dir, tok, seq_len, image_tokens)
-            except _Bad as e:
+            except RejectedSample as e:
                 message = f"{path}:{line_no}: {e.detail}"
                 if on_bad_sample == "error":
                     raise BadSampleError(message) from None

@@ -23,7 +23,7 @@ import numpy as np
 
 from loom.data.images import ImageProcessor, image_problem, image_token_count, make_image_loader
 from loom.data.jsonl_index import cache_path, index_files, read_line
-from loom.data.multimodal import (BadSample, BadSampleError, ChatSample, MultimodalDataset, MultimodalSequence, _Bad,
+from loom.data.multimodal import (BadSample, BadSampleError, ChatSample, MultimodalDataset, MultimodalSequence, RejectedSample,
                                     encode_line)
 from loom.data.packing import IGNORE_INDEX
 from loom.data.tokenizer import Tokenizer
@@ -63,7 +63,7 @@ class LazyMultimodalDataset(MultimodalDataset):
         try:
             encoded, images, question_type = encode_line(read_line(path, self.offsets[i]), self.tokenizer,
                                                          self.image_tokens)
-        except _Bad:
+        except RejectedSample:
             encoded = None
         if encoded is None or len(encoded.input_ids) != self.lengths[i]:
             raise BadSampleError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
@@ -81,7 +81,7 @@ class LazyMultimodalDataset(MultimodalDataset):
         for k, doc in enumerate(docs):
             try:
                 pixels += self._decode(doc)
-            except _Bad as e:
+            except RejectedSample as e:
                 docs[k] = self._drop(doc, e)
         size = self.image_loader.image_size
         rgb = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
@@ -96,10 +96,10 @@ class LazyMultimodalDataset(MultimodalDataset):
             except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
                 reason, detail = image_problem(path) or ("corrupt_image", f"cannot be decoded ({e})")
                 rel = os.path.relpath(path, os.path.dirname(os.path.abspath(doc.file)))
-                raise _Bad(reason, f"image {rel} {detail}") from None
+                raise RejectedSample(reason, f"image {rel} {detail}") from None
         return out
 
-    def _drop(self, doc: ChatSample, problem: _Bad) -> ChatSample:
+    def _drop(self, doc: ChatSample, problem: RejectedSample) -> ChatSample:
         """``doc`` as padding (``skip``), or the error naming its file and line (``error``)."""
         message = f"{doc.file}:{doc.line}: {problem.detail}"
         if self.on_bad_sample == "error":

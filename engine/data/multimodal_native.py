@@ -31,13 +31,11 @@ import torch
 from loom.data.chat import check_messages, count_image_tags, count_video_tags, encode_chat_media
 from loom.data.media import MediaItem, MediaOptions, media_patches, probe_image, probe_video
 from loom.data.jsonl_index import OK, STATUS, cache_path, index_files, read_line
-from loom.data.multimodal import BadSample, BadSampleError, ChatSample, MultimodalSequence, _Bad
+from loom.data.multimodal import BAD_SAMPLE_REASONS, BadSample, BadSampleError, ChatSample, MultimodalSequence, RejectedSample
 from loom.data.multimodal_lazy import LazyMultimodalDataset
 from loom.data.sampler import Microbatch, collate
 from loom.data.tokenizer import Tokenizer
 
-NATIVE_BAD_SAMPLE_REASONS = ("malformed", "placeholder_mismatch", "too_long", "missing_image", "corrupt_image",
-                             "missing_video", "corrupt_video")
 
 
 @dataclass
@@ -62,10 +60,10 @@ def media_options(vision, data) -> MediaOptions:
 
 def _paths(record: dict, one: str, many: str) -> list[str]:
     if one in record and many in record:
-        raise _Bad("malformed", f'give "{one}" or "{many}", not both')
+        raise RejectedSample("malformed", f'give "{one}" or "{many}", not both')
     value = [record[one]] if one in record else record.get(many, [])
     if not (isinstance(value, list) and all(isinstance(p, str) for p in value)):
-        raise _Bad("malformed", f'"{one}" must be a path, "{many}" a list of paths')
+        raise RejectedSample("malformed", f'"{one}" must be a path, "{many}" a list of paths')
     return value
 
 
@@ -74,44 +72,44 @@ def _probe(kind: str, rel: str, base_dir: str, opts: MediaOptions, fps, verify: 
     try:
         return probe_image(path, opts, verify) if kind == "image" else probe_video(path, opts, fps, verify)
     except FileNotFoundError:
-        raise _Bad(f"missing_{kind}", f"{kind} {rel} is missing") from None
+        raise RejectedSample(f"missing_{kind}", f"{kind} {rel} is missing") from None
     except (OSError, ValueError) as e:
-        raise _Bad(f"corrupt_{kind}", str(e).replace(path, rel)) from None
+        raise RejectedSample(f"corrupt_{kind}", str(e).replace(path, rel)) from None
 
 
 def parse_native_line(raw: bytes, base_dir: str, tok: Tokenizer, seq_len: int, opts: MediaOptions,
                       video_id: Optional[int], verify: bool = True) -> tuple:
-    """(EncodedChat, media items, question_type) of one JSONL line; raises _Bad(reason, detail).
+    """(EncodedChat, media items, question_type) of one JSONL line; raises RejectedSample(reason, detail).
 
     ``verify``: decode every image and sampled frame (else read the headers: the line was indexed)."""
     try:
         record = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _Bad("malformed", f"not valid JSON ({e})") from None
+        raise RejectedSample("malformed", f"not valid JSON ({e})") from None
     if not isinstance(record, dict):
-        raise _Bad("malformed", "a sample must be a JSON object")
+        raise RejectedSample("malformed", "a sample must be a JSON object")
     problem = check_messages(record.get("messages"))
     if problem:
-        raise _Bad("malformed", problem)
+        raise RejectedSample("malformed", problem)
     images, videos = _paths(record, "image", "images"), _paths(record, "video", "videos")
     fps = record.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
-        raise _Bad("malformed", f'"fps"={fps!r} must be a positive number (the frames\' rate)')
+        raise RejectedSample("malformed", f'"fps"={fps!r} must be a positive number (the frames\' rate)')
     messages = record["messages"]
     for tag, count, items in (("<image>", count_image_tags(messages), images),
                               ("<video>", count_video_tags(messages), videos)):
         if count != len(items):
-            raise _Bad("placeholder_mismatch", f"{count} {tag} tags in the messages but {len(items)} "
+            raise RejectedSample("placeholder_mismatch", f"{count} {tag} tags in the messages but {len(items)} "
                                                f"{tag[1:-1]}s")
     if videos and video_id is None:
-        raise _Bad("malformed", f"the sample has a video but the tokenizer has no {tok.specials.video} piece "
+        raise RejectedSample("malformed", f"the sample has a video but the tokenizer has no {tok.specials.video} piece "
                                 "(train it with tools/train_tokenizer.py)")
     media = [_probe("image", p, base_dir, opts, None, verify) for p in images]
     media += [_probe("video", p, base_dir, opts, fps, verify) for p in videos]
     counts = [m.tokens(opts.merge) for m in media]
     encoded = encode_chat_media(messages, tok, counts[:len(images)], counts[len(images):], video_id)
     if len(encoded.input_ids) > seq_len:
-        raise _Bad("too_long", f"sample is {len(encoded.input_ids)} tokens ({sum(counts)} image/video tokens), "
+        raise RejectedSample("too_long", f"sample is {len(encoded.input_ids)} tokens ({sum(counts)} image/video tokens), "
                                f"longer than data.seq_len={seq_len}")
     return encoded, media, record.get("question_type")
 
@@ -121,7 +119,7 @@ def _index_line(tok: Tokenizer, opts: MediaOptions, video_id: Optional[int]):
     def index_line(raw: bytes, base_dir: str) -> tuple:
         try:
             encoded, media, _ = parse_native_line(raw, base_dir, tok, sys.maxsize, opts, video_id)
-        except _Bad as e:
+        except RejectedSample as e:
             return STATUS.index(e.reason), 0, 0, e.detail
         return OK, len(encoded.input_ids), len(media), None
     return index_line
@@ -166,18 +164,18 @@ class NativeMultimodalDataset(LazyMultimodalDataset):
 
     @property
     def bad_sample_counts(self) -> dict[str, int]:
-        return {r: sum(b.reason == r for b in self.bad_samples) for r in NATIVE_BAD_SAMPLE_REASONS}
+        return {r: sum(b.reason == r for b in self.bad_samples) for r in BAD_SAMPLE_REASONS}
 
     def sample(self, i: int) -> NativeChatSample:
-        """Sample ``i``, read from its line and encoded again; raises _Bad for media gone or corrupt since."""
+        """Sample ``i``, read from its line and encoded again; raises RejectedSample for media gone or corrupt since."""
         path, line = self.files[self.file_ids[i]], int(self.lines[i])
         base_dir = os.path.dirname(os.path.abspath(path))
         try:
             encoded, media, qtype = parse_native_line(read_line(path, self.offsets[i]), base_dir, self.tokenizer,
                                                       sys.maxsize, self.opts, self.video_id, verify=False)
-        except _Bad as e:
+        except RejectedSample as e:
             if e.reason not in ("malformed", "placeholder_mismatch"):  # a medium, not the text, changed
-                raise _Bad(e.reason, f"{e.detail} (since its index {cache_path(path)} was built)") from None
+                raise RejectedSample(e.reason, f"{e.detail} (since its index {cache_path(path)} was built)") from None
             encoded = None
         if encoded is None or len(encoded.input_ids) != self.lengths[i]:
             raise BadSampleError(f"{path}:{line}: the line changed after its index {cache_path(path)} was built; "
@@ -192,7 +190,7 @@ class NativeMultimodalDataset(LazyMultimodalDataset):
             try:
                 doc = self.sample(i)
                 media.append(media_arrays(doc.media, self.opts, base=os.path.dirname(os.path.abspath(doc.file))))
-            except _Bad as e:
+            except RejectedSample as e:
                 path, line, n = self.files[self.file_ids[i]], int(self.lines[i]), int(self.lengths[i])
                 doc = self._drop(ChatSample(np.zeros(n, np.int64), np.zeros(n, np.int64), [], None, path, line), e)
                 media.append(media_arrays([], self.opts))
@@ -212,7 +210,7 @@ def media_arrays(items: Sequence[MediaItem], opts: MediaOptions, only_first_fram
                  base: Optional[str] = None) -> dict[str, np.ndarray]:
     """The batch fields (MEDIA_FIELDS) of ``items``, decoded, as numpy; a kind without items has zero rows.
 
-    Raises _Bad naming the file (relative to ``base``) of a medium that cannot be decoded."""
+    Raises RejectedSample naming the file (relative to ``base``) of a medium that cannot be decoded."""
     out = {}
     for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
                                ("video", "pixel_values_videos", "video_grid_thw")):
@@ -223,7 +221,7 @@ def media_arrays(items: Sequence[MediaItem], opts: MediaOptions, only_first_fram
                 parts.append(media_patches([m], opts, only_first_frame))
             except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
                 rel = os.path.relpath(m.path, base) if base else m.path
-                raise _Bad(f"corrupt_{kind}", f"{kind} {rel} cannot be decoded ({type(e).__name__}: {e})") from None
+                raise RejectedSample(f"corrupt_{kind}", f"{kind} {rel} cannot be decoded ({type(e).__name__}: {e})") from None
         out[pixels], out[grid] = (np.concatenate(x) for x in zip(*parts))
     out["second_per_grid_ts"] = np.asarray([m.second_per_grid_t for m in items if m.kind == "video"], np.float32)
     return out
@@ -241,4 +239,4 @@ def native_media_fields(parts: Sequence[dict]) -> dict:
 
 
 __all__ = ["NativeMultimodalDataset", "NativeChatSample", "media_options", "native_media_fields",
-           "media_arrays", "parse_native_line", "NATIVE_BAD_SAMPLE_REASONS"]
+           "media_arrays", "parse_native_line"]
