@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 
 from loom.config.errors import ConfigError
-from loom.config.precision import PRECISIONS, REDUCE_DTYPES, Precision
+from loom.config.precision import PRECISIONS, REDUCE_DTYPES, Precision, precision, reduce_dtype
 
 def resolve_etp(tp: int, etp: Optional[int]) -> int:
     """Tensor parallelism inside each expert: ``parallel.etp``, or tp when unset (Megatron's default)."""
@@ -323,7 +323,7 @@ class TrainConfig:
     @property
     def precision(self) -> Precision:
         """``dtype`` resolved: the parameter, autocast and activation dtypes."""
-        return PRECISIONS[self.dtype]
+        return precision(self.dtype)
 
 
 @dataclass
@@ -344,7 +344,7 @@ class OptimConfig:
     @property
     def reduce_dtype(self):
         """``grad_reduce_dtype`` resolved to its torch dtype."""
-        return REDUCE_DTYPES[self.grad_reduce_dtype]
+        return reduce_dtype(self.grad_reduce_dtype)
 
     def validate(self) -> None:
         if self.grad_reduce_dtype not in REDUCE_DTYPES:
