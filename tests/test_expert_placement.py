@@ -27,16 +27,15 @@ def skewed_run(overrides: list[str]):
     import torch.distributed as dist
 
     from loom.config import load_config
-    from loom.parallel.expert_parallel import moe_layers
+    from loom.model import surface
     from loom.parallel.inspect import full_state_dict
-    from loom.train.multimodal import text_model
     from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, CONFIG), BASE + overrides)
     groups = build_groups(cfg)
     trainer = Trainer(cfg, groups)
     received = {}
-    for i, moe in moe_layers(text_model(trainer.model)).items():
+    for i, moe in surface.routed_layers(trainer.model).items():
         moe.gate.e_score_correction_bias.copy_(torch.tensor(SKEW))
         plan = moe.dispatcher._plan
 

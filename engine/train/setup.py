@@ -49,8 +49,9 @@ def param_dtype(cfg: Config) -> torch.dtype:
 
 def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.device) -> RankModel:
     """This rank's model chunks, pipeline, gradient buffers and optimizer, initialised (unless on meta)."""
+    wiring = moe_wiring(groups, cfg)  # outside the meta device: its placement tables hold real values
     with torch.device("meta"):
-        whole = build_any_model(cfg, dataset, moe_wiring(groups, cfg))
+        whole = build_any_model(cfg, dataset, wiring)
     rules = init_rules(whole, cfg.model.init_std)
     chunks = parallelize_stages(whole, groups, cfg)
     del whole
