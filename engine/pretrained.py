@@ -9,7 +9,7 @@ checkpoint (``model.vision.enabled``), or an HF LLaVA 1.5 directory, gives a ``V
 order, with the placeholder id saved in the checkpoint (``model.image_token_id``, or the id of the
 tokenizer it was trained with). A native-resolution VLM (an HF Qwen2.5-VL directory) takes transformers'
 inputs: ``model(input_ids, attention_mask=..., pixel_values=patches, image_grid_thw=...,
-pixel_values_videos=..., video_grid_thw=...)``. A checkpoint trained with ``train.lora`` keeps its adapters, unmerged.
+pixel_values_videos=..., video_grid_thw=...)``. A checkpoint trained with ``finetune.lora`` keeps its adapters, unmerged.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def from_pretrained(path: Union[str, Path], device: Union[str, torch.device, Non
         cfg, fill, image_token_id = _loom_checkpoint(path)
         lora = lora_config_of(io.read_marker(path))
         if lora.base_dtype == "nf4":
-            raise ValueError(f"{path} was trained with train.lora.base_dtype=nf4 (QLoRA) and holds no base weights: "
+            raise ValueError(f"{path} was trained with finetune.lora.base_dtype=nf4 (QLoRA) and holds no base weights: "
                              "load its model.pretrained and apply the adapter (convert_hf.py export --adapter-only)")
     elif (path / "config.json").is_file():
         cfg, fill = _hf_directory(path)

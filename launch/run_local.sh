@@ -9,8 +9,8 @@
 #
 # NPROC         processes (default 2; the first argument, when it is a number, wins).
 # MAX_RESTARTS  torchrun --max-restarts (default 0). Every restart starts all workers again, and
-#               train.resume=auto picks up the newest checkpoint, so restarts only pay off with
-#               train.save_interval > 0 and a failure that is not deterministic (a config or data
+#               checkpoint.resume=auto picks up the newest checkpoint, so restarts only pay off with
+#               checkpoint.save_interval > 0 and a failure that is not deterministic (a config or data
 #               error would fail the same way each time). An explicit --max-restarts option wins.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,8 +18,8 @@
 # NPROC_PER_NODE  processes per node (default: the GPUs nvidia-smi lists, else 2).
 # RUN_ID        the rendezvous id (default loom); two jobs sharing a store need different ids.
 # MAX_RESTARTS  torchrun --max-restarts (default 0). A restart re-runs the rendezvous on every node
-#               and restarts all workers, which resume from the newest checkpoint (train.resume=auto),
-#               so it only pays off with train.save_interval > 0 and a failure that is not
+#               and restarts all workers, which resume from the newest checkpoint (checkpoint.resume=auto),
+#               so it only pays off with checkpoint.save_interval > 0 and a failure that is not
 #               deterministic; an explicit --max-restarts option wins.
 #
 # Hosts whose hostname does not resolve to the interface the nodes share: torchrun decides whether

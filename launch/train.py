@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from loom.train.trainer import Trainer, build_groups
 
     # An absent device fails here, before any group exists.
-    init_distributed(default_timeout(cfg.train.collective_timeout_s), device=cfg.train.device)
+    init_distributed(default_timeout(cfg.runtime.collective_timeout_s), device=cfg.runtime.device)
     try:
         groups = build_groups(cfg)
         trainer = Trainer(cfg, groups)

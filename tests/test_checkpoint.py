@@ -109,7 +109,7 @@ def reference(world4, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     full = world4.run(_train, str(root / "full"), ["parallel.tp=2"])
     stopped_dir = str(root / "stopped")
-    stopped = world4.run(_train, stopped_dir, ["parallel.tp=2", "train.save_interval=5"], until=5)
+    stopped = world4.run(_train, stopped_dir, ["parallel.tp=2", "checkpoint.save_interval=5"], until=5)
     return {"root": root, "losses": full[0]["losses"], "tokens": _global_tokens(full), "state": full[0]["state"],
             "stopped_dir": stopped_dir, "stopped": stopped[0]}
 
@@ -117,7 +117,7 @@ def reference(world4, tmp_path_factory):
 def test_resume_same_layout_is_bit_exact(world4, reference):
     stopped_dir = reference["stopped_dir"]
     assert os.path.isfile(os.path.join(_ckpt(stopped_dir, 5), "checkpoint.json"))
-    out = world4.run(_train, stopped_dir, ["parallel.tp=2", "train.save_interval=5"])  # resume: auto
+    out = world4.run(_train, stopped_dir, ["parallel.tp=2", "checkpoint.save_interval=5"])  # resume: auto
     assert out[0]["start"] == 5
     losses = reference["stopped"]["losses"] + out[0]["losses"]
     assert losses == reference["losses"], f"{losses} != {reference['losses']}"
@@ -131,7 +131,7 @@ def test_resume_same_layout_is_bit_exact(world4, reference):
 ], ids=["tp2dp2_to_dp4", "tp2dp2_to_dp1_2mb"])
 def test_resume_other_layout(world4, reference, nranks, overrides):
     run_dir = str(reference["root"] / f"other_{nranks}")
-    out = world4.run(_train, run_dir, [f"train.resume={_ckpt(reference['stopped_dir'], 5)}", *overrides],
+    out = world4.run(_train, run_dir, [f"checkpoint.resume={_ckpt(reference['stopped_dir'], 5)}", *overrides],
                      nranks=nranks)
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], reference["losses"][5:])
@@ -148,10 +148,10 @@ def test_distributed_optimizer_dp4_resumes(world4, reference, nranks, overrides)
     anywhere inside a parameter), resume at DP2 and at TP2 x DP2 as an uninterrupted run continues."""
     run_dir = str(reference["root"] / "distopt_dp4")
     if not os.path.isdir(_ckpt(run_dir, 5)):
-        first = world4.run(_train, run_dir, ["optim.distributed=true", "train.save_interval=5"], until=5)
+        first = world4.run(_train, run_dir, ["optim.distributed=true", "checkpoint.save_interval=5"], until=5)
         _assert_close(first[0]["losses"], reference["losses"][:5])
     out = world4.run(_train, str(reference["root"] / f"distopt_dp4_to_{nranks}"),
-                     [f"train.resume={_ckpt(run_dir, 5)}", "optim.distributed=true", *overrides], nranks=nranks)
+                     [f"checkpoint.resume={_ckpt(run_dir, 5)}", "optim.distributed=true", *overrides], nranks=nranks)
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], reference["losses"][5:])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
@@ -165,8 +165,8 @@ def test_bf16_resume_restores_fp32_masters(world4, tmp_path):
     bf16 = ["train.dtype=bf16", "optim.distributed=true"]
     full = world4.run(_train, str(tmp_path / "full"), bf16, nranks=2)
     run_dir = str(tmp_path / "stopped")
-    first = world4.run(_train, run_dir, [*bf16, "train.save_interval=5"], until=5, nranks=2)
-    out = world4.run(_train, run_dir, [*bf16, "train.save_interval=5"], nranks=2)
+    first = world4.run(_train, run_dir, [*bf16, "checkpoint.save_interval=5"], until=5, nranks=2)
+    out = world4.run(_train, run_dir, [*bf16, "checkpoint.save_interval=5"], nranks=2)
     assert out[0]["start"] == 5 and first[0]["losses"] + out[0]["losses"] == full[0]["losses"]
     assert any(k.endswith("/master") for k in full[0]["state"])
     assert _assert_same_state(out[0]["state"], full[0]["state"], rtol=0) == 0
@@ -175,9 +175,9 @@ def test_bf16_resume_restores_fp32_masters(world4, tmp_path):
 def test_resume_tp2_pp2_to_dp4(world4, reference):
     """Pipeline stages own disjoint names; the resumed DP4 run reads every stage's tensors."""
     run_dir = str(reference["root"] / "tp2pp2")
-    first = world4.run(_train, run_dir, ["parallel.tp=2", "parallel.pp=2", "train.save_interval=5"], until=5)
+    first = world4.run(_train, run_dir, ["parallel.tp=2", "parallel.pp=2", "checkpoint.save_interval=5"], until=5)
     _assert_close(first[0]["losses"], reference["losses"][:5])
-    out = world4.run(_train, str(reference["root"] / "tp2pp2_dp4"), [f"train.resume={_ckpt(run_dir, 5)}"])
+    out = world4.run(_train, str(reference["root"] / "tp2pp2_dp4"), [f"checkpoint.resume={_ckpt(run_dir, 5)}"])
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], reference["losses"][5:])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
@@ -193,10 +193,10 @@ def test_resume_interleaved_tied_pipeline_to_cp2_tp2(world4, tmp_path):
     ref_tokens = _global_tokens(full)
     saved = str(tmp_path / "vpp")
     first = world4.run(_train, saved, model + ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved",
-                                               "train.save_interval=5"], until=5)
+                                               "checkpoint.save_interval=5"], until=5)
     _assert_close(first[0]["losses"], full[0]["losses"][:5])
     out = world4.run(_train, str(tmp_path / "cp2tp2"), model + [
-        f"train.resume={_ckpt(saved, 5)}", "parallel.cp=2", "parallel.tp=2", "parallel.sp=true"])
+        f"checkpoint.resume={_ckpt(saved, 5)}", "parallel.cp=2", "parallel.tp=2", "parallel.sp=true"])
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], full[0]["losses"][5:])
     _assert_same_stream(_global_tokens(out), ref_tokens)
@@ -207,8 +207,8 @@ def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
     """Experts sharded over EP2 (two expert-data-parallel replicas) reload sharded over EP4."""
     full = world4.run(_train, str(tmp_path / "full"), ["parallel.ep=2"], config=MOE_CONFIG)
     run_dir = str(tmp_path / "ep2")
-    world4.run(_train, run_dir, ["parallel.ep=2", "train.save_interval=5"], until=5, config=MOE_CONFIG)
-    out = world4.run(_train, str(tmp_path / "ep4"), ["parallel.ep=4", f"train.resume={_ckpt(run_dir, 5)}"],
+    world4.run(_train, run_dir, ["parallel.ep=2", "checkpoint.save_interval=5"], until=5, config=MOE_CONFIG)
+    out = world4.run(_train, str(tmp_path / "ep4"), ["parallel.ep=4", f"checkpoint.resume={_ckpt(run_dir, 5)}"],
                      config=MOE_CONFIG)
     assert out[0]["start"] == 5
     _assert_close(out[0]["losses"], full[0]["losses"][5:])
@@ -218,10 +218,10 @@ def test_resume_ep2_dp2_to_ep4(world4, tmp_path):
 
 def test_resume_dp2_to_dp1_two_microbatches(world4, reference):
     run_dir = str(reference["root"] / "dp2")
-    first = world4.run(_train, run_dir, ["train.save_interval=5"], until=5, nranks=2)
+    first = world4.run(_train, run_dir, ["checkpoint.save_interval=5"], until=5, nranks=2)
     dp1_dir = str(reference["root"] / "dp1")
-    out = world4.run(_train, dp1_dir, [f"train.resume={_ckpt(run_dir, 5)}", "train.micro_batch_size=4",
-                                       "train.save_interval=5"], nranks=1)
+    out = world4.run(_train, dp1_dir, [f"checkpoint.resume={_ckpt(run_dir, 5)}", "train.micro_batch_size=4",
+                                       "checkpoint.save_interval=5"], nranks=1)
     _assert_close(first[0]["losses"] + out[0]["losses"], reference["losses"])
     _assert_same_stream(_global_tokens(out), reference["tokens"])
     _assert_same_state(out[0]["state"], reference["state"])
@@ -254,7 +254,7 @@ def test_state_check_catches_swapped_tp_halves(world4, reference):
     marker = {k: v for k, v in marker.items() if k not in ("format", "version", "files")}
     io.write_checkpoint(forged, state, {}, marker, no_dist=True)
 
-    out = world4.run(_train, str(reference["root"] / "swapped_dp4"), [f"train.resume={forged}"])
+    out = world4.run(_train, str(reference["root"] / "swapped_dp4"), [f"checkpoint.resume={forged}"])
     assert out[0]["start"] == 5
     _assert_same_stream(_global_tokens(out), reference["tokens"])
     with pytest.raises(AssertionError, match=r"layers\.0\.attn\.q_proj\.weight/exp_avg'"):
@@ -282,7 +282,7 @@ def test_truncated_shard_is_a_clear_error(world4, tmp_path):
     from loom.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
-    world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=2)
+    world4.run(_train, run_dir, ["checkpoint.save_interval=1"], until=1, nranks=2)
     path = _ckpt(run_dir, 1)
     shard = os.path.join(path, "__1_0.distcp")
     size = os.path.getsize(shard)
@@ -291,13 +291,13 @@ def test_truncated_shard_is_a_clear_error(world4, tmp_path):
     expected = rf"checkpoint .*step_00000001 is corrupt: file __1_0.distcp has {size // 2} bytes, {size} were written"
     with pytest.raises(io.CheckpointError, match=expected):
         io.read_marker(path)
-    errors = world4.run(_resume_error, run_dir, ["train.resume=auto"], nranks=2)
+    errors = world4.run(_resume_error, run_dir, ["checkpoint.resume=auto"], nranks=2)
     assert all(re.search(expected, e) for e in errors), errors
 
 
 def test_resume_refuses_a_changed_data_stream(world4, tmp_path):
     run_dir = str(tmp_path / "run")
-    world4.run(_train, run_dir, ["train.save_interval=1"], until=1, nranks=1)
+    world4.run(_train, run_dir, ["checkpoint.save_interval=1"], until=1, nranks=1)
     (error,) = world4.run(_resume_error, run_dir, ["train.global_batch_size=4"], nranks=1)
     assert "train.global_batch_size=8; this run has train.global_batch_size=4" in error
 
@@ -308,7 +308,7 @@ def test_killed_save_leaves_previous_checkpoint(world4, tmp_path):
     from loom.checkpoint import storage as io
 
     run_dir = str(tmp_path / "run")
-    save_every = ["train.save_interval=1", "train.keep_checkpoints=2"]
+    save_every = ["checkpoint.save_interval=1", "checkpoint.keep_checkpoints=2"]
     world4.run(_train, run_dir, save_every, until=3, nranks=2)
     root = tmp_path / "run" / "checkpoints"
     assert [s for s, _ in io.list_checkpoints(root)] == [2, 3], "keep_checkpoints=2 keeps the newest two"
@@ -395,9 +395,9 @@ def test_from_pretrained_vlm_places_images_at_placeholders(tmp_path):
 def test_config_rejects_a_missing_resume_path(tmp_path):
     from loom.config import ConfigError, load_config
 
-    cfg = load_config(os.path.join(ROOT, CONFIG), [f"train.resume={tmp_path / 'nope'}"])
-    with pytest.raises(ConfigError, match="train.resume="):
+    cfg = load_config(os.path.join(ROOT, CONFIG), [f"checkpoint.resume={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="checkpoint.resume="):
         cfg.validate(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_config(os.path.join(ROOT, CONFIG), ["train.resume=none"]).validate(1)
+        load_config(os.path.join(ROOT, CONFIG), ["checkpoint.resume=none"]).validate(1)

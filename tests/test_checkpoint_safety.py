@@ -143,9 +143,9 @@ def test_resume_dir_without_marker_is_a_config_error(tmp_path, capsys, contents)
         (resume / "__0_0.distcp").write_bytes(b"")
     elif contents == "checkpoints_root":  # the parent of step_* directories, a likely slip
         (resume / "step_00000005").mkdir()
-    overrides = [f"train.resume={resume}"]
+    overrides = [f"checkpoint.resume={resume}"]
     cfg = load_config(os.path.join(ROOT, CONFIG), overrides)
-    with pytest.raises(ConfigError, match=rf"train.resume=.*{resume}.*{io.MARKER}"):
+    with pytest.raises(ConfigError, match=rf"checkpoint.resume=.*{resume}.*{io.MARKER}"):
         cfg.validate(1)
     assert main(["--config", os.path.join(ROOT, CONFIG), *overrides]) == 2
     err = capsys.readouterr().err

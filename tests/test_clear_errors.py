@@ -18,9 +18,9 @@ def test_cuda_device_without_a_gpu_fails_before_any_group(monkeypatch, capsys):
     from loom.launch.train import main
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["--config", TINY, "train.device=cuda", "train.steps=1"]) == 2
+    assert main(["--config", TINY, "runtime.device=cuda", "train.steps=1"]) == 2
     assert not dist.is_initialized()
-    assert "train.device=cuda" in capsys.readouterr().err
+    assert "runtime.device=cuda" in capsys.readouterr().err
 
 
 def test_train_device_picks_the_device(monkeypatch):
@@ -30,7 +30,7 @@ def test_train_device_picks_the_device(monkeypatch):
     monkeypatch.setenv("LOOM_DEVICE", "cpu")
     assert default_device_and_backend("auto") == (torch.device("cpu"), "gloo")
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device"):
+        with pytest.raises(ConfigError, match="runtime.device=cuda but no CUDA device"):
             default_device_and_backend("cuda")
 
 

@@ -132,7 +132,7 @@ def test_a_bad_sample_found_mid_run_ends_every_rank_alike(world2, truncated, tmp
     argv = ["--config", os.path.join(ROOT, "launch/configs/demo_vlm_moe.yaml"), "parallel.tp=1", "parallel.sp=false",
             "parallel.ep=1", "model.vision.image_size=16", f"data.train_jsonl={path}", "data.eval_jsonl=null",
             f"data.tokenizer={tok}", "data.num_workers=0", "train.global_batch_size=4", "train.micro_batch_size=2",
-            "train.steps=8", "train.save_interval=0", "train.resume=none", f"train.run_dir={tmp_path}/run"]
+            "train.steps=8", "checkpoint.save_interval=0", "checkpoint.resume=none", f"train.run_dir={tmp_path}/run"]
     results = world2.run(train_main, argv, timeout=120)
     expected = f"train: error: {path}:21: image trunc.png cannot be decoded"
     for code, err in results:

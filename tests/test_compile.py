@@ -19,8 +19,8 @@ BASE = ["train.dtype=fp32", "train.run_dir=runs/test_compile", "model.attn_backe
 MOE_LOSSES = ["model.moe.aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0.001", "model.moe.aux_loss_type=seq"]
 STEPS = 2
 COMPILE = ["train.compile=true"]
-LORA = ["train.lora.rank=4", "train.lora.alpha=8", "train.resume=none"]
-LORA_DENSE = "train.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "checkpoint.resume=none"]
+LORA_DENSE = "finetune.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 
 
 def _fresh_dynamo(backend) -> None:
@@ -166,7 +166,7 @@ def vqa(tmp_path_factory):
     paths = make_synthetic_vqa(root, n_train=64, n_eval=4, image_size=32, seed=0)
     tok = train_tokenizer([str(paths["train"])], str(root / "tok"), vocab_size=200)
     return [f"data.train_jsonl={paths['train']}", f"data.eval_jsonl={paths['eval']}", f"data.tokenizer={tok}",
-            f"train.run_dir={root / 'run'}", "train.resume=none"]
+            f"train.run_dir={root / 'run'}", "checkpoint.resume=none"]
 
 
 @pytest.mark.slow

@@ -53,6 +53,19 @@ def test_bad_keys_and_types_name_the_key(overrides, message):
         load_config(TINY, overrides)
 
 
+@pytest.mark.parametrize("old, new", [("train.resume=none", "checkpoint.resume=none"),
+                                      ("train.save_interval=5", "checkpoint.save_interval=5"),
+                                      ("train.device=cpu", "runtime.device=cpu"),
+                                      ("train.preflight=false", "runtime.preflight=false"),
+                                      ("train.freeze=[vision]", "finetune.freeze=[vision]"),
+                                      ("train.lora.rank=4", "finetune.lora.rank=4")])
+def test_a_key_that_left_the_train_section_names_its_new_place(old, new):
+    moved_from, moved_to = ("train.lora", "finetune.lora") if ".lora." in old else (old.split("=")[0], new.split("=")[0])
+    with pytest.raises(ConfigError, match=rf"^{moved_from} is now {moved_to}: the train section was split"):
+        load_config(TINY, [old])
+    load_config(TINY, [new])  # where it lives now
+
+
 @pytest.mark.parametrize("overrides, world", [
     (["parallel.tp=3"], 3),
     (["parallel.tp=4"], 6),

@@ -141,10 +141,10 @@ def _train_tp2(loom_dir: str, run_dir: str) -> str:
 
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
-    cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=2", "train.save_interval=2",
+    cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=2", "checkpoint.save_interval=2",
                              "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096",
                              "optim.warmup_steps=0", "optim.lr=1e-2",
-                             f"train.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100"])
+                             f"checkpoint.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100"])
     cfg.model = model_cfg
     cfg.model.attn_backend = "torch"
     groups = build_groups(cfg)

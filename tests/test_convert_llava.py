@@ -150,10 +150,10 @@ def _train_tp2(loom_dir: str, run_dir: str, train_jsonl: str, tokenizer: str) ->
     from loom.checkpoint import storage as io
     from loom.train.trainer import Trainer, build_groups
 
-    cfg = load_config(None, ["parallel.tp=2", "parallel.sp=true", "train.steps=2", "train.save_interval=2",
+    cfg = load_config(None, ["parallel.tp=2", "parallel.sp=true", "train.steps=2", "checkpoint.save_interval=2",
                              "train.global_batch_size=2", "data.seq_len=32", f"data.train_jsonl={train_jsonl}",
                              f"data.tokenizer={tokenizer}", "optim.warmup_steps=0", "optim.lr=1e-2",
-                             f"train.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100"])
+                             f"checkpoint.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100"])
     cfg.model = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     cfg.model.attn_backend = "torch"
     groups = build_groups(cfg)
@@ -197,7 +197,7 @@ def test_clip_tower_tp2_sp_parity(world2, vqa, tmp_path):
     base = ["model.moe.num_experts=0", "parallel.ep=1", "model.attn_backend=torch", "train.dtype=fp32",
             f"data.train_jsonl={train_jsonl}", "data.eval_jsonl=null", f"data.tokenizer={tokenizer}",
             "data.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=1", f"train.run_dir={tmp_path}",
-            "train.resume=none", *CLIP]
+            "checkpoint.resume=none", *CLIP]
     config = "launch/configs/demo_vlm_moe.yaml"
     ref = world2.run(train_layout, config, base + ["parallel.tp=1", "parallel.sp=false"], 3, nranks=1)[0]
     out = world2.run(train_layout, config, base + ["parallel.tp=2", "parallel.sp=true"], 3)[0]

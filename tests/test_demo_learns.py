@@ -29,7 +29,7 @@ def test_demo_vlm_moe_learns_the_task(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     subprocess.run([sys.executable, "launch/train.py", "--config", "launch/configs/demo_vlm_moe.yaml",
                     "parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "train.micro_batch_size=32",
-                    "train.steps=700", "train.save_interval=700", f"train.run_dir={run}",
+                    "train.steps=700", "checkpoint.save_interval=700", f"train.run_dir={run}",
                     f"data.train_jsonl={paths['train']}", f"data.eval_jsonl={paths['eval']}", f"data.tokenizer={tok}"],
                    cwd=ROOT, env=env, check=True, timeout=900, capture_output=True)
     assert eval_vqa.main([str(run)]) == 0

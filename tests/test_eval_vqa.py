@@ -98,7 +98,7 @@ def test_cli_on_a_run_directory(vqa, tmp_path, capsys):
                     "parallel.tp=1", "parallel.sp=false", "parallel.ep=1", f"model.vision.image_size={IMAGE_SIZE}",
                     f"data.train_jsonl={paths['train']}", f"data.eval_jsonl={paths['eval']}",
                     f"data.tokenizer={root / 'tok.model'}", "train.global_batch_size=2", "train.micro_batch_size=1",
-                    "train.steps=2", "train.save_interval=2", f"train.run_dir={run}"],
+                    "train.steps=2", "checkpoint.save_interval=2", f"train.run_dir={run}"],
                    cwd=ROOT, check=True, timeout=300, capture_output=True)
     assert eval_vqa.main([str(run)]) == 0
     out = capsys.readouterr().out

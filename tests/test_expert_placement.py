@@ -16,7 +16,7 @@ CONFIG = "launch/configs/models/tiny/mixtral_8x7b.yaml"  # 8 experts, top-2, eve
 # A deliberately skewed router: the selection bias pulls tokens towards the low experts, which the
 # contiguous placement puts together on EP rank 0. A tiny update rate keeps the bias (and its buffer).
 SKEW = [0.04, 0.03, 0.02, 0.01, 0.0, 0.0, 0.0, 0.0]
-BASE = ["train.dtype=fp32", "model.attn_backend=torch", "train.resume=none", "train.global_batch_size=8",
+BASE = ["train.dtype=fp32", "model.attn_backend=torch", "checkpoint.resume=none", "train.global_batch_size=8",
         "model.moe.bias_update_rate=1e-12", "parallel.ep=4", "train.steps=4", "train.log_interval=100"]
 
 
@@ -71,7 +71,7 @@ def runs(world4, tmp_path_factory):
     plan = tmp / "plan.json"
     assert place_experts([str(tmp / "contiguous"), "--out", str(plan)]) == 0
     balanced = [f"train.run_dir={tmp / 'balanced'}", "parallel.expert_placement=balanced",
-                f"parallel.expert_placement_plan={plan}", "train.save_interval=2"]
+                f"parallel.expert_placement_plan={plan}", "checkpoint.save_interval=2"]
     after = world4.run(skewed_run, balanced)[0]
     return tmp, json.loads(plan.read_text()), before, after
 
@@ -98,7 +98,7 @@ def test_resume_under_another_placement(world4, runs):
     """Saved at step 2 under the balanced plan, resumed under the contiguous placement: the same run."""
     tmp, _, before, _ = runs
     resumed = world4.run(skewed_run, [f"train.run_dir={tmp / 'resumed'}",
-                                      f"train.resume={tmp / 'balanced' / 'checkpoints' / 'step_00000002'}"])[0]
+                                      f"checkpoint.resume={tmp / 'balanced' / 'checkpoints' / 'step_00000002'}"])[0]
     assert [r["step"] for r in resumed["records"]] == [3, 4]
     for a, b in zip(before["records"][2:], resumed["records"]):
         assert abs(a["loss"] - b["loss"]) <= LOSS_RTOL * abs(a["loss"]), (a["loss"], b["loss"])

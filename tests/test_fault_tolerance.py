@@ -18,8 +18,8 @@ from loom.train.preflight import identity_disagreement
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "launch/configs/tiny_dense.yaml"
 STEPS = 8
-ARGS = ["--config", CONFIG, "train.device=cpu", f"train.steps={STEPS}", "train.log_samples=true",
-        "train.collective_timeout_s=30"]
+ARGS = ["--config", CONFIG, "runtime.device=cpu", f"train.steps={STEPS}", "train.log_samples=true",
+        "runtime.collective_timeout_s=30"]
 
 
 def launch(run_dir, *overrides, fault: str = "", restarts: int = 0, timeout: float = 180):
@@ -50,7 +50,7 @@ def attempts(run_dir, launched: int = 0) -> list[list[dict]]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    code, out, _ = launch(run_dir, "train.save_interval=2")
+    code, out, _ = launch(run_dir, "checkpoint.save_interval=2")
     assert code == 0, out[-3000:]
     return {r["step"]: r for r in records(run_dir)}
 
@@ -72,7 +72,7 @@ def assert_continues_exactly(runs: list[list[dict]], reference: dict, resume_ste
 @pytest.mark.parametrize("fault,resume_step", [("kill:rank=1,step=5", 4), ("kill:rank=1,step=6,at=save", 4)],
                          ids=["mid-step", "mid-save"])
 def test_killed_rank_restarts_and_continues_exactly(tmp_path, uninterrupted, fault, resume_step):
-    code, out, _ = launch(tmp_path, "train.save_interval=2", "train.keep_checkpoints=0", fault=fault, restarts=1)
+    code, out, _ = launch(tmp_path, "checkpoint.save_interval=2", "checkpoint.keep_checkpoints=0", fault=fault, restarts=1)
     assert code == 0, out[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{resume_step:08d}'} at step {resume_step}" in out
     assert len(attempts(tmp_path)) == 2, "the job did not restart"
@@ -83,12 +83,12 @@ def test_killed_rank_restarts_and_continues_exactly(tmp_path, uninterrupted, fau
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
-    code, out, _ = launch(tmp_path, "train.save_interval=0", fault="term:rank=1,step=3")
+    code, out, _ = launch(tmp_path, "checkpoint.save_interval=0", fault="term:rank=1,step=3")
     assert code == 0, out[-3000:]
     assert "rank 1: SIGTERM: every rank saves a checkpoint at the end of this step" in out, out[-3000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
-    code, out, _ = launch(tmp_path, "train.save_interval=0")
+    code, out, _ = launch(tmp_path, "checkpoint.save_interval=0")
     assert code == 0, out[-3000:]
     assert_continues_exactly(attempts(tmp_path, launched=3), uninterrupted, 3)
 
@@ -96,12 +96,12 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_stalled_rank_fails_naming_the_collective(tmp_path):
     fault = "stall:rank=1,step=2,seconds=5,call=3"
-    code, out, seconds = launch(tmp_path, "parallel.tp=2", "train.collective_timeout_s=2",
-                                "train.step_timeout_s=1", fault=fault, timeout=120)
+    code, out, seconds = launch(tmp_path, "parallel.tp=2", "runtime.collective_timeout_s=2",
+                                "runtime.step_timeout_s=1", fault=fault, timeout=120)
     assert code != 0
     assert seconds < 60, f"took {seconds:.0f} s"
     assert ("rank 0: all_reduce of float32[64, 64] on group tp (ranks [0, 1]), call 3 of step 2, "
-            "did not complete within train.collective_timeout_s=2") in out, out[-3000:]
+            "did not complete within runtime.collective_timeout_s=2") in out, out[-3000:]
     waiting = (tmp_path / "stacks.rank0.txt").read_text()
     stalled = (tmp_path / "stacks.rank1.txt").read_text()
     assert "Timeout" in waiting and "in all_reduce" in waiting and "in forward_backward" in waiting
@@ -128,8 +128,8 @@ def disagreeing_microbatches(fault_rank: int):
     from loom.train.trainer import Trainer, build_groups
 
     micro = 2 if dist.get_rank() == fault_rank else 1
-    cfg = load_config(os.path.join(ROOT, CONFIG), ["train.device=cpu", "parallel.tp=2", "train.preflight=false",
-                                                   "train.resume=none", f"train.micro_batch_size={micro}",
+    cfg = load_config(os.path.join(ROOT, CONFIG), ["runtime.device=cpu", "parallel.tp=2", "runtime.preflight=false",
+                                                   "checkpoint.resume=none", f"train.micro_batch_size={micro}",
                                                    "model.attn_backend=torch"])
     groups = build_groups(cfg)
     trainer = Trainer(cfg, groups)
@@ -197,8 +197,8 @@ def train_twice(preflight: bool, layout=("parallel.ep=2",)):
     from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"),
-                      ["train.device=cpu", *layout, "train.resume=none", "train.steps=2",
-                       "model.attn_backend=torch", "train.log_interval=100", f"train.preflight={preflight}",
+                      ["runtime.device=cpu", *layout, "checkpoint.resume=none", "train.steps=2",
+                       "model.attn_backend=torch", "train.log_interval=100", f"runtime.preflight={preflight}",
                        f"train.run_dir={os.environ.get('TMPDIR', '/tmp')}/loom-preflight-{preflight}"])
     groups = build_groups(cfg)
     trainer = Trainer(cfg, groups)
@@ -218,7 +218,7 @@ def test_the_dry_run_leaves_no_trace(world2):
         assert all(torch.equal(params[n], reference[n]) for n in reference)
 
 
-ZB1_LORA = ("parallel.pp=2", "parallel.pp_layout=[2,1]", "parallel.pp_schedule=zb1", "train.lora.rank=4")
+ZB1_LORA = ("parallel.pp=2", "parallel.pp_layout=[2,1]", "parallel.pp_schedule=zb1", "finetune.lora.rank=4")
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def _moe_ep_syncs(num_layers: int, run_dir: str):
 
     cfg = load_config(os.path.join(ROOT, "launch/configs/tiny_moe.yaml"),
                       [f"model.num_layers={num_layers}", "model.moe.first_k_dense=0", "model.attn_backend=triton",
-                       "parallel.ep=2", "train.global_batch_size=4", "train.resume=none",
+                       "parallel.ep=2", "train.global_batch_size=4", "checkpoint.resume=none",
                        f"train.run_dir={run_dir}"])
     groups = build_groups(cfg)
     try:

@@ -462,7 +462,7 @@ def _train(run_dir, overrides, until=None):
     from loom.train.trainer import Trainer, build_groups
 
     cfg = load_config(TINY, ["train.dtype=fp32", "model.attn_backend=torch", "train.steps=6", "train.log_interval=100",
-                             "train.log_samples=true", "train.preflight=false", f"train.run_dir={run_dir}", *overrides])
+                             "train.log_samples=true", "runtime.preflight=false", f"train.run_dir={run_dir}", *overrides])
     groups = build_groups(cfg)
     trainer = Trainer(cfg, groups)
     start, seen, microbatches = trainer.step, {}, trainer.microbatches
@@ -491,7 +491,7 @@ def blend_runs(world2, corpora, tmp_path_factory):
     root = tmp_path_factory.mktemp("blend_runs")
     blend = f"data.blend=[[0.6, {corpora[0]}], [0.3, {corpora[1]}], [0.1, {corpora[2]}]]"
     full = world2.run(_train, str(root / "full"), [blend])
-    world2.run(_train, str(root / "dp2"), [blend, "train.save_interval=3"], until=3)
+    world2.run(_train, str(root / "dp2"), [blend, "checkpoint.save_interval=3"], until=3)
     return {"root": root, "blend": blend, "full": full, "checkpoint": root / "dp2" / "checkpoints" / "step_00000003"}
 
 
@@ -505,7 +505,7 @@ def test_blend_resume_under_another_layout(world2, blend_runs, nranks, layout):
     ranks saw) and reaches its losses."""
     full = blend_runs["full"]
     out = world2.run(_train, str(blend_runs["root"] / layout), [blend_runs["blend"], layout,
-                                                               f"train.resume={blend_runs['checkpoint']}"],
+                                                               f"checkpoint.resume={blend_runs['checkpoint']}"],
                      nranks=nranks)
     assert out[0]["start"] == 3
     assert out[0]["samples"] == full[0]["samples"][3:]

@@ -6,8 +6,8 @@ from tests.parity import assert_parity, params, train_layout
 
 CONFIG = "launch/configs/tiny_moe.yaml"
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,shared_expert,experts]"
-LORA = ["train.lora.rank=4", "train.lora.alpha=8", f"train.lora.target_modules={TARGETS}"]
-BASE = ["train.dtype=fp32", "train.run_dir=runs/test_lora", "model.attn_backend=torch", "train.resume=none",
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", f"finetune.lora.target_modules={TARGETS}"]
+BASE = ["train.dtype=fp32", "train.run_dir=runs/test_lora", "model.attn_backend=torch", "checkpoint.resume=none",
         *LORA]
 LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
@@ -77,14 +77,14 @@ def test_lora_resumes_under_another_layout(world4, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     whole = world4.run(_train_and_save, LORA, 3, None, nranks=1)[0]["losses"]
     world4.run(_train_and_save, LORA + LAYOUTS["tp2_sp_ep2"][1], 2, ckpt, nranks=4)
-    resumed = world4.run(_train_and_save, LORA + [f"train.resume={ckpt}"], 3, None, nranks=1)[0]["losses"]
+    resumed = world4.run(_train_and_save, LORA + [f"checkpoint.resume={ckpt}"], 3, None, nranks=1)[0]["losses"]
     assert len(resumed) == 1 and abs(resumed[0] - whole[2]) <= 1e-5 * abs(whole[2])
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.lora.rank=-1", "train.lora.rank"),
-    ("train.lora.target_modules=[q_proj,qkv]", "train.lora.target_modules"),
-    ("train.lora.dropout=1.0", "train.lora.dropout"),
+    ("finetune.lora.rank=-1", "finetune.lora.rank"),
+    ("finetune.lora.target_modules=[q_proj,qkv]", "finetune.lora.target_modules"),
+    ("finetune.lora.dropout=1.0", "finetune.lora.dropout"),
 ])
 def test_lora_config_errors_name_the_field(override, key):
     from loom.config import ConfigError, load_config
@@ -96,6 +96,6 @@ def test_lora_config_errors_name_the_field(override, key):
 def test_lora_target_missing_from_the_model():
     from loom.config import ConfigError, load_config
 
-    cfg = load_config("launch/configs/tiny_dense.yaml", ["train.lora.rank=4", "train.lora.target_modules=[experts]"])
+    cfg = load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.rank=4", "finetune.lora.target_modules=[experts]"])
     with pytest.raises(ConfigError, match="'experts' names no layer"):
         cfg.validate(1)

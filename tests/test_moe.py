@@ -341,7 +341,7 @@ def _train_metrics(overrides, run_dir):
     from loom.train.trainer import Trainer, build_groups
     from tests.parity import ROOT
 
-    cfg = load_config(os.path.join(ROOT, CONFIG), ["model.attn_backend=torch", "train.resume=none",
+    cfg = load_config(os.path.join(ROOT, CONFIG), ["model.attn_backend=torch", "checkpoint.resume=none",
                                                    f"train.run_dir={run_dir}", *overrides])
     groups = build_groups(cfg)
     trainer = Trainer(cfg, groups)

@@ -10,7 +10,7 @@ from tests.parity import (BF16_MOE, RTOL, assert_close_tensors, assert_moe_parit
                           world1_references)
 
 CONFIG = "launch/configs/tiny_moe.yaml"
-BASE = ["train.dtype=fp32", "train.run_dir=runs/test_moe_parity", "model.attn_backend=torch", "train.resume=none",
+BASE = ["train.dtype=fp32", "train.run_dir=runs/test_moe_parity", "model.attn_backend=torch", "checkpoint.resume=none",
         "model.moe.aux_loss_coeff=0.05", "model.moe.z_loss_coeff=0.005"]
 ROUTERS = {
     # Mixtral / Qwen-MoE: softmax top-2, renormalised; aux loss per microbatch.

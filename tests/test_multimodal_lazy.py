@@ -386,8 +386,8 @@ def trainer_probe(data: dict) -> None:
         cfg = load_config(os.path.join(ROOT, "launch/configs/demo_vlm_moe.yaml"), [
             "parallel.tp=1", "parallel.sp=false", "parallel.ep=1", f"model.vision.image_size={IMAGE_SIZE}",
             f"data.train_jsonl={data['train']}", f"data.tokenizer={data['tok']}", "data.eval_jsonl=null",
-            "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=3", "train.save_interval=0",
-            f"train.run_dir={data['run']}_{workers}", "train.resume=none", f"data.num_workers={workers}",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=3", "checkpoint.save_interval=0",
+            f"train.run_dir={data['run']}_{workers}", "checkpoint.resume=none", f"data.num_workers={workers}",
             "train.log_samples=true"])
         groups = build_groups(cfg)
         trainer = Trainer(cfg, groups)

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--config", "launch/configs/tiny_dense.yaml", "parallel.tp=2", "train.steps=6", "optim.lr=1e-2",
-         "train.device=cpu"]
+         "runtime.device=cpu"]
 PORT = "29400"  # each namespace has its own ports, so a fixed one cannot collide with other runs
 TIMEOUT_S = 150
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 DENSE = "launch/configs/tiny_dense.yaml"
 MOE = "launch/configs/tiny_moe.yaml"
-BASE = ["train.dtype=fp32", "train.run_dir=runs/test_mutations", "model.attn_backend=torch", "train.resume=none"]
+BASE = ["train.dtype=fp32", "train.run_dir=runs/test_mutations", "model.attn_backend=torch", "checkpoint.resume=none"]
 STEPS = 2
 
 # Per worker process: how often each mutation changed what the engine did.

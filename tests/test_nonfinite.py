@@ -1,5 +1,5 @@
 """A NaN in one rank's gradients: under ``skip`` no rank applies that step and the run goes on, counted;
-under ``error`` (or after train.max_skipped_steps in a row) the run stops with a message naming the step."""
+under ``error`` (or after runtime.max_skipped_steps in a row) the run stops with a message naming the step."""
 import os
 
 import numpy as np
@@ -10,7 +10,7 @@ from loom.train.guard import NonFiniteGuard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "launch/configs/tiny_dense.yaml"
-BASE = ["train.dtype=fp32", "model.attn_backend=torch", "train.resume=none", "train.steps=5",
+BASE = ["train.dtype=fp32", "model.attn_backend=torch", "checkpoint.resume=none", "train.steps=5",
         "train.log_interval=100"]
 
 
@@ -50,7 +50,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_skip_drops_the_step_on_every_rank(world2):
-    outs = world2.run(poisoned_run, ["train.on_nonfinite=skip"], [2])
+    outs = world2.run(poisoned_run, ["runtime.on_nonfinite=skip"], [2])
     for rank, out in enumerate(outs):
         assert out["error"] is None, out["error"]
         records = out["records"]
@@ -65,14 +65,14 @@ def test_skip_drops_the_step_on_every_rank(world2):
 
 
 def test_error_names_the_step(world2):
-    outs = world2.run(poisoned_run, ["train.on_nonfinite=error"], [1])
+    outs = world2.run(poisoned_run, ["runtime.on_nonfinite=error"], [1])
     for out in outs:
         assert out["error"] is not None and "step 2:" in out["error"] and "on_nonfinite=error" in out["error"]
         assert len(out["records"]) == 1 and _same(out["params"][1], out["params"][2]), "the bad step was applied"
 
 
 def test_too_many_skips_in_a_row_stop_the_run(world2):
-    outs = world2.run(poisoned_run, ["train.on_nonfinite=skip", "train.max_skipped_steps=2"], [1, 2, 3])
+    outs = world2.run(poisoned_run, ["runtime.on_nonfinite=skip", "runtime.max_skipped_steps=2"], [1, 2, 3])
     for out in outs:
         assert "step 3:" in out["error"] and "max_skipped_steps=2" in out["error"]
         assert [r["skipped"] for r in out["records"]] == [False, True]
@@ -86,5 +86,5 @@ def test_guard_counts_streaks_and_checks_its_config():
     assert guard.skips(5, float("nan"), 1.0) and guard.skips(6, float("nan"), 1.0) and guard.skipped == 4
     with pytest.raises(FloatingPointError, match="step 7:"):
         guard.skips(7, float("nan"), 1.0)
-    with pytest.raises(ConfigError, match="train.on_nonfinite"):
-        load_config(os.path.join(ROOT, CONFIG), ["train.on_nonfinite=ignore"]).validate(1)
+    with pytest.raises(ConfigError, match="runtime.on_nonfinite"):
+        load_config(os.path.join(ROOT, CONFIG), ["runtime.on_nonfinite=ignore"]).validate(1)

@@ -28,11 +28,11 @@ def _train_lora(loom_dir: str, run_dir: str, targets: str) -> str:
 
     model_cfg = checkpoint_model_config(io.read_marker(loom_dir), loom_dir)
     sp = ["parallel.sp=true"] if model_cfg.moe.num_experts else []
-    cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=3", "train.save_interval=3",
+    cfg = load_config(None, ["parallel.tp=2", *sp, "train.steps=3", "checkpoint.save_interval=3",
                              "train.global_batch_size=2", "data.seq_len=16", "data.num_tokens=4096",
                              "optim.warmup_steps=0", "optim.lr=3e-2",
-                             f"train.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100",
-                             "train.lora.rank=4", "train.lora.alpha=8", f"train.lora.target_modules={targets}"])
+                             f"checkpoint.resume={loom_dir}", f"train.run_dir={run_dir}", "train.log_interval=100",
+                             "finetune.lora.rank=4", "finetune.lora.alpha=8", f"finetune.lora.target_modules={targets}"])
     cfg.model = model_cfg
     cfg.model.attn_backend = "torch"
     groups = build_groups(cfg)
@@ -134,7 +134,7 @@ def test_model_pretrained_from_an_hf_directory(world2, tmp_path):
     from loom.train.init_from import resolve_pretrained
 
     make_hf("LlamaForCausalLM", tmp_path / "hf")
-    lora = ["train.lora.rank=4", "train.resume=none"]
+    lora = ["finetune.lora.rank=4", "checkpoint.resume=none"]
     from_hf = world2.run(_fine_tune, [f"model.pretrained={tmp_path / 'hf'}", f"train.run_dir={tmp_path / 'a'}",
                                       *lora], nranks=1)[0]
     assert convert_cli(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "loom")]) == 0

@@ -118,11 +118,11 @@ def _base_bytes(config: str, overrides: list[str], device: str) -> tuple[int, in
     from loom.model.lora import quantize_base
     from loom.train.multimodal import build_any_model
 
-    cfg = load_config(config, ["train.lora.rank=8", "train.lora.base_dtype=nf4", *overrides])
+    cfg = load_config(config, ["finetune.lora.rank=8", "finetune.lora.base_dtype=nf4", *overrides])
     with torch.device(device):
         model = build_any_model(cfg, None)
     before = {id(p): p.numel() for p in model.parameters()}
-    quantize_base(model, cfg.train.lora)
+    quantize_base(model, cfg.finetune.lora)
     after = {id(p) for p in model.parameters()}
     return 2 * sum(n for i, n in before.items() if i not in after), quantized_bytes(model)
 
@@ -132,39 +132,39 @@ def _base_bytes(config: str, overrides: list[str], device: str) -> tuple[int, in
                                             ("launch/configs/models/mixtral_8x7b.yaml", "meta")])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_base_takes_under_three_tenths_of_bf16(config, device, double_quant):
-    bf16, nf4 = _base_bytes(config, [f"train.lora.double_quant={str(double_quant).lower()}"], device)
+    bf16, nf4 = _base_bytes(config, [f"finetune.lora.double_quant={str(double_quant).lower()}"], device)
     print(f"{config} double_quant={double_quant}: bf16 {bf16} B, nf4 {nf4} B, ratio {nf4 / bf16:.4f}")
     assert bf16 > 0 and nf4 <= 0.3 * bf16
     assert nf4 / bf16 == pytest.approx(0.2581 if double_quant else 0.28125, abs=1e-3)
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.lora.base_dtype=int4", "train.lora.base_dtype"),
-    ("train.lora.quant_block=63", "train.lora.quant_block"),
+    ("finetune.lora.base_dtype=int4", "finetune.lora.base_dtype"),
+    ("finetune.lora.quant_block=63", "finetune.lora.quant_block"),
 ])
 def test_qlora_config_errors_name_the_field(override, key):
     from loom.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("launch/configs/tiny_dense.yaml", ["train.lora.rank=4", override]).validate(1)
+        load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.rank=4", override]).validate(1)
 
 
 def test_nf4_needs_lora():
     from loom.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=r"train\.lora\.base_dtype=nf4 .* train\.lora\.rank > 0"):
-        load_config("launch/configs/tiny_dense.yaml", ["train.lora.base_dtype=nf4"]).validate(1)
-    cfg = load_config("launch/configs/tiny_dense.yaml", ["train.lora.rank=4", "train.lora.base_dtype=none"])
+        load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.base_dtype=nf4"]).validate(1)
+    cfg = load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.rank=4", "finetune.lora.base_dtype=none"])
     cfg.validate(1)
-    assert cfg.train.lora.base_dtype is None
+    assert cfg.finetune.lora.base_dtype is None
 
 
 # ----------------------------------------------------------------------------- training (slow)
 
 DENSE = "launch/configs/tiny_dense.yaml"  # the README example's tiny Llama (h 64, F 128, 2 layers)
 ALL = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-LEARN = ["train.lora.rank=8", "train.lora.alpha=16", f"train.lora.target_modules={ALL}", "train.dtype=bf16",
-         "model.attn_backend=torch", "train.resume=none", "train.preflight=false", "train.log_interval=1000",
+LEARN = ["finetune.lora.rank=8", "finetune.lora.alpha=16", f"finetune.lora.target_modules={ALL}", "train.dtype=bf16",
+         "model.attn_backend=torch", "checkpoint.resume=none", "runtime.preflight=false", "train.log_interval=1000",
          "optim.lr=5e-3", "optim.min_lr=5e-4", "train.seed=7", "data.num_tokens=1040"]
 LEARN_STEPS = 60
 
@@ -193,7 +193,7 @@ def _train(config: str, overrides: list[str], steps: int, save: str | None = Non
 def pretrained(world4, tmp_path_factory):
     """The base to fine-tune: tiny_dense trained in full (fp32) on the synthetic corpus of train.seed 1234."""
     out = tmp_path_factory.mktemp("qlora")
-    pre = world4.run(_train, DENSE, [f"train.run_dir={out}/pre", "train.resume=none", "train.preflight=false",
+    pre = world4.run(_train, DENSE, [f"train.run_dir={out}/pre", "checkpoint.resume=none", "runtime.preflight=false",
                                      "model.attn_backend=torch"], LEARN_STEPS, str(out / "base"), nranks=1)[0]
     print("pretraining, loss every 5 steps:", " ".join(f"{x:.3f}" for x in pre["losses"][::5]))
     return str(out / "base")
@@ -206,7 +206,7 @@ def test_qlora_learns_as_bf16_lora_does(world4, pretrained, tmp_path):
     quantisation) ends within 5% of bf16 LoRA's loss."""
     base = [f"train.run_dir={tmp_path}/run", f"model.pretrained={pretrained}", *LEARN]
     lora = world4.run(_train, DENSE, base, LEARN_STEPS, nranks=1)[0]
-    qlora = world4.run(_train, DENSE, base + ["train.lora.base_dtype=nf4"], LEARN_STEPS, nranks=1)[0]
+    qlora = world4.run(_train, DENSE, base + ["finetune.lora.base_dtype=nf4"], LEARN_STEPS, nranks=1)[0]
     for name, run in (("bf16 LoRA", lora), ("QLoRA nf4", qlora)):
         print(name, f"params {run['params_bytes']} B,", "loss at steps 1, 6, 11, ...:",
               " ".join(f"{x:.4f}" for x in run["losses"][::5] + run["losses"][-1:]))
@@ -226,15 +226,15 @@ def test_qlora_resumes_from_its_pretrained_base(world4, pretrained, tmp_path):
     """A QLoRA checkpoint holds adapters and state, not the base: resume reloads model.pretrained first."""
     # fp32, and blocks of 32 that TP2's shards keep whole (o_proj: 32 of 64 inputs), so the base that TP2 saved
     # with and world size 1 resumes with are the same quantised weights
-    run = [f"train.run_dir={tmp_path}/run", f"model.pretrained={pretrained}", "train.lora.base_dtype=nf4",
-           "train.lora.quant_block=32", "train.lora.double_quant=false", *LEARN[:3], "train.dtype=fp32",
-           "model.attn_backend=torch", "train.preflight=false"]
-    whole = world4.run(_train, DENSE, run + ["train.resume=none"], 3, nranks=1)[0]["losses"]
+    run = [f"train.run_dir={tmp_path}/run", f"model.pretrained={pretrained}", "finetune.lora.base_dtype=nf4",
+           "finetune.lora.quant_block=32", "finetune.lora.double_quant=false", *LEARN[:3], "train.dtype=fp32",
+           "model.attn_backend=torch", "runtime.preflight=false"]
+    whole = world4.run(_train, DENSE, run + ["checkpoint.resume=none"], 3, nranks=1)[0]["losses"]
     ckpt = str(tmp_path / "ckpt")
-    world4.run(_train, DENSE, run + ["train.resume=none", "parallel.tp=2"], 2, ckpt, nranks=2)
+    world4.run(_train, DENSE, run + ["checkpoint.resume=none", "parallel.tp=2"], 2, ckpt, nranks=2)
     from loom.checkpoint import storage as io
     assert not any(k.endswith("q_proj.weight") for k in io.saved_tensors(ckpt))
-    resumed = world4.run(_train, DENSE, run + [f"train.resume={ckpt}"], 3, nranks=1)[0]["losses"]
+    resumed = world4.run(_train, DENSE, run + [f"checkpoint.resume={ckpt}"], 3, nranks=1)[0]["losses"]
     assert len(resumed) == 1 and abs(resumed[0] - whole[2]) <= 1e-5 * abs(whole[2])
     # the adapters export to PEFT as LoRA's do; a merged export has no base to merge into
     from pathlib import Path
@@ -251,9 +251,9 @@ MOE_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,shared_e
 # Blocks of 16 divide every shard's rows under TP2 (o_proj: 16 of 32 inputs) and EP2, and the scales stay
 # fp32 (double quantisation's mean and 256-blocks span the shard): each rank's NF4 equals its slice of
 # world size 1's, so the runs agree to fp32 rounding.
-PARITY = ["train.dtype=fp32", "train.run_dir=runs/test_qlora", "model.attn_backend=torch", "train.resume=none",
-          "train.lora.rank=4", "train.lora.alpha=8", f"train.lora.target_modules={MOE_TARGETS}",
-          "train.lora.base_dtype=nf4", "train.lora.quant_block=16", "train.lora.double_quant=false"]
+PARITY = ["train.dtype=fp32", "train.run_dir=runs/test_qlora", "model.attn_backend=torch", "checkpoint.resume=none",
+          "finetune.lora.rank=4", "finetune.lora.alpha=8", f"finetune.lora.target_modules={MOE_TARGETS}",
+          "finetune.lora.base_dtype=nf4", "finetune.lora.quant_block=16", "finetune.lora.double_quant=false"]
 LAYOUTS = {"tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]), "ep2": (2, ["parallel.ep=2"])}
 
 

@@ -11,9 +11,9 @@ from loom.model.surface import COLUMN, ROW, Surface
 from tests.parity import ROOT, assert_parity, train_layout
 
 CONFIG = "launch/configs/tiny_dense.yaml"
-BASE = ["train.dtype=fp32", "train.run_dir=runs/test_surface", "model.attn_backend=torch", "train.resume=none",
+BASE = ["train.dtype=fp32", "train.run_dir=runs/test_surface", "model.attn_backend=torch", "checkpoint.resume=none",
         "model.num_layers=3"]
-LORA = ["train.lora.rank=4", "train.lora.alpha=8", "train.lora.target_modules=[q_proj,up_proj,down_proj]"]
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.target_modules=[q_proj,up_proj,down_proj]"]
 GROUP = 8
 
 

@@ -289,7 +289,7 @@ def test_jsonl_images_and_videos_train_alike_under_context_parallelism(root, tok
     data = [f"data.train_jsonl={jsonl}", "data.eval_jsonl=null", f"data.tokenizer={root / 'tok.model'}",
             "data.min_pixels=256", "data.max_pixels=4096", "data.video_fps=4", "data.video_source_fps=8",
             "model.attn_backend=torch", "train.global_batch_size=2", "train.micro_batch_size=1",
-            "train.save_interval=0", "train.resume=none", "optim.warmup_steps=0"]
+            "checkpoint.save_interval=0", "checkpoint.resume=none", "optim.warmup_steps=0"]
     config = "launch/configs/demo_video.yaml"
     ref = world2.run(train_layout, config, data + [f"train.run_dir={root / 'run1'}"], 3, nranks=1)[0]
     cp2 = world2.run(train_layout, config, data + [f"train.run_dir={root / 'run_cp2'}", "parallel.cp=2"], 3)[0]

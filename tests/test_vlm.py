@@ -108,7 +108,7 @@ def test_patchify_and_merge_keep_neighbours_together():
 
 @pytest.mark.parametrize("parts", [["vision"], ["vision", "projector"], ["llm"]])
 def test_freeze_gives_no_grads_and_no_optimizer_state(parts):
-    model, cfg = make_vlm("model.vision.merge=true", f"train.freeze=[{','.join(parts)}]")
+    model, cfg = make_vlm("model.vision.merge=true", f"finetune.freeze=[{','.join(parts)}]")
     freeze(model, cfg)
     opt = build_optimizer(model, cfg.optim)
     ids, cu = packed_batch(4)
@@ -146,12 +146,12 @@ def test_vision_config_errors_name_the_keys():
         load_config(None, VISION + ["model.vision.patch_size=16", "model.vision.merge=true"]).validate(1)
     with pytest.raises(ConfigError, match="parallel.tp=2 does not divide model.vision.num_heads=1"):
         load_config(None, VISION + ["model.vision.num_heads=1", "parallel.tp=2"]).validate(2)
-    with pytest.raises(ConfigError, match="train.freeze entry 'vit'"):
-        load_config(None, VISION + ["train.freeze=[vit]"]).validate(1)
-    with pytest.raises(ConfigError, match=r"train.freeze=\[.vision.\] needs model.vision.enabled=true"):
-        load_config(None, ["train.freeze=[vision]"]).validate(1)
+    with pytest.raises(ConfigError, match="finetune.freeze entry 'vit'"):
+        load_config(None, VISION + ["finetune.freeze=[vit]"]).validate(1)
+    with pytest.raises(ConfigError, match=r"finetune.freeze=\[.vision.\] needs model.vision.enabled=true"):
+        load_config(None, ["finetune.freeze=[vision]"]).validate(1)
     with pytest.raises(ConfigError, match="leaves nothing to train"):
-        load_config(None, VISION + ["train.freeze=[vision,projector,llm]"]).validate(1)
+        load_config(None, VISION + ["finetune.freeze=[vision,projector,llm]"]).validate(1)
 
 
 def test_positions_start_as_2d_sincos():

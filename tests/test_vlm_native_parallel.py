@@ -31,7 +31,7 @@ QWEN3 = [o for o in QWEN2_5 if "arch=" not in o and "fullatt" not in o] + [
     "model.vision.deepstack_visual_indexes=[0,2]", "model.mrope_interleaved=true"]
 SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1", "parallel.pp=1",
           "model.attn_backend=torch", "train.dtype=fp32", f"train.global_batch_size={MICROBATCHES}",
-          "train.micro_batch_size=1", "train.resume=none"]
+          "train.micro_batch_size=1", "checkpoint.resume=none"]
 LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sp=true"]),
     "cp2_ring": (2, ["parallel.cp=2", "parallel.cp_mode=ring"]),

@@ -15,7 +15,7 @@ SINGLE = ["parallel.tp=1", "parallel.sp=false", "parallel.ep=1", "parallel.cp=1"
           "train.dtype=fp32", "train.global_batch_size=8", "train.micro_batch_size=1"]
 DENSE = ["model.moe.num_experts=0"]
 
-FREEZE = ["train.freeze=[vision]"]
+FREEZE = ["finetune.freeze=[vision]"]
 # One layout per parallel dimension, each with and without a frozen vision tower, on the demo's MoE LLM;
 # then combinations, interleaved stages, and a dense LLM without patch merging.
 BASE_LAYOUTS = {
@@ -35,7 +35,7 @@ LAYOUTS = {
     "tp2_sp_dense_nomerge": (2, DENSE + ["parallel.tp=2", "parallel.sp=true", "model.vision.merge=false"]),
     "pp2_zb1": (2, ["parallel.pp=2", "parallel.pp_schedule=zb1"]),
 }
-MODEL_KEYS = ("model.", "train.freeze")
+MODEL_KEYS = ("model.", "finetune.freeze")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def data(tmp_path_factory):
     paths = make_synthetic_vqa(root, n_train=64, n_eval=4, image_size=32, seed=0)
     tok = train_tokenizer([str(paths["train"])], str(root / "tok"), vocab_size=200)
     return [f"data.train_jsonl={paths['train']}", f"data.eval_jsonl={paths['eval']}", f"data.tokenizer={tok}",
-            f"train.run_dir={root / 'run'}", "train.resume=none"]
+            f"train.run_dir={root / 'run'}", "checkpoint.resume=none"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_vlm_parity(world4, references, data, layout):
     ref = references(overrides)
     out = world4.run(train_layout, CONFIG, data + SINGLE + overrides, nranks=nranks)[0]
     assert_parity(ref, out)
-    frozen = "train.freeze=[vision]" in overrides
+    frozen = "finetune.freeze=[vision]" in overrides
     assert any(k.startswith("vision.") for k in out["first_grads"]) != frozen
     assert any(k.startswith("projector.") for k in out["first_grads"])
 

@@ -46,7 +46,7 @@ def train_and_eval(arch: str, data: dict, run: Path, steps: int = 700, extra=(),
     """Train one tower, evaluate it; returns its accuracies and step times."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "launch/train.py", "--config", CONFIG, *WORLD_SIZE_1, f"model.vision.arch={arch}",
-           f"train.steps={steps}", f"train.save_interval={steps}", f"train.run_dir={run}",
+           f"train.steps={steps}", f"checkpoint.save_interval={steps}", f"train.run_dir={run}",
            f"data.train_jsonl={data['train']}", f"data.eval_jsonl={data['eval']}",
            f"data.tokenizer={data['tokenizer']}", *extra]
     shutil.rmtree(run, ignore_errors=True)  # a run directory with a checkpoint would resume

@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     load_config(CONFIG, [*WORLD1, *args.overrides])  # a bad key fails before any data is made
     data = demo_data(args)
     overrides = [*WORLD1, f"data.train_jsonl={data['train']}", f"data.eval_jsonl={data['eval']}",
-                 f"data.tokenizer={data['tok']}", f"train.run_dir={args.out}/run", "train.save_interval=0",
-                 "train.resume=none", "train.preflight=false", "data.image_backend=pillow", *args.overrides]
+                 f"data.tokenizer={data['tok']}", f"train.run_dir={args.out}/run", "checkpoint.save_interval=0",
+                 "checkpoint.resume=none", "runtime.preflight=false", "data.image_backend=pillow", *args.overrides]
     cfg = load_config(CONFIG, overrides)
     load_start = os.getloadavg()
     result = {"config": CONFIG, "overrides": overrides, "cpus": os.cpu_count(), "step_workers": args.step_workers,
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     result["threads"] = torch.get_num_threads()
     cfg.data.num_workers = max(args.step_workers)
     cfg.train.steps = max(cfg.train.steps, args.warmup + args.steps)
-    init_distributed(device=cfg.train.device)
+    init_distributed(device=cfg.runtime.device)
     trainer = Trainer(cfg, build_groups(cfg))
     result["steps"] = bench_steps(trainer, args)
     result["load_average"] = {"start": load_start, "end": os.getloadavg()}  # other processes on this machine

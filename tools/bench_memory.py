@@ -60,8 +60,8 @@ def model_overrides(hidden: int, layers: int, heads: int, kv_heads: int, interme
     return [f"model.hidden_size={hidden}", f"model.num_layers={layers}", f"model.num_heads={heads}",
             f"model.num_kv_heads={kv_heads}", f"model.intermediate_size={intermediate}", f"model.vocab_size={vocab}",
             "model.attn_backend=torch", "train.dtype=fp32", f"data.seq_len={seq_len}", "data.num_tokens=8192",
-            "train.global_batch_size=8", "train.micro_batch_size=1", "train.steps=2", "train.save_interval=0",
-            "train.resume=none", "train.log_interval=1000", "optim.warmup_steps=1"]
+            "train.global_batch_size=8", "train.micro_batch_size=1", "train.steps=2", "checkpoint.save_interval=0",
+            "checkpoint.resume=none", "train.log_interval=1000", "optim.warmup_steps=1"]
 
 
 def _status(key: str) -> int:

@@ -286,13 +286,13 @@ def main(argv=None) -> int:
     from loom.train.trainer import Trainer, build_groups
     from loom.tools.traffic import CollectiveCounter, expected_traffic
 
-    overrides = ["train.run_dir=runs/bench_moe", "train.save_interval=0", "train.resume=none", *args.overrides]
+    overrides = ["train.run_dir=runs/bench_moe", "checkpoint.save_interval=0", "checkpoint.resume=none", *args.overrides]
     cfg = load_config(args.config, overrides)
     if not cfg.model.moe.num_experts:
         raise SystemExit(f"bench_moe: {args.config} has no MoE layers (model.moe.num_experts=0)")
     modes = ROUTINGS if args.routing == "both" else (args.routing,)
     cfg.train.steps = max(cfg.train.steps, len(modes) * (args.warmup + args.steps))
-    init_distributed(device=cfg.train.device)
+    init_distributed(device=cfg.runtime.device)
     trainer = Trainer(cfg, build_groups(cfg))
     world, rank, p = dist.get_world_size(), dist.get_rank(), cfg.parallel
     peak, peak_source = peak_tflops(args, trainer.device)

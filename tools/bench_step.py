@@ -67,7 +67,7 @@ def loom_config(args, compile_: bool):
     cfg.data.seq_len, cfg.data.num_tokens = args.seq, args.seq * args.batch * 2
     cfg.train.global_batch_size = cfg.train.micro_batch_size = args.batch
     cfg.train.run_dir = os.path.join("runs", "bench_step")
-    cfg.train.preflight = False  # one process: nothing to agree on
+    cfg.runtime.preflight = False  # one process: nothing to agree on
     cfg.train.compile = compile_
     cfg.optim.clip_grad = 1.0  # as HF's Trainer (max_grad_norm=1.0)
     return cfg

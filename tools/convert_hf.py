@@ -8,7 +8,7 @@
 
 Both directions stream: one tensor (export: one output shard) is in memory at a time, so a
 checkpoint converts on a machine with less memory than the model. Import writes a weights-only
-checkpoint that ``train.resume=LOOM_DIR`` or ``loom.from_pretrained(LOOM_DIR)`` loads; export
+checkpoint that ``checkpoint.resume=LOOM_DIR`` or ``loom.from_pretrained(LOOM_DIR)`` loads; export
 writes safetensors shards, config.json and the tokenizer files carried since the import.
 Families: Llama, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, LLaVA 1.5, Qwen2.5-VL, Qwen3-VL.
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
     imp.add_argument("--out", required=True, help="Loom checkpoint directory to write")
     imp.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory on that model: the checkpoint "
-                                                     "carries it, and its train.lora settings, to continue training")
+                                                     "carries it, and its finetune.lora settings, to continue training")
     imp.add_argument("--vision-from", default=None, help="a CLIP / SigLIP vision model directory: its tower, "
                                                          "with a new projector, joins the LLM of --hf in a VLM")
     exp = sub.add_parser("export", help="Loom checkpoint -> HF directory")

@@ -49,7 +49,7 @@ def dry_run(config: str, world: int, rank: int, overrides: list[str]):
         dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
         groups = ParallelGroups(dims, device=torch.device("cpu"))
         built = build_rank(cfg, groups, None, torch.device("meta"))
-        quantize_base(built.model, cfg.train.lora)  # QLoRA: the base as the trainer holds it (NF4)
+        quantize_base(built.model, cfg.finetune.lora)  # QLoRA: the base as the trainer holds it (NF4)
         return report_rank(cfg, groups, built.model, built.optimizer)
     finally:
         dist.destroy_process_group()

@@ -10,7 +10,7 @@ pairwise swaps between the most loaded rank and the others while they lower its 
 plan (default ``RUN/expert_placement.json``) and prints, per layer, the EP-rank load max/mean under
 the contiguous placement and under the plan. Resume with it:
 
-    loom-train --config RUN/config.yaml train.resume=auto parallel.expert_placement=balanced \\
+    loom-train --config RUN/config.yaml checkpoint.resume=auto parallel.expert_placement=balanced \\
         [parallel.expert_placement_plan=PATH]
 
 Checkpoints keep experts in logical order, so the resumed run loads the same weights under the new

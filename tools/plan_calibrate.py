@@ -32,7 +32,7 @@ from loom.tools.plan_costs import HardwareProfile, Layout, estimate
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "launch/configs/models/tiny/mixtral_8x7b.yaml"
 OVERRIDES = ["model.attn_backend=torch", "train.dtype=fp32", "model.num_kv_heads=2", "data.seq_len=128",
-             "train.global_batch_size=16", "train.micro_batch_size=1", "train.device=cpu"]
+             "train.global_batch_size=16", "train.micro_batch_size=1", "runtime.device=cpu"]
 # (tp, pp, vpp, cp, ep, etp) on 4 ranks; dp follows.
 LAYOUTS = [(1, 1, 1, 1, 1, 1), (1, 1, 1, 1, 2, 1), (1, 1, 1, 1, 4, 1), (2, 1, 1, 1, 2, 2), (1, 2, 1, 1, 1, 1),
            (1, 2, 1, 1, 2, 1), (2, 2, 1, 1, 1, 2), (1, 1, 1, 2, 1, 1), (2, 1, 1, 1, 1, 2)]
@@ -179,7 +179,7 @@ def measure_step(lay: Layout, ranks: int, steps: int, run_dir: str) -> float:
     """Median step time of a real torchrun job of ``lay``, the first 2 steps excluded."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            "launch/train.py", "--config", CONFIG, *OVERRIDES, *lay.overrides(), f"train.steps={steps}",
-           f"train.run_dir={run_dir}", "train.resume=none", "train.save_interval=0"]
+           f"train.run_dir={run_dir}", "checkpoint.resume=none", "checkpoint.save_interval=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:

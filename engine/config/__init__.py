@@ -17,8 +17,9 @@ import yaml
 
 from loom.config.errors import ConfigError
 from loom.config.model import ModelConfig, MoEConfig, VisionConfig
-from loom.config.run import (LORA_TARGETS, DataConfig, LoRAConfig, OptimConfig, ParallelConfig, TrainConfig,
-                               check_token_source, indexed_paths, resolve_etp, token_index_path)
+from loom.config.run import (LORA_TARGETS, MOVED_KEYS, CheckpointConfig, DataConfig, FinetuneConfig, LoRAConfig,
+                             OptimConfig, ParallelConfig, RuntimeConfig, TrainConfig, check_token_source, indexed_paths,
+                             resolve_etp, token_index_path)
 
 @dataclass
 class Config:
@@ -26,6 +27,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self, world_size: int) -> None:
@@ -87,8 +91,8 @@ def check_vision(cfg: Config) -> None:
     """The vision tower is TP-sharded like the LLM and lives on the first pipeline stage."""
     p, v = cfg.parallel, cfg.model.vision
     if not v.enabled:
-        if cfg.train.freeze:
-            raise ConfigError(f"train.freeze={cfg.train.freeze} needs model.vision.enabled=true")
+        if cfg.finetune.freeze:
+            raise ConfigError(f"finetune.freeze={cfg.finetune.freeze} needs model.vision.enabled=true")
         return
     for key in ("num_heads", "intermediate_size"):
         if getattr(v, key) % p.tp:
@@ -100,12 +104,12 @@ def check_vision(cfg: Config) -> None:
 
 def check_lora(cfg: Config) -> None:
     """Each LoRA target must exist in this model."""
-    m, targets = cfg.model, cfg.train.lora.target_modules if cfg.train.lora.rank else []
+    m, targets = cfg.model, cfg.finetune.lora.target_modules if cfg.finetune.lora.rank else []
     missing = {"experts": m.moe.num_experts == 0, "shared_expert": not m.shared_expert_intermediate_size,
                "vision": not m.vision.enabled, "projector": not m.vision.enabled}
     for target in targets:
         if missing.get(target):
-            raise ConfigError(f"train.lora.target_modules: {target!r} names no layer of this model")
+            raise ConfigError(f"finetune.lora.target_modules: {target!r} names no layer of this model")
 
 
 def check_experts(cfg: Config, dp: int) -> None:
@@ -243,6 +247,11 @@ def build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    moved = [MOVED_KEYS[prefix + k] for k in unknown if prefix + k in MOVED_KEYS]
+    if moved:
+        old = next(k for k, v in MOVED_KEYS.items() if v == moved[0])
+        raise ConfigError(f"{old} is now {moved[0]}: the train section was split into train, checkpoint, runtime "
+                          "and finetune")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (valid keys under {where}: {', '.join(sorted(names))})")
     kwargs = {}
@@ -299,6 +308,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 __all__ = ["ConfigError", "ModelConfig", "MoEConfig", "VisionConfig", "LORA_TARGETS", "DataConfig", "LoRAConfig",
-           "OptimConfig", "ParallelConfig", "TrainConfig", "check_token_source", "indexed_paths", "resolve_etp",
+           "OptimConfig", "ParallelConfig", "TrainConfig", "CheckpointConfig", "RuntimeConfig", "FinetuneConfig",
+           "MOVED_KEYS", "check_token_source", "indexed_paths", "resolve_etp",
            "token_index_path", "Config", "load_config", "save_config", "flat_keys", "build", "coerce", "stage_layout",
            "check_zigzag_length"]

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
 from loom.config.errors import ConfigError
 from loom.config.precision import PRECISIONS, REDUCE_DTYPES, Precision, precision, reduce_dtype
+
 
 def resolve_etp(tp: int, etp: Optional[int]) -> int:
     """Tensor parallelism inside each expert: ``parallel.etp``, or tp when unset (Megatron's default)."""
@@ -201,7 +201,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoRAConfig:
-    """``train.lora``: low-rank adapters on a frozen base (engine/model/lora.py); rank 0: off."""
+    """``finetune.lora``: low-rank adapters on a frozen base (engine/model/lora.py); rank 0: off."""
 
     rank: int = 0
     alpha: float = 16.0
@@ -215,32 +215,34 @@ class LoRAConfig:
 
     def validate(self) -> None:
         if self.rank < 0:
-            raise ConfigError(f"train.lora.rank={self.rank} must be >= 0 (0: no LoRA)")
+            raise ConfigError(f"finetune.lora.rank={self.rank} must be >= 0 (0: no LoRA)")
         self.validate_quant()
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"train.lora.dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"finetune.lora.dropout={self.dropout} must be in [0, 1)")
         if self.alpha <= 0:
-            raise ConfigError(f"train.lora.alpha={self.alpha} must be positive")
+            raise ConfigError(f"finetune.lora.alpha={self.alpha} must be positive")
         unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
         if unknown:
-            raise ConfigError(f"train.lora.target_modules: unknown target {unknown[0]!r} "
+            raise ConfigError(f"finetune.lora.target_modules: unknown target {unknown[0]!r} "
                               f"(one of {', '.join(LORA_TARGETS)})")
         if self.rank and not self.target_modules:
-            raise ConfigError(f"train.lora.rank={self.rank} needs train.lora.target_modules")
+            raise ConfigError(f"finetune.lora.rank={self.rank} needs finetune.lora.target_modules")
 
     def validate_quant(self) -> None:
         if self.base_dtype == "none":
             self.base_dtype = None
         if self.base_dtype not in (None, "nf4"):
-            raise ConfigError(f"train.lora.base_dtype={self.base_dtype!r} must be nf4 or none (the model dtype)")
+            raise ConfigError(f"finetune.lora.base_dtype={self.base_dtype!r} must be nf4 or none (the model dtype)")
         if self.base_dtype == "nf4" and self.rank == 0:
-            raise ConfigError("train.lora.base_dtype=nf4 quantises a frozen base: it needs train.lora.rank > 0")
+            raise ConfigError("finetune.lora.base_dtype=nf4 quantises a frozen base: it needs finetune.lora.rank > 0")
         if self.quant_block < 2 or self.quant_block % 2:
-            raise ConfigError(f"train.lora.quant_block={self.quant_block} must be an even number >= 2")
+            raise ConfigError(f"finetune.lora.quant_block={self.quant_block} must be an even number >= 2")
 
 
 @dataclass
 class TrainConfig:
+    """What is trained, on what batches, for how long."""
+
     seed: int = 1234
     dtype: str = "fp32"  # fp32 | bf16
     global_batch_size: int = 8  # sequences per optimizer step
@@ -248,17 +250,61 @@ class TrainConfig:
     steps: int = 20
     run_dir: str = "runs/default"
     log_interval: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    save_interval: int = 0  # steps between checkpoints in run_dir/checkpoints; 0: never
-    resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint directory
-    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: keep all
-    freeze: list[str] = field(default_factory=list)  # any of vision, projector, llm: no grads, no optimizer state
     # Activation recompute: none | selective (attention core and MoE expert activations, as Megatron's
     # selective) | full (whole blocks: the first recompute_layers blocks of each stage; null: all).
     recompute: str = "none"
     recompute_layers: Optional[int] = None
     # torch.compile every transformer block (engine/model/compile.py says what stays eager and why).
     compile: bool = False
+    log_samples: bool = False  # metrics records carry the step's global batch (dataset indices)
+
+    def validate(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"train.recompute={self.recompute!r} must be none, selective or full")
+        if self.recompute_layers is not None and self.recompute_layers < 0:
+            raise ConfigError(f"train.recompute_layers={self.recompute_layers} must be >= 0")
+        if self.recompute_layers is not None and self.recompute != "full":
+            raise ConfigError(f"train.recompute_layers={self.recompute_layers} needs train.recompute=full "
+                              f"(it is {self.recompute!r})")
+        for key in ("global_batch_size", "micro_batch_size", "steps", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed} must be >= 0")
+
+    @property
+    def precision(self) -> Precision:
+        """``dtype`` resolved: the parameter, autocast and activation dtypes."""
+        return precision(self.dtype)
+
+
+@dataclass
+class CheckpointConfig:
+    """Where the run is saved, how often, and what it resumes from (in train.run_dir/checkpoints)."""
+
+    save_interval: int = 0  # steps between checkpoints; 0: never
+    resume: str = "auto"  # auto (newest complete checkpoint, if any) | none | a checkpoint directory
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0: keep all
+
+    def validate(self) -> None:
+        for key in ("save_interval", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"checkpoint.{key}={getattr(self, key)} must be >= 0")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is not auto, none or a checkpoint directory")
+        marker = Path(self.resume) / "checkpoint.json"  # loom.checkpoint.storage.MARKER, which imports torch
+        if self.resume not in ("auto", "none") and not marker.is_file():
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
+                              "(name one step_NNNNNNNN directory whose save finished, or use auto)")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the run behaves on its machines: the device, timeouts, checks, and what stops it."""
+
+    device: str = "auto"  # auto | cpu | cuda
     # Rank 0 warns when one expert takes more than this share of its layer's assignments for
     # hot_expert_steps steps in a row (a collapsing router); 0 steps: no warning.
     hot_expert_share: float = 0.5
@@ -275,55 +321,45 @@ class TrainConfig:
     # Before the first step, ranks check they agree on the config, code, resume checkpoint and the
     # collectives of one step (recorded by a dry run of it), and name the first difference.
     preflight: bool = True
-    log_samples: bool = False  # metrics records carry the step's global batch (dataset indices)
+
+    def validate(self) -> None:
+        if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
+            raise ConfigError(f"runtime.hot_expert_share={self.hot_expert_share} must be in (0, 1] and "
+                              f"runtime.hot_expert_steps={self.hot_expert_steps} >= 0")
+        if self.on_nonfinite not in ("skip", "error"):
+            raise ConfigError(f"runtime.on_nonfinite={self.on_nonfinite!r} must be skip or error")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise ConfigError(f"runtime.collective_timeout_s={self.collective_timeout_s} must be > 0 (or null)")
+        if self.step_timeout_s < 0:
+            raise ConfigError(f"runtime.step_timeout_s={self.step_timeout_s} must be >= 0 (0: off)")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"runtime.max_skipped_steps={self.max_skipped_steps} must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"runtime.device={self.device!r} must be auto, cpu or cuda")
+
+
+@dataclass
+class FinetuneConfig:
+    """What of a pretrained model trains: adapters (LoRA, QLoRA) or whole parts left frozen."""
+
+    freeze: list[str] = field(default_factory=list)  # any of vision, projector, llm: no grads, no optimizer state
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         self.lora.validate()
-        if not 0 < self.hot_expert_share <= 1 or self.hot_expert_steps < 0:
-            raise ConfigError(f"train.hot_expert_share={self.hot_expert_share} must be in (0, 1] and "
-                              f"train.hot_expert_steps={self.hot_expert_steps} >= 0")
-        if self.dtype not in PRECISIONS:
-            raise ConfigError(f"train.dtype={self.dtype!r} must be fp32 or bf16")
-        if self.on_nonfinite not in ("skip", "error"):
-            raise ConfigError(f"train.on_nonfinite={self.on_nonfinite!r} must be skip or error")
-        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
-            raise ConfigError(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0 (or null)")
-        if self.step_timeout_s < 0:
-            raise ConfigError(f"train.step_timeout_s={self.step_timeout_s} must be >= 0 (0: off)")
-        if self.max_skipped_steps < 1:
-            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 1")
-        if self.recompute not in ("none", "selective", "full"):
-            raise ConfigError(f"train.recompute={self.recompute!r} must be none, selective or full")
-        if self.recompute_layers is not None and self.recompute_layers < 0:
-            raise ConfigError(f"train.recompute_layers={self.recompute_layers} must be >= 0")
-        if self.recompute_layers is not None and self.recompute != "full":
-            raise ConfigError(f"train.recompute_layers={self.recompute_layers} needs train.recompute=full "
-                              f"(it is {self.recompute!r})")
-        for key in ("global_batch_size", "micro_batch_size", "steps", "log_interval"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device={self.device!r} must be auto, cpu or cuda")
-        for key in ("save_interval", "keep_checkpoints", "seed"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
         for part in self.freeze:
             if part not in ("vision", "projector", "llm"):
-                raise ConfigError(f"train.freeze entry {part!r} must be vision, projector or llm")
+                raise ConfigError(f"finetune.freeze entry {part!r} must be vision, projector or llm")
         if set(self.freeze) == {"vision", "projector", "llm"}:
-            raise ConfigError(f"train.freeze={self.freeze} leaves nothing to train")
-        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
-            raise ConfigError(f"train.resume={self.resume!r} is not auto, none or a checkpoint directory")
-        marker = Path(self.resume) / "checkpoint.json"  # loom.checkpoint.storage.MARKER, which imports torch
-        if self.resume not in ("auto", "none") and not marker.is_file():
-            raise ConfigError(f"train.resume={self.resume!r} is not a complete checkpoint: {marker} is missing "
-                              "(name one step_NNNNNNNN directory whose save finished, or use auto)")
+            raise ConfigError(f"finetune.freeze={self.freeze} leaves nothing to train")
 
-    @property
-    def precision(self) -> Precision:
-        """``dtype`` resolved: the parameter, autocast and activation dtypes."""
-        return precision(self.dtype)
+
+# Keys that left the train section when it was split: their new place, named in the error for the old.
+MOVED_KEYS = {**{f"train.{k}": f"checkpoint.{k}" for k in ("save_interval", "resume", "keep_checkpoints")},
+              **{f"train.{k}": f"runtime.{k}" for k in ("device", "hot_expert_share", "hot_expert_steps",
+                                                        "on_nonfinite", "max_skipped_steps", "collective_timeout_s",
+                                                        "step_timeout_s", "preflight")},
+              **{f"train.{k}": f"finetune.{k}" for k in ("freeze", "lora")}}
 
 
 @dataclass

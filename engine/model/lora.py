@@ -160,7 +160,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
         else:
             n += _wrap(owner, name, cfg)
     if n == 0:
-        raise ValueError(f"train.lora.target_modules={cfg.target_modules} matches no layer of this model")
+        raise ValueError(f"finetune.lora.target_modules={cfg.target_modules} matches no layer of this model")
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
     return n

@@ -33,7 +33,7 @@ class Surface:
     """One module's declaration; every name is one of the module's own children (or methods).
 
     ``projections``: part -> role (see the module docstring); a part that is None is skipped.
-    ``adapters``: part -> the ``train.lora.target_modules`` name that selects it. A selected projection
+    ``adapters``: part -> the ``finetune.lora.target_modules`` name that selects it. A selected projection
     gets an adapter; a selected module has every projection below it adapted. A declared part whose
     target is not selected is not entered at all, so its inner declarations do not apply.
     ``head_norms``: norms applied per head, shared by all heads: each TP rank's gradient is partial.

@@ -219,7 +219,7 @@ def build_vlm(cfg: ModelConfig, image_token_id: Optional[int] = None, device=Non
 
 
 def apply_freeze(model: nn.Module, parts: list[str]) -> None:
-    """``train.freeze``: the named parts (vision, projector, llm) get no gradients and no optimizer state."""
+    """``finetune.freeze``: the named parts (vision, projector, llm) get no gradients and no optimizer state."""
     for part in parts:
         module = getattr(model, part)  # None on a pipeline stage without the vision tower
         for param in module.parameters() if module is not None else ():

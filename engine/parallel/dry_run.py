@@ -37,7 +37,7 @@ class DryRun(Interceptor):
         stand_in = _STAND_INS.get(name)
         if stand_in is None:
             raise DryRunError(f"torch.distributed.{name} has no dry-run stand-in; the pre-flight check "
-                              "cannot record it (train.preflight=false skips the check)")
+                              "cannot record it (runtime.preflight=false skips the check)")
         stand_in(bound)
         if name == "batch_isend_irecv":
             return [_Done() for _ in bound["p2p_op_list"]]

@@ -106,22 +106,22 @@ def _groups_over(grid: torch.Tensor, span: tuple[str, ...], names: tuple[str, ..
 
 
 def default_device_and_backend(requested: str = "auto") -> tuple[torch.device, str]:
-    """The device and backend for ``train.device``: cuda -> CUDA + NCCL, cpu -> CPU + gloo; auto:
+    """The device and backend for ``runtime.device``: cuda -> CUDA + NCCL, cpu -> CPU + gloo; auto:
     CUDA when a GPU is visible, otherwise CPU (``LOOM_DEVICE=cpu`` forces CPU)."""
     if requested == "auto":
         requested = "cuda" if os.environ.get("LOOM_DEVICE", "auto") != "cpu" and torch.cuda.is_available() else "cpu"
     if requested == "cpu":
         return torch.device("cpu"), "gloo"
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.device={requested} but no CUDA device is visible (torch {torch.__version__}, "
-                          f"CUDA build: {torch.version.cuda or 'no'}); use train.device=cpu or auto")
+        raise ConfigError(f"runtime.device={requested} but no CUDA device is visible (torch {torch.__version__}, "
+                          f"CUDA build: {torch.version.cuda or 'no'}); use runtime.device=cpu or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank), "nccl"
 
 
 def default_timeout(seconds: Optional[float] = None) -> timedelta:
-    """Every process group's timeout: ``train.collective_timeout_s``; unset, ``$LOOM_PG_TIMEOUT_S`` or 600 s."""
+    """Every process group's timeout: ``runtime.collective_timeout_s``; unset, ``$LOOM_PG_TIMEOUT_S`` or 600 s."""
     if seconds is None:
         seconds = float(os.environ.get("LOOM_PG_TIMEOUT_S", "600"))
     return timedelta(seconds=seconds)
@@ -259,7 +259,7 @@ class ParallelGroups:
 
 def init_distributed(timeout: Optional[timedelta] = None, device: str = "auto") -> tuple[int, int]:
     """Initialise the default group from torchrun's environment (or a single process) for ``device``
-    (``train.device``). Returns (rank, world)."""
+    (``runtime.device``). Returns (rank, world)."""
     if not dist.is_initialized():
         _, backend = default_device_and_backend(device)
         if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one

@@ -1,6 +1,6 @@
 """A collective that fails says which one: the call, its group, this rank and the step.
 
-Every process group carries ``train.collective_timeout_s``. When a peer stalls or dies, gloo
+Every process group carries ``runtime.collective_timeout_s``. When a peer stalls or dies, gloo
 raises from deep in its transport ("Timed out waiting 5000ms for recv operation", "Connection
 closed by peer"), which says nothing about what the job was doing. While a ``CollectiveWatch`` is
 active, such an error, raised by the call or by waiting on its handle, becomes a
@@ -71,7 +71,7 @@ class _Explainer:
         where = (f"group {w.name_of(group)} (ranks {list(calls[0].group)})" if group is not None
                  else f"ranks {sorted({r for c in calls for r in c.group})}")
         what = "; ".join(map(str, calls))
-        cause = (f"did not complete within train.collective_timeout_s={w.timeout_s:g}: a rank of the group is "
+        cause = (f"did not complete within runtime.collective_timeout_s={w.timeout_s:g}: a rank of the group is "
                  f"stalled or dead" if _TIMEOUT.search(str(error)) else "failed")
         step = f"step {self.step}" if self.step else "before the first step"
         return (f"rank {w.rank}: {what} on {where}, call {self.index} of {step}, {cause} "

@@ -9,7 +9,7 @@ Keys (every tensor at its global shape, see engine/checkpoint/storage.py):
     optim/step                         Adam's step counter, a scalar
     rng/cpu/<rank>, rng/cuda/<rank>    each rank's generators, restored where that rank exists again
 
-A QLoRA run (``train.lora.base_dtype: nf4``) saves no base weights: they are frozen and came from
+A QLoRA run (``finetune.lora.base_dtype: nf4``) saves no base weights: they are frozen and came from
 ``model.pretrained`` (or the seeded initialisation), so a resume loads them from there again, then
 the checkpoint, then quantises; the rest is saved as above, so it resumes under any layout too.
 
@@ -224,7 +224,7 @@ def load(path: Path, modules: Modules, optimizer, cfg, weights_only: bool = Fals
     if saved_without_base(marker):
         base = [k for k in state if k.startswith("model/") and k.split("@")[0] not in saved]
         if not train and base:
-            raise CheckpointError(f"checkpoint {path} was trained with train.lora.base_dtype=nf4 and holds no base "
+            raise CheckpointError(f"checkpoint {path} was trained with finetune.lora.base_dtype=nf4 and holds no base "
                                   f"weights (e.g. {base[0]}); start from its model.pretrained instead")
         _keep_current(state, placements, base)  # the frozen base: model.pretrained's or the seeded init
     rng = {k: v.clone() for k, v in rng_state().items() if k in saved}
@@ -279,7 +279,7 @@ def _model_view(model: dict) -> dict:
 
 
 class Checkpointer:
-    """Saves every ``train.save_interval`` steps into ``run_dir/checkpoints`` and resumes per ``train.resume``."""
+    """Saves every ``checkpoint.save_interval`` steps into ``run_dir/checkpoints`` and resumes per ``checkpoint.resume``."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -288,8 +288,8 @@ class Checkpointer:
         self.last_saved: Optional[int] = None  # the step on disk already (saved, or resumed from)
 
     def resume_path(self, warn: bool = True) -> Optional[Path]:
-        """The checkpoint ``train.resume`` picks; ``warn``: rank 0 warns about newer incomplete ones."""
-        choice = self.cfg.train.resume
+        """The checkpoint ``checkpoint.resume`` picks; ``warn``: rank 0 warns about newer incomplete ones."""
+        choice = self.cfg.checkpoint.resume
         if choice == "none":
             return None
         if choice == "auto":
@@ -297,7 +297,7 @@ class Checkpointer:
         return Path(choice)
 
     def resume(self, modules: Modules, optimizer) -> int:
-        """Load the checkpoint ``train.resume`` names (if any); return the step to continue from."""
+        """Load the checkpoint ``checkpoint.resume`` names (if any); return the step to continue from."""
         path = self.resume_path()
         if path is None and self.cfg.model.pretrained is not None:  # model.pretrained: its weights, step 0
             path = pretrained_checkpoint(self.cfg)
@@ -323,11 +323,11 @@ class Checkpointer:
         if self.cfg.model.pretrained is not None:
             load(pretrained_checkpoint(self.cfg), modules, optimizer, self.cfg, weights_only=True)
         elif theirs is not None:
-            raise CheckpointError(f"checkpoint {path} holds no base weights (train.lora.base_dtype=nf4); its run "
+            raise CheckpointError(f"checkpoint {path} holds no base weights (finetune.lora.base_dtype=nf4); its run "
                                   f"took them from model.pretrained={theirs!r}: set model.pretrained to resume")
 
     def should_save(self, step: int, final: bool = False) -> bool:
-        interval = self.cfg.train.save_interval
+        interval = self.cfg.checkpoint.save_interval
         return interval > 0 and step > 0 and step != self.last_saved and (step % interval == 0 or final)
 
     def save(self, step: int, modules: Modules, optimizer) -> Path:
@@ -337,7 +337,7 @@ class Checkpointer:
             self.hf_assets = path / "hf"
         self.last_saved = step
         if _is_rank0():
-            io.prune(self.root, self.cfg.train.keep_checkpoints, newest=step)
+            io.prune(self.root, self.cfg.checkpoint.keep_checkpoints, newest=step)
         if dist.is_initialized():
             dist.barrier()
         return path

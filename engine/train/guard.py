@@ -12,7 +12,7 @@ import math
 
 
 class NonFiniteGuard:
-    """``train.on_nonfinite``: ``skip`` drops the step on every rank (counted; ``max_skipped`` in a row
+    """``runtime.on_nonfinite``: ``skip`` drops the step on every rank (counted; ``max_skipped`` in a row
     stop the run), ``error`` stops at once. Either way the message names the step."""
 
     def __init__(self, mode: str, max_skipped: int, announce: bool = True):
@@ -27,12 +27,12 @@ class NonFiniteGuard:
             return False
         what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
         if self.mode == "error":
-            raise FloatingPointError(f"{what} is not finite (train.on_nonfinite=error); no rank applied it")
+            raise FloatingPointError(f"{what} is not finite (runtime.on_nonfinite=error); no rank applied it")
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_skipped:
             raise FloatingPointError(f"{what} is not finite, the {self.in_a_row}th step in a row "
-                                     f"(train.max_skipped_steps={self.max_skipped}): stopping")
+                                     f"(runtime.max_skipped_steps={self.max_skipped}): stopping")
         if self.announce:
             print(f"WARNING: {what} is not finite: skipped on every rank ({self.skipped} so far)",
                   flush=True)

@@ -188,7 +188,7 @@ def build_report(*, cfg: Config, dims: ParallelDims, rank: int, pp_rank: int, pa
     analytic = rank_params(cfg, dims, pp_rank)
     counts = (dense_params, expert_params) if analytic is None else (analytic.dense, analytic.expert)
     formula = formula_bytes(cfg, dims, *counts)
-    formula["params_bytes"] += frozen_bytes  # a frozen base (LoRA, train.freeze): weights, no grads or states
+    formula["params_bytes"] += frozen_bytes  # a frozen base (LoRA, finetune.freeze): weights, no grads or states
     formula["activations_bytes"] = activation_bytes(cfg, dims, layers_on_rank, pp_rank)
     formula.update(dense_params=counts[0], expert_params=counts[1], layers=len(layers_on_rank),
                    held_dense_params=dense_params, held_expert_params=expert_params,

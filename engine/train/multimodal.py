@@ -65,33 +65,33 @@ def adopt_video_token(cfg: Config, video_id) -> None:
 
 def build_any_model(cfg: Config, dataset, wiring: Optional[MoEWiring] = None) -> nn.Module:
     """The VLM when ``model.vision.enabled`` (its <image> id from the dataset's tokenizer), else the LLM;
-    with ``train.lora`` adapters and its MoE layers wired by ``wiring``."""
+    with ``finetune.lora`` adapters and its MoE layers wired by ``wiring``."""
     if not cfg.model.vision.enabled:
         model = build_model(cfg.model, wiring=wiring)
     else:
         model = build_vlm(cfg.model, image_token_id=getattr(dataset, "image_id", None), wiring=wiring)
-    apply_lora(model, cfg.train.lora)
+    apply_lora(model, cfg.finetune.lora)
     return model
 
 
 def freeze(model: nn.Module, cfg: Config) -> None:
-    """``train.freeze``, after parallelize (which builds new sharded Parameters).
+    """``finetune.freeze``, after parallelize (which builds new sharded Parameters).
 
     Vision weights that never run (see ``VisionEncoder.unused_parameters``) are always frozen:
     they get no gradient, and AdamW's weight decay would otherwise shrink them step by step,
     so an HF export would no longer hold the CLIP tower it imported.
     """
-    if cfg.train.lora.rank:  # parallelize made new Parameters: only the adapters train
+    if cfg.finetune.lora.rank:  # parallelize made new Parameters: only the adapters train
         for name, param in model.named_parameters():
             param.requires_grad_(is_adapter(name))
     vision = model.vision if isinstance(model, VisionLanguageModel) else None
     for param in vision.unused_parameters() if vision is not None else []:
         param.requires_grad_(False)
-    if not cfg.train.freeze:
+    if not cfg.finetune.freeze:
         return
     if not isinstance(model, VisionLanguageModel):
-        raise ValueError(f"train.freeze={cfg.train.freeze} needs model.vision.enabled=true")
-    apply_freeze(model, cfg.train.freeze)
+        raise ValueError(f"finetune.freeze={cfg.finetune.freeze} needs model.vision.enabled=true")
+    apply_freeze(model, cfg.finetune.freeze)
 
 
 def with_images(model: nn.Module, batch: PackedBatch, mb) -> PackedBatch:

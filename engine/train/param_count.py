@@ -30,7 +30,7 @@ class ParamCount:
 
 def counted(cfg: Config) -> bool:
     """Whether the analytic count covers this model: a text decoder, trained whole (no adapters)."""
-    return not cfg.model.vision.enabled and not cfg.train.lora.rank
+    return not cfg.model.vision.enabled and not cfg.finetune.lora.rank
 
 
 def rank_params(cfg: Config, dims: ParallelDims, pp_rank: int) -> Optional[ParamCount]:

@@ -42,12 +42,12 @@ def build_groups(cfg: Config) -> ParallelGroups:
     world = dist.get_world_size()
     resolve_pretrained(cfg)
     cfg.validate(world)
-    if cfg.train.preflight:  # before any group: a rank with another layout would hang building them
+    if cfg.runtime.preflight:  # before any group: a rank with another layout would hang building them
         check_identity(cfg, Checkpointer(cfg).resume_path(warn=False))
     p = cfg.parallel
-    device, _ = default_device_and_backend(cfg.train.device)
+    device, _ = default_device_and_backend(cfg.runtime.device)
     dims = ParallelDims(tp=p.tp, cp=p.cp, dp=cfg.dp_size(world), pp=p.pp, ep=p.ep, etp=p.resolved_etp)
-    return ParallelGroups(dims, device=device, timeout=default_timeout(cfg.train.collective_timeout_s))
+    return ParallelGroups(dims, device=device, timeout=default_timeout(cfg.runtime.collective_timeout_s))
 
 
 def build_dataset(cfg: Config) -> PackedDataset | BlendedDataset | MultimodalDataset:
@@ -86,12 +86,12 @@ class Trainer:
         self.sampler = make_sampler(self.dataset, cfg.train.global_batch_size, cfg.train.seed, shuffle=cfg.data.shuffle)
         self.batches = step_loader(cfg, self.dataset, self.sampler, groups)  # None: text
         self.checkpoints = Checkpointer(cfg)
-        self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless train.resume finds one
-        quantize_base(self.model, cfg.train.lora)  # QLoRA: this rank's final base weights, to NF4
+        self.step = self.checkpoints.resume(self.model, self.optimizer)  # 0 unless checkpoint.resume finds one
+        quantize_base(self.model, cfg.finetune.lora)  # QLoRA: this rank's final base weights, to NF4
         self.metrics = MetricsLogger(Path(cfg.train.run_dir), rank=groups.rank)
         self.peak_tflops = device_peak_tflops(self.device)  # None: MFU unknown (CPU, unlisted GPUs)
-        self.hot_experts = HotExperts(cfg.train.hot_expert_share, cfg.train.hot_expert_steps)
-        self.nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, groups.rank == 0)
+        self.hot_experts = HotExperts(cfg.runtime.hot_expert_share, cfg.runtime.hot_expert_steps)
+        self.nonfinite = NonFiniteGuard(cfg.runtime.on_nonfinite, cfg.runtime.max_skipped_steps, groups.rank == 0)
         self.watch = CollectiveWatch(groups.rank, groups.name_of, groups.timeout.total_seconds())
         if groups.rank == 0:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ class Trainer:
 
     def optimizer_step(self, lr: float, loss: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """Clip by the global norm, then step, unless the loss or the norm is not finite
-        (``train.on_nonfinite``). Returns (the norm before clipping, whether the step was applied)."""
+        (``runtime.on_nonfinite``). Returns (the norm before clipping, whether the step was applied)."""
         grad_norm = self.optimizer.grad_norm()
         loss_value = 0.0 if loss is None else float(loss)
         if self.nonfinite.skips(self.step + 1, loss_value, float(grad_norm)):
@@ -212,9 +212,9 @@ class Trainer:
         history, last = [], self.cfg.train.steps if until is None else until
         self.metrics.progress = Progress(self.cfg.train.steps, first_step=self.step) if self.groups.rank == 0 else None
         stacks = Path(self.cfg.train.run_dir) / f"stacks.rank{self.groups.rank}.txt"
-        with self.watch, StepWatchdog(self.cfg.train.step_timeout_s, stacks) as watchdog, \
+        with self.watch, StepWatchdog(self.cfg.runtime.step_timeout_s, stacks) as watchdog, \
                 StopSignal(self.groups.rank) as stop:
-            if self.cfg.train.preflight and self.step < last:
+            if self.cfg.runtime.preflight and self.step < last:
                 self.preflight()
             while self.step < last:
                 self.watch.begin_step(self.step + 1)

@@ -145,7 +145,7 @@ def load_hf_dir(model, hf_dir: Path, plan=None) -> None:
 def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None,
               vision_from: Optional[Path] = None) -> Path:
     """Convert an HF directory (and a PEFT LoRA ``adapter`` directory on it) into a weights-only Loom
-    checkpoint at ``out_dir``; with an adapter its ``train.lora`` section is recorded for the run.
+    checkpoint at ``out_dir``; with an adapter its ``finetune.lora`` section is recorded for the run.
 
     ``vision_from``: a CLIP / SigLIP vision tower directory (engine/model/hf/tower.py); the checkpoint is
     then a VLM of the base model's LLM, that tower and a new projector between them."""
@@ -169,7 +169,7 @@ def import_hf(hf_dir: Path, out_dir: Path, adapter: Optional[Path] = None,
         for name, tensor in adapters.items():
             state[f"model/{name}"] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
             sources[f"model/{name}"] = lambda tensor=tensor: tensor
-        marker["config"]["train"] = {"lora": dataclasses.asdict(lora)}
+        marker["config"]["finetune"] = {"lora": dataclasses.asdict(lora)}
         marker["source"]["adapter"] = str(adapter)
     io.write_checkpoint(out_dir, state, {}, marker, sources=sources, no_dist=True,
                         side_files=lambda path: _write_hf_dir(hf_dir, path / "hf", sorted(index)))
@@ -185,14 +185,14 @@ def _with_tower(cfg: ModelConfig, tensors: dict, vision_dir: Path) -> tuple[Mode
 
 
 def _read_peft(adapter: Path, cfg: ModelConfig, wmap: WeightMap):
-    """A PEFT adapter's ``train.lora`` and tensors, which must be exactly those Loom would give the model."""
+    """A PEFT adapter's ``finetune.lora`` and tensors, which must be exactly those Loom would give the model."""
     base_names = {hf[0]: loom for loom, hf in wmap.loom_to_hf.items()
                   if loom not in wmap.stacked and wmap.rows(loom) is None}
     lora, tensors = read_adapter(adapter, base_names)
     want = {k: v for k, v in expected_tensors(cfg, lora).items() if is_adapter(k)}
     for name in sorted(want.keys() | tensors.keys()):
         if name not in tensors:
-            raise ConversionError(f"{adapter}: no adapter for Loom {name} (train.lora.target_modules="
+            raise ConversionError(f"{adapter}: no adapter for Loom {name} (finetune.lora.target_modules="
                                   f"{lora.target_modules} adapts every such layer)")
         if name not in want or tuple(want[name].shape) != tuple(tensors[name].shape):
             raise ConversionError(f"{adapter}: adapter {name} has shape {tuple(tensors[name].shape)}, expected "
@@ -257,12 +257,12 @@ def export_hf(ckpt_dir: Path, out_dir: Path, dtype: Optional[str] = None, arch: 
     lora = lora_config_of(marker)
     if adapter_only or merge_lora:
         if not adapters:
-            raise ConversionError(f"checkpoint {ckpt_dir} holds no LoRA adapters (train.lora.rank=0)")
+            raise ConversionError(f"checkpoint {ckpt_dir} holds no LoRA adapters (finetune.lora.rank=0)")
     elif adapters:
         raise ConversionError(f"checkpoint {ckpt_dir} holds LoRA adapters: export them merged (--merge-lora) "
                               "or as a PEFT adapter (--adapter-only)")
     if lora.base_dtype == "nf4" and not adapter_only:
-        raise ConversionError(f"checkpoint {ckpt_dir} was trained with train.lora.base_dtype=nf4 (QLoRA) and holds "
+        raise ConversionError(f"checkpoint {ckpt_dir} was trained with finetune.lora.base_dtype=nf4 (QLoRA) and holds "
                               "no base weights: export the adapter (--adapter-only) and apply it to the base model")
     cast = DTYPE_NAMES[dtype] if dtype else None
     if adapter_only:

@@ -30,8 +30,10 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 def lora_config_of(marker: dict) -> LoRAConfig:
-    """The ``train.lora`` section a checkpoint was saved with (rank 0 when it has none)."""
-    raw = ((marker.get("config") or {}).get("train") or {}).get("lora") or {}
+    """The ``finetune.lora`` section a checkpoint was saved with (rank 0 when it has none)."""
+    config = marker.get("config") or {}
+    # finetune.lora; a checkpoint saved before the train section was split holds it as train.lora
+    raw = (config.get("finetune") or config.get("train") or {}).get("lora") or {}
     return LoRAConfig(**raw)
 
 
@@ -41,7 +43,7 @@ def base_of(adapter: str) -> str:
 
 
 def loom_target(adapter: str) -> str:
-    """The ``train.lora.target_modules`` entry that makes ``adapter``."""
+    """The ``finetune.lora.target_modules`` entry that makes ``adapter``."""
     if is_stacked_adapter(adapter):
         return "experts"
     if ".shared_expert." in adapter:
@@ -82,7 +84,7 @@ def export_adapter(tensors: dict[str, torch.Tensor], family: Family, lora: LoRAC
 
 
 def read_adapter(adapter_dir: Path, base_names: dict[str, str]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """A PEFT LoRA directory as (``train.lora``, ``{Loom adapter name: tensor}``).
+    """A PEFT LoRA directory as (``finetune.lora``, ``{Loom adapter name: tensor}``).
 
     ``base_names``: HF weight name -> Loom name of the base model (its family's map). Errors name the
     file and the key.

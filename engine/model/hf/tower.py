@@ -9,7 +9,7 @@ projections, SigLIP's attention-pooling head, the logit scale) is not a VLM's an
 
 The tower joins the base model's LLM; the projector between them is new, sized from the tower's
 width to the LLM's and initialised as Loom initialises one, so training starts it from scratch
-(``train.freeze: [vision, llm]`` trains it alone, LLaVA's first stage).
+(``finetune.freeze: [vision, llm]`` trains it alone, LLaVA's first stage).
 """
 from __future__ import annotations
 
