@@ -311,7 +311,7 @@ CASES = [
     Case("config-file-is-a-directory", _config_path("configs/"), ConfigError,
          r"config file '.*configs' cannot be read: Is a directory", "configs"),
     Case("config-unknown-section", _config("trainer:\n  steps: 3\n"), ConfigError,
-         r"unknown key trainer \(valid keys under config: data, model, optim, parallel, train\)", "trainer"),
+         r"unknown key trainer \(valid keys under config: checkpoint, data, finetune, model, optim, parallel, runtime, train\)", "trainer"),
     Case("config-unknown-nested-key", _config("train:\n  stepz: 3\n"), ConfigError,
          r"unknown key train\.stepz \(valid keys under train: ", "train.stepz"),
     Case("config-string-for-int", _config("train:\n  micro_batch_size: two\n"), ConfigError,

@@ -152,7 +152,7 @@ def test_qlora_config_errors_name_the_field(override, key):
 def test_nf4_needs_lora():
     from loom.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"train\.lora\.base_dtype=nf4 .* train\.lora\.rank > 0"):
+    with pytest.raises(ConfigError, match=r"finetune\.lora\.base_dtype=nf4 .* finetune\.lora\.rank > 0"):
         load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.base_dtype=nf4"]).validate(1)
     cfg = load_config("launch/configs/tiny_dense.yaml", ["finetune.lora.rank=4", "finetune.lora.base_dtype=none"])
     cfg.validate(1)
