@@ -247,11 +247,10 @@ def build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
-    moved = [MOVED_KEYS[prefix + k] for k in unknown if prefix + k in MOVED_KEYS]
+    moved = [prefix + k for k in unknown if prefix + k in MOVED_KEYS]
     if moved:
-        old = next(k for k, v in MOVED_KEYS.items() if v == moved[0])
-        raise ConfigError(f"{old} is now {moved[0]}: the train section was split into train, checkpoint, runtime "
-                          "and finetune")
+        raise ConfigError(f"{moved[0]} is now {MOVED_KEYS[moved[0]]}: the train section was split into train, "
+                          "checkpoint, runtime and finetune")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (valid keys under {where}: {', '.join(sorted(names))})")
     kwargs = {}

@@ -158,13 +158,6 @@ def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def stacked_adapters(module: nn.Module) -> dict[str, nn.Module]:
-    """The adapters of ``module``'s stacked weights, by the name of the weight each adapts (empty: none)."""
-    s = surface_of(module)
-    slot = part(module, s.stacked_adapters) if s.stacked_adapters is not None else None
-    return dict(slot.items()) if slot is not None else {}
-
-
 def add_stacked_adapter(module: nn.Module, name: str, adapter: nn.Module) -> None:
     """Put ``adapter`` in ``module``'s declared slot for the adapter of its stacked weight ``name``."""
     s = surface_of(module)

@@ -43,10 +43,6 @@ class RankModel:
     optimizer: MixedPrecisionAdamW  # .grads: the GradBuffer
 
 
-def param_dtype(cfg: Config) -> torch.dtype:
-    return cfg.train.precision.params
-
-
 def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.device) -> RankModel:
     """This rank's model chunks, pipeline, gradient buffers and optimizer, initialised (unless on meta)."""
     wiring = moe_wiring(groups, cfg)  # outside the meta device: its placement tables hold real values
@@ -61,7 +57,7 @@ def build_rank(cfg: Config, groups: ParallelGroups, dataset, device: torch.devic
     if cfg.train.compile:  # last: it compiles what the recompute wrappers run (compile.py says why)
         apply_compile(chunks)
     for p in model.parameters():  # bf16 parameters; buffers (e.g. routing biases) stay fp32
-        p.data = p.data.to(param_dtype(cfg))
+        p.data = p.data.to(cfg.train.precision.params)
     pipeline = Pipeline([surface.language_model(c) for c in chunks], groups, cfg) if cfg.parallel.pp > 1 else None
     tied = (pipeline.tied_weight, pipeline.tied_group) if pipeline is not None else (None, None)
     reduce_dtype = cfg.optim.reduce_dtype

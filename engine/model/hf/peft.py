@@ -37,11 +37,6 @@ def lora_config_of(marker: dict) -> LoRAConfig:
     return LoRAConfig(**raw)
 
 
-def base_of(adapter: str) -> str:
-    """``X.lora_A`` -> ``X.weight``; ``experts.adapters.P.lora_A`` -> ``experts.P``."""
-    return adapted_weight(adapter)
-
-
 def loom_target(adapter: str) -> str:
     """The ``finetune.lora.target_modules`` entry that makes ``adapter``."""
     if is_stacked_adapter(adapter):
@@ -59,7 +54,7 @@ def _hf_module(family: Family, adapter: str, shape) -> str:
     if is_stacked_adapter(adapter):
         raise ConversionError(f"adapter {adapter} adapts routed experts, which PEFT cannot target as modules "
                               "(transformers fuses them into parameters): export with --merge-lora instead")
-    (name,), _ = family.hf_names(base_of(adapter), shape)
+    (name,), _ = family.hf_names(adapted_weight(adapter), shape)
     return name.removesuffix(".weight")
 
 
